@@ -1,0 +1,1 @@
+//! The Remora control plane: CRD controllers, the discovery index, the derived-config stream and the mesh certificate authority.
