@@ -28,7 +28,9 @@ pub struct Duration {
 pub enum DurationError {
     #[error("empty duration; expected something like 250ms, 5s, 1m or 1h")]
     Empty,
-    #[error("invalid duration {0:?}: expected digits followed by a unit (ms, s, m, h), e.g. 250ms or 1m30s")]
+    #[error(
+        "invalid duration {0:?}: expected digits followed by a unit (ms, s, m, h), e.g. 250ms or 1m30s"
+    )]
     Syntax(String),
     #[error("duration {0:?} is too large")]
     Overflow(String),
@@ -158,7 +160,9 @@ mod tests {
     use super::*;
 
     fn ms(s: &str) -> u128 {
-        s.parse::<Duration>().map(|d| d.get().as_millis()).unwrap_or(u128::MAX)
+        s.parse::<Duration>()
+            .map(|d| d.get().as_millis())
+            .unwrap_or(u128::MAX)
     }
 
     #[test]
@@ -174,8 +178,22 @@ mod tests {
 
     #[test]
     fn rejects_what_the_schema_pattern_rejects() {
-        for bad in ["", "5", "s", "5 s", "-1s", "1.5s", "5sec", "1d", "10us", "1234567890s"] {
-            assert!(bad.parse::<Duration>().is_err(), "{bad:?} should be rejected");
+        for bad in [
+            "",
+            "5",
+            "s",
+            "5 s",
+            "-1s",
+            "1.5s",
+            "5sec",
+            "1d",
+            "10us",
+            "1234567890s",
+        ] {
+            assert!(
+                bad.parse::<Duration>().is_err(),
+                "{bad:?} should be rejected"
+            );
         }
     }
 

@@ -26,7 +26,10 @@ pub enum TargetKind {
 pub struct TargetRef {
     #[serde(default)]
     pub kind: TargetKind,
-    #[schemars(length(min = 1, max = 63), pattern(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"))]
+    #[schemars(
+        length(min = 1, max = 63),
+        pattern(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+    )]
     pub name: String,
 }
 

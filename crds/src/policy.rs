@@ -137,7 +137,9 @@ pub struct Retries {
     /// Failure classes (`connect-failure`, `refused-stream`, `reset`, `gateway-error`,
     /// `5xx`, `retriable-4xx`) or status codes (`503`) that trigger a retry.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(inner(pattern(r"^(connect-failure|refused-stream|reset|gateway-error|5xx|retriable-4xx|[1-5][0-9][0-9])$")))]
+    #[schemars(inner(pattern(
+        r"^(connect-failure|refused-stream|reset|gateway-error|5xx|retriable-4xx|[1-5][0-9][0-9])$"
+    )))]
     pub retry_on: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backoff: Option<Backoff>,
@@ -288,7 +290,13 @@ mod tests {
         // schemars attributes need literals; keep them in step with the constants that
         // the rest of the code (and the docs) refer to.
         let src = include_str!("policy.rs");
-        for p in [IDENTITY_PATTERN, METHOD_PATTERN, PATH_PATTERN, DNS_LABEL_PATTERN, RETRY_ON_PATTERN] {
+        for p in [
+            IDENTITY_PATTERN,
+            METHOD_PATTERN,
+            PATH_PATTERN,
+            DNS_LABEL_PATTERN,
+            RETRY_ON_PATTERN,
+        ] {
             let attr = format!("pattern(r\"{p}\")");
             assert!(src.contains(&attr), "no attribute uses {p}");
         }
@@ -310,7 +318,8 @@ mod tests {
 
     #[test]
     fn unknown_enum_values_are_rejected() {
-        let err = serde_json::from_str::<MtlsPolicy>(r#"{"mode": "Sometimes"}"#).expect_err("invalid");
+        let err =
+            serde_json::from_str::<MtlsPolicy>(r#"{"mode": "Sometimes"}"#).expect_err("invalid");
         assert!(err.to_string().contains("unknown variant"), "{err}");
     }
 }

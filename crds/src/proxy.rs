@@ -65,8 +65,13 @@ pub enum Protocol {
 pub struct InboundConfig {
     #[serde(default = "InboundPolicy::workload_default")]
     pub default: InboundPolicy,
-    /// Per target port; unset fields fall back to `default`.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    /// Per target port; unset fields fall back to `default`. Keys may be written as
+    /// numbers or as strings (`"9080"`), as YAML and JSON users do.
+    #[serde(
+        default,
+        skip_serializing_if = "BTreeMap::is_empty",
+        deserialize_with = "port_keyed"
+    )]
     pub ports: BTreeMap<u16, InboundPolicy>,
 }
 
@@ -77,6 +82,55 @@ impl Default for InboundConfig {
             ports: BTreeMap::new(),
         }
     }
+}
+
+/// Reads a map keyed by port, accepting `9080` and `"9080"` alike, rejecting 0 and
+/// anything above 65535 with the offending key in the message.
+fn port_keyed<'de, D, V>(de: D) -> Result<BTreeMap<u16, V>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    V: Deserialize<'de>,
+{
+    #[derive(PartialEq, Eq, PartialOrd, Ord)]
+    struct PortKey(u16);
+
+    impl<'de> Deserialize<'de> for PortKey {
+        fn deserialize<D: serde::Deserializer<'de>>(de: D) -> Result<Self, D::Error> {
+            struct Visitor;
+            impl serde::de::Visitor<'_> for Visitor {
+                type Value = PortKey;
+                fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                    f.write_str("a port number 1..=65535")
+                }
+                fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<PortKey, E> {
+                    match u16::try_from(v) {
+                        Ok(p) if p != 0 => Ok(PortKey(p)),
+                        _ => Err(E::custom(format_args!(
+                            "port {v} is out of range 1..=65535"
+                        ))),
+                    }
+                }
+                fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<PortKey, E> {
+                    match u64::try_from(v) {
+                        Ok(v) => self.visit_u64(v),
+                        Err(_) => Err(E::custom(format_args!(
+                            "port {v} is out of range 1..=65535"
+                        ))),
+                    }
+                }
+                fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<PortKey, E> {
+                    match v.parse::<u64>() {
+                        Ok(n) => self.visit_u64(n),
+                        Err(_) => Err(E::custom(format_args!("{v:?} is not a port number"))),
+                    }
+                }
+            }
+            de.deserialize_any(Visitor)
+        }
+    }
+
+    let raw = BTreeMap::<PortKey, V>::deserialize(de)?;
+    Ok(raw.into_iter().map(|(k, v)| (k.0, v)).collect())
 }
 
 /// Inbound policy of one port (or the default of all ports).
@@ -120,12 +174,17 @@ impl InboundConfig {
         let p = self.ports.get(&port);
         let d = &self.default;
         EffectiveInbound {
-            protocol: p.and_then(|p| p.protocol).or(d.protocol).unwrap_or_default(),
+            protocol: p
+                .and_then(|p| p.protocol)
+                .or(d.protocol)
+                .unwrap_or_default(),
             mtls: p.and_then(|p| p.mtls).or(d.mtls).unwrap_or_default(),
             authorization: p
                 .and_then(|p| p.authorization.as_ref())
                 .or(d.authorization.as_ref()),
-            rate_limit: p.and_then(|p| p.rate_limit.as_ref()).or(d.rate_limit.as_ref()),
+            rate_limit: p
+                .and_then(|p| p.rate_limit.as_ref())
+                .or(d.rate_limit.as_ref()),
         }
     }
 }
@@ -260,7 +319,10 @@ pub fn is_spiffe_id(id: &str) -> bool {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-')
         && !path.is_empty()
         && path.split('/').all(|seg| {
-            !seg.is_empty() && seg != "." && seg != ".." && seg.bytes().all(|b| b.is_ascii_graphic())
+            !seg.is_empty()
+                && seg != "."
+                && seg != ".."
+                && seg.bytes().all(|b| b.is_ascii_graphic())
         })
 }
 
@@ -276,7 +338,13 @@ impl ProxyConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         if let Some(id) = &self.identity {
             if !is_spiffe_id(&id.spiffe_id) {
-                return Err(invalid("identity.spiffeId", format!("{:?} is not a SPIFFE ID (spiffe://<trust-domain>/<path>)", id.spiffe_id)));
+                return Err(invalid(
+                    "identity.spiffeId",
+                    format!(
+                        "{:?} is not a SPIFFE ID (spiffe://<trust-domain>/<path>)",
+                        id.spiffe_id
+                    ),
+                ));
             }
         }
         validate_inbound("inbound.default", &self.inbound.default)?;
@@ -298,17 +366,26 @@ fn validate_inbound(path: &str, policy: &InboundPolicy) -> Result<(), ConfigErro
             if let Some(from) = &rule.from {
                 for id in &from.identities {
                     if id != "*" && !is_spiffe_id(id) {
-                        return Err(invalid(format!("{rule_path}.from.identities"), format!("{id:?} is neither a SPIFFE ID nor \"*\"")));
+                        return Err(invalid(
+                            format!("{rule_path}.from.identities"),
+                            format!("{id:?} is neither a SPIFFE ID nor \"*\""),
+                        ));
                     }
                 }
             }
             if let Some(to) = &rule.to {
                 if to.ports.contains(&0) {
-                    return Err(invalid(format!("{rule_path}.to.ports"), "port 0 is not a valid port (1..=65535)"));
+                    return Err(invalid(
+                        format!("{rule_path}.to.ports"),
+                        "port 0 is not a valid port (1..=65535)",
+                    ));
                 }
                 for p in &to.paths {
                     if !p.starts_with('/') {
-                        return Err(invalid(format!("{rule_path}.to.paths"), format!("{p:?} must start with '/'")));
+                        return Err(invalid(
+                            format!("{rule_path}.to.paths"),
+                            format!("{p:?} must start with '/'"),
+                        ));
                     }
                 }
             }
@@ -316,7 +393,10 @@ fn validate_inbound(path: &str, policy: &InboundPolicy) -> Result<(), ConfigErro
     }
     if let Some(rl) = &policy.rate_limit {
         if rl.requests_per_second == 0 {
-            return Err(invalid(format!("{path}.rateLimit.requestsPerSecond"), "must be at least 1"));
+            return Err(invalid(
+                format!("{path}.rateLimit.requestsPerSecond"),
+                "must be at least 1",
+            ));
         }
     }
     Ok(())
@@ -332,27 +412,45 @@ impl OutboundConfig {
                 return Err(invalid(format!("{path}.name"), "must not be empty"));
             }
             if !names.insert(svc.name.as_str()) {
-                return Err(invalid(format!("{path}.name"), format!("service {:?} is listed twice", svc.name)));
+                return Err(invalid(
+                    format!("{path}.name"),
+                    format!("service {:?} is listed twice", svc.name),
+                ));
             }
             for addr in &svc.addresses {
                 if addr.port() == 0 {
-                    return Err(invalid(format!("{path}.addresses"), format!("{addr} has port 0")));
+                    return Err(invalid(
+                        format!("{path}.addresses"),
+                        format!("{addr} has port 0"),
+                    ));
                 }
                 if let Some(other) = owners.insert(*addr, &svc.name) {
-                    return Err(invalid(format!("{path}.addresses"), format!("{addr} already belongs to service {other:?}")));
+                    return Err(invalid(
+                        format!("{path}.addresses"),
+                        format!("{addr} already belongs to service {other:?}"),
+                    ));
                 }
             }
             for (j, ep) in svc.endpoints.iter().enumerate() {
                 let ep_path = format!("{path}.endpoints[{j}]");
                 if ep.address.port() == 0 {
-                    return Err(invalid(format!("{ep_path}.address"), format!("{} has port 0", ep.address)));
+                    return Err(invalid(
+                        format!("{ep_path}.address"),
+                        format!("{} has port 0", ep.address),
+                    ));
                 }
                 match &ep.identity {
                     Some(id) if !is_spiffe_id(id) => {
-                        return Err(invalid(format!("{ep_path}.identity"), format!("{id:?} is not a SPIFFE ID")));
+                        return Err(invalid(
+                            format!("{ep_path}.identity"),
+                            format!("{id:?} is not a SPIFFE ID"),
+                        ));
                     }
                     None if ep.meshed => {
-                        return Err(invalid(format!("{ep_path}.identity"), "a meshed endpoint needs the identity it must present"));
+                        return Err(invalid(
+                            format!("{ep_path}.identity"),
+                            "a meshed endpoint needs the identity it must present",
+                        ));
                     }
                     _ => {}
                 }
@@ -369,20 +467,29 @@ impl OutboundConfig {
 
 fn validate_split(path: &str, split: &Split, services: &HashSet<&str>) -> Result<(), ConfigError> {
     if split.backends.is_empty() {
-        return Err(invalid(format!("{path}.backends"), "a split needs at least one backend"));
+        return Err(invalid(
+            format!("{path}.backends"),
+            "a split needs at least one backend",
+        ));
     }
     let known = |name: &str, field: String| {
         if services.contains(name) {
             Ok(())
         } else {
-            Err(invalid(field, format!("service {name:?} is not in outbound.services")))
+            Err(invalid(
+                field,
+                format!("service {name:?} is not in outbound.services"),
+            ))
         }
     };
     let mut total: u64 = 0;
     for (i, b) in split.backends.iter().enumerate() {
         known(&b.service, format!("{path}.backends[{i}].service"))?;
         if b.weight > MAX_WEIGHT {
-            return Err(invalid(format!("{path}.backends[{i}].weight"), format!("{} exceeds the maximum weight {MAX_WEIGHT}", b.weight)));
+            return Err(invalid(
+                format!("{path}.backends[{i}].weight"),
+                format!("{} exceeds the maximum weight {MAX_WEIGHT}", b.weight),
+            ));
         }
         total += u64::from(b.weight);
     }
@@ -391,13 +498,19 @@ fn validate_split(path: &str, split: &Split, services: &HashSet<&str>) -> Result
     }
     for (i, m) in split.matches.iter().enumerate() {
         if !split.backends.iter().any(|b| b.service == m.backend) {
-            return Err(invalid(format!("{path}.matches[{i}].backend"), format!("{:?} is not one of the split's backends", m.backend)));
+            return Err(invalid(
+                format!("{path}.matches[{i}].backend"),
+                format!("{:?} is not one of the split's backends", m.backend),
+            ));
         }
     }
     if let Some(mirror) = &split.mirror {
         known(&mirror.service, format!("{path}.mirror.service"))?;
         if mirror.percent > 100 {
-            return Err(invalid(format!("{path}.mirror.percent"), format!("{} is more than 100", mirror.percent)));
+            return Err(invalid(
+                format!("{path}.mirror.percent"),
+                format!("{} is more than 100", mirror.percent),
+            ));
         }
     }
     Ok(())
@@ -423,11 +536,17 @@ mod tests {
     fn design_sample_loads_with_every_piece() {
         let c = sample();
         assert_eq!(c.version, 42);
-        assert_eq!(c.identity.as_ref().map(|i| i.spiffe_id.as_str()), Some("spiffe://cluster.local/ns/shop/sa/frontend"));
+        assert_eq!(
+            c.identity.as_ref().map(|i| i.spiffe_id.as_str()),
+            Some("spiffe://cluster.local/ns/shop/sa/frontend")
+        );
         let p9080 = c.inbound.for_port(9080);
         assert_eq!(p9080.protocol, Protocol::Http);
         assert_eq!(p9080.mtls, MtlsMode::Strict);
-        assert_eq!(p9080.authorization.map(|a| a.default), Some(AuthorizationDefault::Deny));
+        assert_eq!(
+            p9080.authorization.map(|a| a.default),
+            Some(AuthorizationDefault::Deny)
+        );
         assert_eq!(p9080.rate_limit.map(|r| r.requests_per_second), Some(100));
         // 6379 overrides only the protocol; the rest comes from the default.
         let p6379 = c.inbound.for_port(6379);
@@ -435,8 +554,15 @@ mod tests {
         assert_eq!(p6379.mtls, MtlsMode::Permissive);
         assert_eq!(c.inbound.for_port(1234).protocol, Protocol::Detect);
         let reviews = &c.outbound.services[0];
-        assert_eq!(reviews.addresses, vec!["10.96.0.12:9080".parse::<SocketAddr>().expect("addr")]);
-        let lb = reviews.policy.as_ref().and_then(|p| p.load_balancer.as_ref()).map(|l| l.algorithm);
+        assert_eq!(
+            reviews.addresses,
+            vec!["10.96.0.12:9080".parse::<SocketAddr>().expect("addr")]
+        );
+        let lb = reviews
+            .policy
+            .as_ref()
+            .and_then(|p| p.load_balancer.as_ref())
+            .map(|l| l.algorithm);
         assert_eq!(lb, Some(LbAlgorithm::LeastRequest));
         assert_eq!(reviews.split.as_ref().map(|s| s.backends.len()), Some(2));
         let ep = &c.outbound.services[1].endpoints[0];
@@ -449,32 +575,57 @@ mod tests {
         let yaml = serde_yaml::to_string(&c).expect("serializes");
         assert_eq!(ProxyConfig::from_yaml(&yaml).expect("reloads"), c);
         let json = serde_json::to_string(&c).expect("serializes");
-        assert_eq!(serde_json::from_str::<ProxyConfig>(&json).expect("reloads"), c);
+        assert_eq!(
+            serde_json::from_str::<ProxyConfig>(&json).expect("reloads"),
+            c
+        );
     }
 
     #[test]
     fn empty_config_means_permissive_passthrough() {
         let c = ProxyConfig::from_yaml("{}").expect("empty is valid");
         assert_eq!(c.version, 0);
-        assert_eq!(c.outbound.unknown_destinations, UnknownDestinations::Passthrough);
+        assert_eq!(
+            c.outbound.unknown_destinations,
+            UnknownDestinations::Passthrough
+        );
         let eff = c.inbound.for_port(80);
-        assert_eq!((eff.protocol, eff.mtls), (Protocol::Detect, MtlsMode::Permissive));
+        assert_eq!(
+            (eff.protocol, eff.mtls),
+            (Protocol::Detect, MtlsMode::Permissive)
+        );
     }
 
     fn rejects(yaml: &str, expected: &str) {
         match ProxyConfig::from_yaml(yaml) {
             Ok(_) => panic!("accepted a bad config; expected an error containing {expected:?}"),
-            Err(e) => assert!(e.to_string().contains(expected), "error {e:?} should mention {expected:?}"),
+            Err(e) => assert!(
+                e.to_string().contains(expected),
+                "error {e:?} should mention {expected:?}"
+            ),
         }
     }
 
     #[test]
     fn bad_configs_name_the_field() {
         rejects("versoin: 3", "unknown field `versoin`");
-        rejects("inbound: {ports: {\"0\": {protocol: opaque}}}", "inbound.ports.0");
+        rejects(
+            "inbound: {ports: {\"0\": {protocol: opaque}}}",
+            "port 0 is out of range",
+        );
+        rejects(
+            "inbound: {ports: {http: {protocol: opaque}}}",
+            "\"http\" is not a port number",
+        );
         rejects("inbound: {ports: {\"70000\": {protocol: opaque}}}", "70000");
-        rejects("inbound: {default: {protocol: smtp}}", "unknown variant `smtp`");
-        rejects("outbound: {services: [{name: a}, {name: a}]}", "outbound.services[1].name");
+        rejects(
+            "inbound: {default: {protocol: smtp}}",
+            "unknown variant `smtp`",
+        );
+        rejects(
+            "outbound: {services: [{name: a}, {name: a}]}",
+            "outbound.services[1].name",
+        );
         rejects(
             "outbound: {services: [{name: a, addresses: ['10.0.0.1:80']}, {name: b, addresses: ['10.0.0.1:80']}]}",
             "already belongs to service \"a\"",
@@ -499,13 +650,24 @@ mod tests {
             "inbound: {default: {authorization: {rules: [{from: {identities: [bob]}}]}}}",
             "inbound.default.authorization.rules[0].from.identities",
         );
-        rejects("outbound: {services: [{name: a, policy: {timeouts: {request: soon}}}]}", "invalid duration");
+        rejects(
+            "outbound: {services: [{name: a, policy: {timeouts: {request: soon}}}]}",
+            "invalid duration",
+        );
     }
 
     #[test]
     fn spiffe_ids() {
         assert!(is_spiffe_id("spiffe://cluster.local/ns/a/sa/b"));
-        for bad in ["spiffe://", "spiffe://cluster.local", "spiffe://cluster.local/", "spiffe://Cluster/x", "spiffe://a/b//c", "https://a/b", "spiffe://a/../b"] {
+        for bad in [
+            "spiffe://",
+            "spiffe://cluster.local",
+            "spiffe://cluster.local/",
+            "spiffe://Cluster/x",
+            "spiffe://a/b//c",
+            "https://a/b",
+            "spiffe://a/../b",
+        ] {
             assert!(!is_spiffe_id(bad), "{bad}");
         }
     }

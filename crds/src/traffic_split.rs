@@ -16,7 +16,10 @@ pub const MAX_WEIGHT: u32 = 1_000_000;
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SplitBackend {
-    #[schemars(length(min = 1, max = 63), pattern(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"))]
+    #[schemars(
+        length(min = 1, max = 63),
+        pattern(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+    )]
     pub service: String,
     /// Relative weight; 0 sends no weighted traffic (header matches still may).
     #[schemars(range(min = 0, max = 1_000_000))]
@@ -30,7 +33,10 @@ pub struct SplitMatch {
     /// Header name → exact value.
     #[schemars(length(min = 1))]
     pub headers: BTreeMap<String, String>,
-    #[schemars(length(min = 1, max = 63), pattern(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"))]
+    #[schemars(
+        length(min = 1, max = 63),
+        pattern(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+    )]
     pub backend: String,
 }
 
@@ -38,7 +44,10 @@ pub struct SplitMatch {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SplitMirror {
-    #[schemars(length(min = 1, max = 63), pattern(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"))]
+    #[schemars(
+        length(min = 1, max = 63),
+        pattern(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+    )]
     pub service: String,
     #[schemars(range(min = 0, max = 100))]
     pub percent: u32,
@@ -62,7 +71,10 @@ pub struct SplitMirror {
 #[serde(rename_all = "camelCase")]
 pub struct TrafficSplitSpec {
     /// The Service clients call (the root service).
-    #[schemars(length(min = 1, max = 63), pattern(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"))]
+    #[schemars(
+        length(min = 1, max = 63),
+        pattern(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+    )]
     pub service: String,
     #[schemars(length(min = 1, max = 64))]
     pub backends: Vec<SplitBackend>,

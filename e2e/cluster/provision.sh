@@ -98,11 +98,9 @@ make WHAT=cmd/kube-controller-manager >"$CACHE/build-kcm.log" 2>&1 \
   || { tail -30 "$CACHE/build-kcm.log" >&2; die "building kube-controller-manager failed (log: $CACHE/build-kcm.log)"; }
 
 mkdir -p "$BIN"
-cp _output/bin/kube-apiserver _output/bin/kube-controller-manager "$BIN/.tmp-" 2>/dev/null || true
 for b in kube-apiserver kube-controller-manager; do
   cp "_output/bin/$b" "$BIN/$b.tmp" && mv "$BIN/$b.tmp" "$BIN/$b"
 done
-rm -f "$BIN/.tmp-"
 # The build tree is 2.5 GB; only the binaries are needed again.
 rm -rf "$SRC_DIR/_output" "$SRC_DIR/.go/pkg"
 log "built $BIN/kube-apiserver and $BIN/kube-controller-manager"

@@ -38,5 +38,9 @@ fn main() -> ExitCode {
             println!("wrote {}", path.display());
         }
     }
-    if stale { ExitCode::FAILURE } else { ExitCode::SUCCESS }
+    if stale {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
 }

@@ -1,0 +1,372 @@
+//! One throwaway Kubernetes control plane on loopback: etcd, kube-apiserver and, unless
+//! turned off, kube-controller-manager, each a child process stopped by PID on drop.
+
+use std::{
+    fs::File,
+    net::TcpListener,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use kube::config::{KubeConfigOptions, Kubeconfig};
+
+use crate::{
+    HarnessError, io_err,
+    pki::{self, Pki},
+    prereqs,
+};
+
+/// What to start.
+#[derive(Debug, Clone)]
+pub struct ClusterOptions {
+    /// Run kube-controller-manager: ServiceAccounts, Deployments → ReplicaSets → Pods,
+    /// EndpointSlices, garbage collection, namespace deletion.
+    pub controller_manager: bool,
+    /// Extra kube-apiserver flags (`--flag=value`).
+    pub extra_apiserver_args: Vec<String>,
+    /// How long the control plane may take to become ready.
+    pub ready_timeout: Duration,
+}
+
+impl Default for ClusterOptions {
+    fn default() -> Self {
+        Self {
+            controller_manager: true,
+            extra_apiserver_args: Vec::new(),
+            ready_timeout: Duration::from_secs(120),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Managed {
+    name: &'static str,
+    child: Child,
+    log: PathBuf,
+}
+
+impl Managed {
+    fn exited(&mut self) -> Option<HarnessError> {
+        match self.child.try_wait() {
+            Ok(Some(status)) => Some(HarnessError::ProcessExited {
+                process: self.name.to_owned(),
+                status: status.to_string(),
+                log: self.log.display().to_string(),
+                tail: tail(&self.log, 25),
+            }),
+            Ok(None) | Err(_) => None,
+        }
+    }
+}
+
+fn tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// A running control plane. Dropping it stops every process (controller-manager, then
+/// apiserver, then etcd) and removes its directory, unless `REMORA_E2E_KEEP` is set or the
+/// test is panicking, in which case the directory (logs, PKI) is kept and its path printed.
+#[derive(Debug)]
+pub struct Cluster {
+    processes: Vec<Managed>,
+    dir: Option<tempfile::TempDir>,
+    api_url: String,
+    kubeconfig: PathBuf,
+    pki: Pki,
+}
+
+fn free_ports<const N: usize>() -> Result<[u16; N], HarnessError> {
+    // Hold every listener until all ports are chosen so the N ports differ.
+    let mut listeners = Vec::with_capacity(N);
+    let mut ports = [0u16; N];
+    for port in &mut ports {
+        let l = TcpListener::bind("127.0.0.1:0").map_err(io_err("choosing a free port"))?;
+        *port = l
+            .local_addr()
+            .map_err(io_err("choosing a free port"))?
+            .port();
+        listeners.push(l);
+    }
+    Ok(ports)
+}
+
+impl Cluster {
+    /// Starts etcd, kube-apiserver and kube-controller-manager.
+    pub async fn start() -> Result<Self, HarnessError> {
+        Self::start_with(ClusterOptions::default()).await
+    }
+
+    /// Starts a control plane as `opts` says and waits until the apiserver is ready
+    /// (and, with the controller-manager, until it has created the `default`
+    /// ServiceAccount, so pods can be created).
+    pub async fn start_with(opts: ClusterOptions) -> Result<Self, HarnessError> {
+        let etcd = prereqs::system_binary("etcd", "etcd-server")?;
+        let apiserver = prereqs::k8s_binary("kube-apiserver")?;
+        let kcm = if opts.controller_manager {
+            Some(prereqs::k8s_binary("kube-controller-manager")?)
+        } else {
+            None
+        };
+
+        let dir = tempfile::Builder::new()
+            .prefix("remora-e2e-")
+            .tempdir()
+            .map_err(io_err("creating the cluster directory"))?;
+        let root = dir.path().to_owned();
+        let pki = pki::generate(&root.join("pki"))?;
+        let [etcd_client, etcd_peer, etcd_metrics, api_port] = free_ports::<4>()?;
+        let api_url = format!("https://127.0.0.1:{api_port}");
+        let kubeconfig = root.join("kubeconfig");
+        write_kubeconfig(&kubeconfig, &api_url, &pki)?;
+
+        let mut cluster = Self {
+            processes: Vec::new(),
+            dir: Some(dir),
+            api_url,
+            kubeconfig,
+            pki,
+        };
+
+        let etcd_url = format!("http://127.0.0.1:{etcd_client}");
+        let peer_url = format!("http://127.0.0.1:{etcd_peer}");
+        cluster.spawn(
+            "etcd",
+            Command::new(etcd).args([
+                "--name=e2e".to_owned(),
+                format!("--data-dir={}", root.join("etcd").display()),
+                "--unsafe-no-fsync".to_owned(),
+                format!("--listen-client-urls={etcd_url}"),
+                format!("--advertise-client-urls={etcd_url}"),
+                format!("--listen-peer-urls={peer_url}"),
+                format!("--initial-advertise-peer-urls={peer_url}"),
+                format!("--initial-cluster=e2e={peer_url}"),
+                format!("--listen-metrics-urls=http://127.0.0.1:{etcd_metrics}"),
+                "--log-level=warn".to_owned(),
+            ]),
+        )?;
+
+        let p = &cluster.pki;
+        let mut api_args = vec![
+            format!("--etcd-servers={etcd_url}"),
+            "--bind-address=127.0.0.1".to_owned(),
+            "--advertise-address=127.0.0.1".to_owned(),
+            format!("--secure-port={api_port}"),
+            "--insecure-port=0".to_owned(),
+            format!("--cert-dir={}", root.join("certs").display()),
+            format!("--tls-cert-file={}", p.serving_cert.display()),
+            format!("--tls-private-key-file={}", p.serving_key.display()),
+            format!("--client-ca-file={}", p.ca_cert.display()),
+            "--authorization-mode=Node,RBAC".to_owned(),
+            format!("--service-account-key-file={}", p.sa_pub.display()),
+            format!("--service-account-signing-key-file={}", p.sa_key.display()),
+            "--service-account-issuer=https://kubernetes.default.svc.cluster.local".to_owned(),
+            "--api-audiences=https://kubernetes.default.svc.cluster.local,remora".to_owned(),
+            "--service-cluster-ip-range=10.96.0.0/16".to_owned(),
+            "--allow-privileged=true".to_owned(),
+            "--enable-admission-plugins=NamespaceLifecycle,MutatingAdmissionWebhook,ValidatingAdmissionWebhook".to_owned(),
+            "--profiling=false".to_owned(),
+        ];
+        if !opts.controller_manager {
+            api_args.push("--disable-admission-plugins=ServiceAccount".to_owned());
+        }
+        api_args.extend(opts.extra_apiserver_args.iter().cloned());
+        cluster.spawn("kube-apiserver", Command::new(apiserver).args(api_args))?;
+        cluster.wait_ready(opts.ready_timeout).await?;
+
+        if let Some(kcm) = kcm {
+            let kc = cluster.kubeconfig.display().to_string();
+            let p = &cluster.pki;
+            cluster.spawn(
+                "kube-controller-manager",
+                Command::new(kcm).args([
+                    format!("--kubeconfig={kc}"),
+                    format!("--authentication-kubeconfig={kc}"),
+                    format!("--authorization-kubeconfig={kc}"),
+                    "--leader-elect=false".to_owned(),
+                    "--port=0".to_owned(),
+                    "--secure-port=0".to_owned(),
+                    format!("--service-account-private-key-file={}", p.sa_key.display()),
+                    format!("--root-ca-file={}", p.ca_cert.display()),
+                    "--use-service-account-credentials=false".to_owned(),
+                    "--controllers=*,-nodeipam,-nodelifecycle,-cloud-node-lifecycle,-service,-route,-attachdetach,-persistentvolume-binder,-persistentvolume-expander,-pvc-protection,-pv-protection,-ttl".to_owned(),
+                ]),
+            )?;
+            cluster
+                .wait_for_service_account("default", "default", opts.ready_timeout)
+                .await?;
+        }
+        Ok(cluster)
+    }
+
+    fn spawn(&mut self, name: &'static str, cmd: &mut Command) -> Result<(), HarnessError> {
+        let dir = self.dir()?.to_owned();
+        let log = dir.join(format!("{name}.log"));
+        let out = File::create(&log).map_err(io_err(format!("creating {}", log.display())))?;
+        let err = out
+            .try_clone()
+            .map_err(io_err("duplicating a log file handle"))?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .map_err(io_err(format!("starting {name}")))?;
+        self.processes.push(Managed { name, child, log });
+        Ok(())
+    }
+
+    fn check_processes(&mut self) -> Result<(), HarnessError> {
+        for p in &mut self.processes {
+            if let Some(e) = p.exited() {
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    async fn wait_ready(&mut self, timeout: Duration) -> Result<(), HarnessError> {
+        let start = Instant::now();
+        loop {
+            self.check_processes()?;
+            let last = match self.readyz().await {
+                Ok(body) if body.trim() == "ok" => return Ok(()),
+                Ok(body) => body,
+                Err(e) => e.to_string(),
+            };
+            if start.elapsed() > timeout {
+                return Err(HarnessError::Timeout {
+                    what: "kube-apiserver /readyz".to_owned(),
+                    secs: timeout.as_secs(),
+                    last,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    async fn readyz(&self) -> Result<String, HarnessError> {
+        let req = http::Request::get("/readyz")
+            .body(Vec::new())
+            .map_err(|e| HarnessError::Kubeconfig(e.to_string()))?;
+        Ok(self.client().await?.request_text(req).await?)
+    }
+
+    /// Waits until the controller-manager has created service account `name` in `ns`.
+    pub async fn wait_for_service_account(
+        &mut self,
+        ns: &str,
+        name: &str,
+        timeout: Duration,
+    ) -> Result<(), HarnessError> {
+        use k8s_openapi::api::core::v1::ServiceAccount;
+        let api: kube::Api<ServiceAccount> = kube::Api::namespaced(self.client().await?, ns);
+        let start = Instant::now();
+        loop {
+            self.check_processes()?;
+            match api.get_opt(name).await {
+                Ok(Some(_)) => return Ok(()),
+                Ok(None) => {}
+                Err(e) => tracing::debug!("waiting for service account {ns}/{name}: {e}"),
+            }
+            if start.elapsed() > timeout {
+                return Err(HarnessError::Timeout {
+                    what: format!("service account {ns}/{name} (kube-controller-manager)"),
+                    secs: timeout.as_secs(),
+                    last: "not created".to_owned(),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// A new client for the admin user. Each call builds its own, bound to the calling
+    /// tokio runtime.
+    pub async fn client(&self) -> Result<kube::Client, HarnessError> {
+        let kc = Kubeconfig::read_from(&self.kubeconfig)
+            .map_err(|e| HarnessError::Kubeconfig(e.to_string()))?;
+        let config = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+            .await
+            .map_err(|e| HarnessError::Kubeconfig(e.to_string()))?;
+        Ok(kube::Client::try_from(config)?)
+    }
+
+    /// The admin kubeconfig (file paths to the PKI; usable by kubectl and Go clients).
+    pub fn kubeconfig(&self) -> &Path {
+        &self.kubeconfig
+    }
+
+    /// `https://127.0.0.1:<port>`.
+    pub fn api_url(&self) -> &str {
+        &self.api_url
+    }
+
+    /// The cluster's PKI (the CA signs the apiserver's certificate and client certificates).
+    pub fn pki(&self) -> &Pki {
+        &self.pki
+    }
+
+    /// The run directory: PKI, etcd data, process logs.
+    pub fn dir(&self) -> Result<&Path, HarnessError> {
+        self.dir.as_ref().map(|d| d.path()).ok_or_else(|| {
+            HarnessError::Kubeconfig("cluster directory already released".to_owned())
+        })
+    }
+
+    /// A `kubectl` command pointed at this cluster.
+    pub fn kubectl(&self) -> Result<Command, HarnessError> {
+        let mut cmd = Command::new(prereqs::kubectl()?);
+        cmd.arg(format!("--kubeconfig={}", self.kubeconfig.display()));
+        Ok(cmd)
+    }
+
+    /// PIDs of the running control-plane processes, by name.
+    pub fn pids(&self) -> Vec<(&'static str, u32)> {
+        self.processes
+            .iter()
+            .map(|p| (p.name, p.child.id()))
+            .collect()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for p in self.processes.iter_mut().rev() {
+            // SIGKILL: the data directory is thrown away, nothing needs a clean shutdown.
+            let _ = p.child.kill();
+            let _ = p.child.wait();
+        }
+        let keep = std::env::var_os("REMORA_E2E_KEEP").is_some() || std::thread::panicking();
+        if let Some(dir) = self.dir.take() {
+            if keep {
+                let path = dir.keep();
+                eprintln!(
+                    "remora-e2e: kept cluster directory {} (logs, PKI)",
+                    path.display()
+                );
+            }
+        }
+    }
+}
+
+fn write_kubeconfig(path: &Path, server: &str, pki: &Pki) -> Result<(), HarnessError> {
+    let kubeconfig = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "e2e", "cluster": {
+            "server": server,
+            "certificate-authority": pki.ca_cert,
+        }}],
+        "users": [{"name": "admin", "user": {
+            "client-certificate": pki.admin_cert,
+            "client-key": pki.admin_key,
+        }}],
+        "contexts": [{"name": "e2e", "context": {"cluster": "e2e", "user": "admin"}}],
+        "current-context": "e2e",
+    });
+    let text =
+        serde_yaml::to_string(&kubeconfig).map_err(|e| HarnessError::Kubeconfig(e.to_string()))?;
+    std::fs::write(path, text).map_err(io_err(format!("writing {}", path.display())))
+}
