@@ -1,0 +1,118 @@
+//! One run of `remora-init`: flags in, side effects and an exit code out.
+
+use std::process::ExitCode;
+
+use crate::backend;
+use crate::exec::Executor;
+use crate::flags::{Flags, Mode};
+use crate::installed::Installed;
+use crate::rules;
+use crate::validate::{self, Outcome};
+
+/// Exit code: invalid flags or environment; nothing touched.
+pub const EXIT_BAD_INPUT: u8 = 2;
+/// Exit code: no usable iptables backend; nothing touched.
+pub const EXIT_BACKEND: u8 = 3;
+/// Exit code: applying or removing failed; no partial rule set left.
+pub const EXIT_APPLY: u8 = 4;
+/// Exit code: `--validate` found outbound TCP is not redirected.
+pub const EXIT_VALIDATE: u8 = 5;
+
+fn fail(code: u8, msg: impl std::fmt::Display) -> ExitCode {
+    eprintln!("remora-init: error: {msg}");
+    ExitCode::from(code)
+}
+
+/// Runs `remora-init` with parsed flags. Diagnostics go to stderr, `--dry-run` output
+/// to stdout.
+pub fn run(flags: &Flags) -> ExitCode {
+    let cfg = match flags.config() {
+        Ok(c) => c,
+        Err(e) => return fail(EXIT_BAD_INPUT, e),
+    };
+    let mode = flags.mode();
+    match mode {
+        Mode::DryRun => {
+            print!("{}", rules::dry_run(&cfg));
+            return ExitCode::SUCCESS;
+        }
+        Mode::DryRunCleanup => {
+            print!("{}", cleanup_preview(&cfg));
+            return ExitCode::SUCCESS;
+        }
+        Mode::Validate => return run_validate(flags, &cfg),
+        Mode::Apply | Mode::Cleanup => {}
+    }
+    let backend = match backend::resolve(flags.backend) {
+        Ok(b) => b,
+        Err(e) => return fail(EXIT_BACKEND, e),
+    };
+    let exec = Executor::new(backend);
+    if mode == Mode::Cleanup {
+        return match exec.cleanup(&cfg) {
+            Ok(()) => {
+                eprintln!("remora-init: removed Remora's rules ({backend} backend)");
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(EXIT_APPLY, e),
+        };
+    }
+    match exec.apply(&cfg) {
+        Ok(()) => {
+            let families: Vec<String> = cfg.families().iter().map(ToString::to_string).collect();
+            eprintln!(
+                "remora-init: applied the rules for {} ({backend} backend)",
+                families.join(" and ")
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(EXIT_APPLY, e),
+    }
+}
+
+fn run_validate(flags: &Flags, cfg: &crate::config::Config) -> ExitCode {
+    let probes = match validate::probe_addrs(cfg, &flags.validate_addr) {
+        Ok(p) => p,
+        Err(e) => return fail(EXIT_BAD_INPUT, e),
+    };
+    match validate::validate(cfg.outbound_port, &probes, flags.validate_timeout()) {
+        Ok(outcomes) => {
+            for o in outcomes {
+                match o {
+                    Outcome::Redirected(a) => eprintln!(
+                        "remora-init: validated: a connection to {a} arrived at port {} with its original destination",
+                        cfg.outbound_port
+                    ),
+                    Outcome::NoRoute(a) => {
+                        eprintln!("remora-init: not validated: no route to {a} in this namespace")
+                    }
+                }
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(EXIT_VALIDATE, e),
+    }
+}
+
+/// What `--dry-run --cleanup` prints: the removal script for a full installation.
+fn cleanup_preview(cfg: &crate::config::Config) -> String {
+    let mut out = String::from(
+        "# remora-init --cleanup removes, in one transaction per family, the jumps to\n\
+         # Remora's chains from PREROUTING and OUTPUT (as iptables-save shows them),\n\
+         # then the chains; any other rule is left alone.\n",
+    );
+    for family in cfg.families() {
+        let full = Installed {
+            chains: rules::CHAINS.iter().map(ToString::to_string).collect(),
+            jumps: rules::build(cfg, family)
+                .jumps
+                .iter()
+                .map(|j| format!("-A {}", j.spec()))
+                .collect(),
+            rule_count: 0,
+        };
+        let script = full.cleanup_script().unwrap_or_default();
+        out.push_str(&format!("\n# {family}\n{script}"));
+    }
+    out
+}

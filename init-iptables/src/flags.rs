@@ -1,0 +1,242 @@
+//! The command line of `remora-init`: clap flags, each also read from a
+//! `REMORA_INIT_*` environment variable (the webhook configures the init container
+//! through its environment), turned into a validated [`Config`] and a [`Mode`].
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Parser;
+use clap::builder::BoolishValueParser;
+
+use crate::backend::BackendChoice;
+use crate::config::{
+    CidrList, Config, ConfigError, DEFAULT_ADMIN_PORT, DEFAULT_INBOUND_PORT, DEFAULT_OUTBOUND_PORT,
+    DEFAULT_PROXY_ID, InboundCapture, OutboundCapture, PortList,
+};
+
+/// Exit codes, also printed by `--help`.
+pub const EXIT_CODES: &str = "\
+Exit codes:
+  0  success (rules applied, removed, printed or validated)
+  2  invalid flags or environment variables; no rule was touched
+  3  no usable iptables backend (tools missing or failing); no rule was touched
+  4  applying or removing the rules failed; no partial rule set is left
+  5  --validate: outbound TCP is not redirected to the proxy as configured";
+
+/// Installs the iptables rules that send a pod's TCP traffic through the Remora proxy.
+///
+/// Runs as the pod's init container with CAP_NET_ADMIN (and CAP_NET_RAW). Outbound TCP
+/// goes to the proxy's outbound port, inbound TCP to its inbound port; the proxy's own
+/// traffic (its UID/GID), loopback, skipped ports and skipped CIDRs are left alone, and
+/// UDP (DNS included) is never touched. Rules are applied atomically with
+/// iptables-restore, once per address family; running it twice is the same as once.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "remora-init", version, after_help = EXIT_CODES)]
+pub struct Flags {
+    /// The proxy's outbound capture port.
+    #[arg(long, env = "REMORA_INIT_OUTBOUND_PORT", default_value_t = DEFAULT_OUTBOUND_PORT,
+          value_parser = clap::value_parser!(u16).range(1..))]
+    pub outbound_port: u16,
+
+    /// The proxy's inbound capture port.
+    #[arg(long, env = "REMORA_INIT_INBOUND_PORT", default_value_t = DEFAULT_INBOUND_PORT,
+          value_parser = clap::value_parser!(u16).range(1..))]
+    pub inbound_port: u16,
+
+    /// The proxy's admin port; inbound connections to it are never redirected.
+    #[arg(long, env = "REMORA_INIT_ADMIN_PORT", default_value_t = DEFAULT_ADMIN_PORT,
+          value_parser = clap::value_parser!(u16).range(1..))]
+    pub admin_port: u16,
+
+    /// UID the proxy runs as; its connections are never captured (loop guard).
+    #[arg(long, env = "REMORA_INIT_PROXY_UID", default_value_t = DEFAULT_PROXY_ID)]
+    pub proxy_uid: u32,
+
+    /// GID the proxy runs as; its connections are never captured (loop guard).
+    #[arg(long, env = "REMORA_INIT_PROXY_GID", default_value_t = DEFAULT_PROXY_ID)]
+    pub proxy_gid: u32,
+
+    /// Inbound ports to capture: '*' for all, or a list such as '8080,9000-9100'.
+    #[arg(
+        long,
+        env = "REMORA_INIT_INBOUND_PORTS",
+        default_value = "*",
+        value_name = "PORTS"
+    )]
+    pub inbound_ports: InboundCapture,
+
+    /// Inbound ports never captured, e.g. '22,9000-9100' (with --inbound-ports '*').
+    #[arg(
+        long,
+        env = "REMORA_INIT_SKIP_INBOUND_PORTS",
+        default_value = "",
+        value_name = "PORTS",
+        hide_default_value = true
+    )]
+    pub skip_inbound_ports: PortList,
+
+    /// Outbound destination ports never captured, e.g. '3306,5432'.
+    #[arg(
+        long,
+        env = "REMORA_INIT_SKIP_OUTBOUND_PORTS",
+        default_value = "",
+        value_name = "PORTS",
+        hide_default_value = true
+    )]
+    pub skip_outbound_ports: PortList,
+
+    /// Outbound destination networks never captured, e.g. '169.254.169.254/32,fd00::/8'.
+    #[arg(
+        long,
+        env = "REMORA_INIT_SKIP_OUTBOUND_CIDRS",
+        default_value = "",
+        value_name = "CIDRS",
+        hide_default_value = true
+    )]
+    pub skip_outbound_cidrs: CidrList,
+
+    /// Outbound destinations to capture: '*' for all, or only these networks.
+    #[arg(
+        long,
+        env = "REMORA_INIT_INCLUDE_OUTBOUND_CIDRS",
+        default_value = "*",
+        value_name = "CIDRS"
+    )]
+    pub include_outbound_cidrs: OutboundCapture,
+
+    /// Install IPv6 rules (ip6tables) as well as IPv4.
+    #[arg(long, env = "REMORA_INIT_IPV6", default_value = "true", value_name = "BOOL",
+          action = clap::ArgAction::Set, value_parser = BoolishValueParser::new())]
+    pub ipv6: bool,
+
+    /// iptables backend: auto (detect), nft or legacy.
+    #[arg(
+        long,
+        env = "REMORA_INIT_BACKEND",
+        default_value = "auto",
+        value_name = "BACKEND"
+    )]
+    pub backend: BackendChoice,
+
+    /// Print the rules that would be applied (with --cleanup: removed) and touch nothing.
+    #[arg(long, env = "REMORA_INIT_DRY_RUN", value_parser = BoolishValueParser::new(),
+          action = clap::ArgAction::SetTrue)]
+    pub dry_run: bool,
+
+    /// Remove exactly the chains and jumps remora-init added, nothing else.
+    #[arg(long, env = "REMORA_INIT_CLEANUP", value_parser = BoolishValueParser::new(),
+          action = clap::ArgAction::SetTrue, conflicts_with = "validate")]
+    pub cleanup: bool,
+
+    /// Change nothing; prove that installed rules redirect outbound TCP: a probe
+    /// connection must arrive at a listener on the outbound port with the right
+    /// original destination (run before the proxy starts).
+    #[arg(long, env = "REMORA_INIT_VALIDATE", value_parser = BoolishValueParser::new(),
+          action = clap::ArgAction::SetTrue, conflicts_with = "dry_run")]
+    pub validate: bool,
+
+    /// Probe destinations for --validate (default: 192.0.2.1:20001 and
+    /// [2001:db8::1]:20001, or an address of the included CIDRs).
+    #[arg(
+        long,
+        env = "REMORA_INIT_VALIDATE_ADDR",
+        value_name = "ADDR",
+        value_delimiter = ','
+    )]
+    pub validate_addr: Vec<SocketAddr>,
+
+    /// How long --validate waits for each probe connection, in milliseconds.
+    #[arg(long, env = "REMORA_INIT_VALIDATE_TIMEOUT_MS", default_value_t = 3000,
+          value_name = "MS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub validate_timeout_ms: u64,
+}
+
+/// What a run does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Install the rules.
+    Apply,
+    /// Remove the rules.
+    Cleanup,
+    /// Print what `Apply` would install.
+    DryRun,
+    /// Print what `Cleanup` would remove at most.
+    DryRunCleanup,
+    /// Check that the installed rules redirect.
+    Validate,
+}
+
+impl Flags {
+    /// The validated configuration the flags describe.
+    pub fn config(&self) -> Result<Config, ConfigError> {
+        Config {
+            outbound_port: self.outbound_port,
+            inbound_port: self.inbound_port,
+            admin_port: self.admin_port,
+            proxy_uid: self.proxy_uid,
+            proxy_gid: self.proxy_gid,
+            inbound: self.inbound_ports.clone(),
+            skip_inbound_ports: self.skip_inbound_ports.0.clone(),
+            skip_outbound_ports: self.skip_outbound_ports.0.clone(),
+            skip_outbound_cidrs: self.skip_outbound_cidrs.0.clone(),
+            outbound: self.include_outbound_cidrs.clone(),
+            ipv6: self.ipv6,
+        }
+        .validate()
+    }
+
+    /// The mode the flags select.
+    pub fn mode(&self) -> Mode {
+        match (self.dry_run, self.cleanup, self.validate) {
+            (true, true, _) => Mode::DryRunCleanup,
+            (true, false, _) => Mode::DryRun,
+            (false, true, _) => Mode::Cleanup,
+            (false, false, true) => Mode::Validate,
+            (false, false, false) => Mode::Apply,
+        }
+    }
+
+    /// `--validate-timeout-ms` as a duration.
+    pub fn validate_timeout(&self) -> Duration {
+        Duration::from_millis(self.validate_timeout_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn clap_definition_is_consistent() {
+        Flags::command().debug_assert();
+    }
+
+    #[test]
+    fn defaults() {
+        let flags = Flags::try_parse_from(["remora-init"]).expect("defaults parse");
+        assert_eq!(flags.config().expect("valid"), Config::default());
+        assert_eq!(flags.mode(), Mode::Apply);
+    }
+
+    #[test]
+    fn bad_values_name_their_flag() {
+        for (args, flag) in [
+            (
+                vec!["--skip-inbound-ports", "22,abc"],
+                "--skip-inbound-ports",
+            ),
+            (
+                vec!["--skip-outbound-cidrs", "10.0.0.0/33"],
+                "--skip-outbound-cidrs",
+            ),
+            (vec!["--outbound-port", "0"], "--outbound-port"),
+            (vec!["--backend", "iptables"], "--backend"),
+            (vec!["--inbound-ports", ""], "--inbound-ports"),
+        ] {
+            let err = Flags::try_parse_from(std::iter::once("remora-init").chain(args.clone()))
+                .expect_err("must be rejected");
+            assert!(err.to_string().contains(flag), "{args:?}: {err}");
+        }
+    }
+}
