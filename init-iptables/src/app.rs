@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use crate::backend;
 use crate::exec::Executor;
 use crate::flags::{Flags, Mode};
-use crate::installed::Installed;
+use crate::installed;
 use crate::rules;
 use crate::validate::{self, Outcome};
 
@@ -37,7 +37,7 @@ pub fn run(flags: &Flags) -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Mode::DryRunCleanup => {
-            print!("{}", cleanup_preview(&cfg));
+            print!("{}", installed::cleanup_preview(&cfg));
             return ExitCode::SUCCESS;
         }
         Mode::Validate => return run_validate(flags, &cfg),
@@ -92,27 +92,4 @@ fn run_validate(flags: &Flags, cfg: &crate::config::Config) -> ExitCode {
         }
         Err(e) => fail(EXIT_VALIDATE, e),
     }
-}
-
-/// What `--dry-run --cleanup` prints: the removal script for a full installation.
-fn cleanup_preview(cfg: &crate::config::Config) -> String {
-    let mut out = String::from(
-        "# remora-init --cleanup removes, in one transaction per family, the jumps to\n\
-         # Remora's chains from PREROUTING and OUTPUT (as iptables-save shows them),\n\
-         # then the chains; any other rule is left alone.\n",
-    );
-    for family in cfg.families() {
-        let full = Installed {
-            chains: rules::CHAINS.iter().map(ToString::to_string).collect(),
-            jumps: rules::build(cfg, family)
-                .jumps
-                .iter()
-                .map(|j| format!("-A {}", j.spec()))
-                .collect(),
-            rule_count: 0,
-        };
-        let script = full.cleanup_script().unwrap_or_default();
-        out.push_str(&format!("\n# {family}\n{script}"));
-    }
-    out
 }

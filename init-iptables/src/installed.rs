@@ -6,7 +6,8 @@
 
 use std::fmt::Write as _;
 
-use crate::rules::CHAINS;
+use crate::config::Config;
+use crate::rules::{self, CHAINS};
 
 /// Remora's rules found in the `nat` table of one family.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -79,6 +80,30 @@ impl Installed {
         out.push_str("COMMIT\n");
         Some(out)
     }
+}
+
+/// What `--dry-run --cleanup` prints: the removal script for a full installation.
+/// (A real cleanup removes only what `iptables-save` shows is there.)
+pub fn cleanup_preview(cfg: &Config) -> String {
+    let mut out = String::from(
+        "# remora-init --cleanup removes, in one transaction per family, the jumps to\n\
+         # Remora's chains from PREROUTING and OUTPUT (as iptables-save shows them),\n\
+         # then the chains; any other rule is left alone.\n",
+    );
+    for family in cfg.families() {
+        let full = Installed {
+            chains: rules::CHAINS.iter().map(ToString::to_string).collect(),
+            jumps: rules::build(cfg, family)
+                .jumps
+                .iter()
+                .map(|j| format!("-A {}", j.spec()))
+                .collect(),
+            rule_count: 0,
+        };
+        let script = full.cleanup_script().unwrap_or_default();
+        out.push_str(&format!("\n# {family}\n{script}"));
+    }
+    out
 }
 
 #[cfg(test)]

@@ -308,11 +308,7 @@ pub fn summary(cfg: &Config) -> String {
         OutboundCapture::Cidrs(c) => list_or(c, "none"),
     };
     let mut s = String::new();
-    let _ = writeln!(
-        s,
-        "# remora-init {}: rules for the pod's network namespace (table nat)",
-        env!("CARGO_PKG_VERSION")
-    );
+    s.push_str("# remora-init: rules for the pod's network namespace (table nat)\n");
     let _ = writeln!(
         s,
         "#   proxy uid {} gid {}; outbound capture port {}; inbound capture port {}; admin port {}",
