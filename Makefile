@@ -1,0 +1,59 @@
+# Remora — developer entry points. `make help` lists them.
+SHELL := /bin/bash
+CARGO ?= cargo
+NEXTEST_PROFILE ?= $(if $(CI),ci,default)
+
+# Opt-outs for machines that cannot run a tier (documented in the README). Tests of an
+# opted-out tier are not run at all and are reported as filtered out: never "passed".
+#   REMORA_SKIP_CLUSTER=1  no real kube-apiserver tier (test binaries named cluster_*)
+#   REMORA_SKIP_NETNS=1    no network-namespace tier, needs root (test binaries named netns_*)
+SKIP_FILTER := $(strip \
+  $(if $(REMORA_SKIP_CLUSTER),not binary(/^cluster/)) \
+  $(if $(and $(REMORA_SKIP_CLUSTER),$(REMORA_SKIP_NETNS)),and) \
+  $(if $(REMORA_SKIP_NETNS),not binary(/^netns/)))
+NEXTEST_FILTER := $(if $(SKIP_FILTER),-E '$(SKIP_FILTER)')
+
+.PHONY: help test prereqs test-unit test-cluster test-netns crds crds-check fmt fmt-check lint demo
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+test: prereqs crds-check ## every test tier this machine can run (installs prerequisites)
+	$(CARGO) nextest run --workspace --locked --profile $(NEXTEST_PROFILE) $(NEXTEST_FILTER)
+	$(CARGO) test --workspace --locked --doc
+
+prereqs: ## install test prerequisites (Debian packages, kube-apiserver built once and cached)
+	@command -v cargo-nextest >/dev/null || { echo "cargo-nextest is missing: cargo install cargo-nextest --locked" >&2; exit 1; }
+ifeq ($(REMORA_SKIP_CLUSTER)$(REMORA_SKIP_NETNS),11)
+	@echo "prereqs: cluster and netns tiers opted out; nothing to install"
+else
+	./e2e/cluster/provision.sh >/dev/null
+endif
+
+test-unit: ## unit and golden tests only (no root, no cluster)
+	$(CARGO) nextest run --workspace --locked -E 'not binary(/^cluster/) and not binary(/^netns/)'
+
+test-cluster: prereqs ## the real kube-apiserver tier only
+	$(CARGO) nextest run --workspace --locked -E 'binary(/^cluster/)'
+
+test-netns: prereqs ## the network-namespace tier only (root)
+	$(CARGO) nextest run --workspace --locked -E 'binary(/^netns/)'
+
+crds: ## regenerate config/crd from the Rust types
+	$(CARGO) run --locked -q -p remora-crds --bin crdgen -- config/crd
+
+crds-check: ## fail when config/crd is stale
+	$(CARGO) run --locked -q -p remora-crds --bin crdgen -- --check config/crd
+
+fmt: ## format the code
+	$(CARGO) fmt --all
+
+fmt-check: ## fail on unformatted code
+	$(CARGO) fmt --all -- --check
+
+lint: fmt-check ## clippy with warnings as errors, and the proxy-side model without kube
+	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
+	$(CARGO) clippy -p remora-crds --no-default-features --locked -- -D warnings
+
+demo: prereqs ## Remora's main job today: a local control plane with the mesh installed
+	$(CARGO) run --locked -q -p remora-e2e --bin remora-demo
