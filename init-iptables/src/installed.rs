@@ -92,7 +92,7 @@ pub fn cleanup_preview(cfg: &Config) -> String {
     );
     for family in cfg.families() {
         let full = Installed {
-            chains: rules::CHAINS.iter().map(ToString::to_string).collect(),
+            chains: CHAINS.iter().map(ToString::to_string).collect(),
             jumps: rules::build(cfg, family)
                 .jumps
                 .iter()
