@@ -20,8 +20,8 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource,
-    ExecAction, HTTPGetAction, Lifecycle, LifecycleHandler, ObjectFieldSelector, Pod, Probe,
-    ProjectedVolumeSource, ResourceRequirements, SeccompProfile, SecurityContext,
+    ExecAction, HTTPGetAction, Lifecycle, LifecycleHandler, ObjectFieldSelector, Pod, PodSpec,
+    Probe, ProjectedVolumeSource, ResourceRequirements, SeccompProfile, SecurityContext,
     ServiceAccountTokenProjection, Volume, VolumeMount, VolumeProjection,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity as K8sQuantity;
@@ -284,7 +284,8 @@ pub fn inject(
     let app_probes = probes::rewrite(&mut new_spec.containers)?;
     let resources = proxy_resources(&overrides, &cfg.defaults)?;
     let init = init_container(cfg, &overrides);
-    let proxy = proxy_container(cfg, &overrides, resources, &app_probes, native)?;
+    let app_ports = app_tcp_ports(spec);
+    let proxy = proxy_container(cfg, &overrides, resources, &app_probes, &app_ports, native)?;
 
     let mut inits = new_spec.init_containers.take().unwrap_or_default();
     if native {
@@ -326,6 +327,24 @@ pub fn inject(
     })))
 }
 
+/// The TCP ports the app containers declare (all inbound ports are captured regardless;
+/// the proxy gets the declared ones as a hint).
+fn app_tcp_ports(spec: &PodSpec) -> PortList {
+    let mut ports = PortList::default();
+    for p in spec
+        .containers
+        .iter()
+        .flat_map(|c| c.ports.iter().flatten())
+    {
+        if p.protocol.as_deref().unwrap_or("TCP") == "TCP"
+            && let Ok(port) = u16::try_from(p.container_port)
+        {
+            ports.insert(PortRange::single(port));
+        }
+    }
+    ports
+}
+
 fn env(name: &str, value: impl Into<String>) -> EnvVar {
     EnvVar {
         name: name.to_owned(),
@@ -349,7 +368,6 @@ fn field_env(name: &str, field: &str) -> EnvVar {
 }
 
 fn init_container(cfg: &InjectConfig, o: &PodOverrides) -> Container {
-    let skip_inbound = skip_inbound_ports(o);
     let cidrs: Vec<String> = o
         .skip_outbound_cidrs
         .iter()
@@ -361,13 +379,15 @@ fn init_container(cfg: &InjectConfig, o: &PodOverrides) -> Container {
         env: Some(vec![
             env("REMORA_INIT_PROXY_UID", PROXY_UID.to_string()),
             env("REMORA_INIT_PROXY_GID", PROXY_UID.to_string()),
-            env(
-                "REMORA_INIT_OUTBOUND_CAPTURE_PORT",
-                OUTBOUND_PORT.to_string(),
-            ),
-            env("REMORA_INIT_INBOUND_CAPTURE_PORT", INBOUND_PORT.to_string()),
+            env("REMORA_INIT_OUTBOUND_PORT", OUTBOUND_PORT.to_string()),
+            env("REMORA_INIT_INBOUND_PORT", INBOUND_PORT.to_string()),
+            // Never redirected, so kubelet probes reach the proxy directly.
+            env("REMORA_INIT_ADMIN_PORT", ADMIN_PORT.to_string()),
             env("REMORA_INIT_INBOUND_PORTS", "*"),
-            env("REMORA_INIT_SKIP_INBOUND_PORTS", skip_inbound.to_string()),
+            env(
+                "REMORA_INIT_SKIP_INBOUND_PORTS",
+                o.skip_inbound_ports.to_string(),
+            ),
             env(
                 "REMORA_INIT_SKIP_OUTBOUND_PORTS",
                 o.skip_outbound_ports.to_string(),
@@ -479,6 +499,7 @@ fn proxy_container(
     o: &PodOverrides,
     resources: ResourceRequirements,
     app_probes: &probes::AppProbes,
+    app_ports: &PortList,
     native: bool,
 ) -> Result<Container, InjectError> {
     let grace = annotations::format_duration(
@@ -490,33 +511,39 @@ fn proxy_container(
         .clone()
         .unwrap_or_else(|| cfg.defaults.log_level.clone());
     let mut envs = vec![
-        field_env("REMORA_POD_NAME", "metadata.name"),
-        field_env("REMORA_POD_NAMESPACE", "metadata.namespace"),
-        field_env("REMORA_POD_IP", "status.podIP"),
-        field_env("REMORA_POD_IPS", "status.podIPs"),
-        field_env("REMORA_SERVICE_ACCOUNT", "spec.serviceAccountName"),
-        field_env("REMORA_NODE_NAME", "spec.nodeName"),
-        env("REMORA_OPERATOR_ADDR", cfg.operator_addr.clone()),
-        env("REMORA_TRUST_DOMAIN", cfg.trust_domain.clone()),
-        env("REMORA_TOKEN_FILE", format!("{TOKEN_DIR}/{TOKEN_FILE}")),
+        field_env("REMORA_PROXY_POD_NAME", "metadata.name"),
+        field_env("REMORA_PROXY_POD_NAMESPACE", "metadata.namespace"),
+        field_env("REMORA_PROXY_POD_IP", "status.podIP"),
+        field_env("REMORA_PROXY_POD_IPS", "status.podIPs"),
+        field_env("REMORA_PROXY_SERVICE_ACCOUNT", "spec.serviceAccountName"),
+        field_env("REMORA_PROXY_NODE_NAME", "spec.nodeName"),
+        env("REMORA_PROXY_OPERATOR_ADDR", cfg.operator_addr.clone()),
+        env("REMORA_PROXY_TRUST_DOMAIN", cfg.trust_domain.clone()),
         env(
-            "REMORA_TRUST_BUNDLE_FILE",
+            "REMORA_PROXY_TOKEN_FILE",
+            format!("{TOKEN_DIR}/{TOKEN_FILE}"),
+        ),
+        env(
+            "REMORA_PROXY_TRUST_BUNDLE_FILE",
             format!("{TRUST_DIR}/{TRUST_KEY}"),
         ),
-        env("REMORA_LOG_LEVEL", log_level),
-        env("REMORA_SHUTDOWN_GRACE_PERIOD", grace.clone()),
+        env("REMORA_PROXY_LOG_LEVEL", log_level),
+        env("REMORA_PROXY_SHUTDOWN_GRACE_PERIOD", grace.clone()),
         env(
-            "REMORA_SIDECAR_MODE",
+            "REMORA_PROXY_SIDECAR_MODE",
             if native { "native" } else { "classic" },
         ),
     ];
+    if !app_ports.is_empty() {
+        envs.push(env("REMORA_PROXY_INBOUND_PORTS", app_ports.to_string()));
+    }
     if !o.opaque_ports.is_empty() {
-        envs.push(env("REMORA_OPAQUE_PORTS", o.opaque_ports.to_string()));
+        envs.push(env("REMORA_PROXY_OPAQUE_PORTS", o.opaque_ports.to_string()));
     }
     if !app_probes.is_empty() {
         let json =
             serde_json::to_string(app_probes).map_err(|e| InjectError::Serialize(e.to_string()))?;
-        envs.push(env("REMORA_APP_PROBES", json));
+        envs.push(env("REMORA_PROXY_APP_PROBES", json));
     }
     let mut c = Container {
         name: PROXY_CONTAINER.into(),
@@ -609,12 +636,4 @@ fn volumes(cfg: &InjectConfig) -> Vec<Volume> {
             ..Default::default()
         },
     ]
-}
-
-/// The inbound ports `remora-init` excludes: the annotation's plus the admin port, which
-/// kubelet probes reach directly and which must never be redirected.
-pub fn skip_inbound_ports(o: &PodOverrides) -> PortList {
-    let mut l = o.skip_inbound_ports.clone();
-    l.insert(PortRange::single(ADMIN_PORT as u16));
-    l
 }

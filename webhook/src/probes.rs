@@ -1,7 +1,7 @@
 //! Probe rewriting: HTTP, TCP and gRPC probes of app containers are pointed at the proxy's
 //! admin port (`:15020/app-health/<container>/<livez|readyz|startupz>`), so kubelet probes
 //! keep working under strict mTLS; the original targets (named ports resolved) are handed
-//! to the proxy as JSON in `REMORA_APP_PROBES`. Exec probes are left untouched.
+//! to the proxy as JSON in `REMORA_PROXY_APP_PROBES`. Exec probes are left untouched.
 
 use std::collections::BTreeMap;
 
