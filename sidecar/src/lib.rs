@@ -1,1 +1,233 @@
-//! The Remora sidecar proxy: transparent interception, protocol detection, HTTP and TCP proxying, mutual TLS with SPIFFE identities.
+//! The Remora sidecar proxy: transparent interception, protocol detection, HTTP and TCP
+//! proxying, mutual TLS with SPIFFE identities.
+//!
+//! [`Proxy::start`] binds the outbound (15001), inbound (15006) and admin (15020)
+//! listeners and serves until [`Shutdown`](shutdown::Shutdown) is triggered; the binary
+//! (`main.rs`) only parses flags, sets up logging and turns SIGTERM into that trigger.
+
+pub mod addr;
+pub mod admin;
+pub mod config;
+pub mod conn;
+pub mod detect;
+pub mod http;
+pub mod io;
+pub mod listen;
+pub mod metrics;
+pub mod orig_dst;
+pub mod route;
+pub mod shutdown;
+pub mod tcp;
+pub mod trace;
+
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+
+use remora_crds::proxy::ProxyConfig;
+use tokio::net::TcpListener;
+
+use crate::{
+    addr::Direction, admin::LogLevel, config::ConfigStore, listen::OrigDstMode, metrics::Metrics,
+    shutdown::Shutdown,
+};
+
+/// Everything the proxy is told at start.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub outbound_listen: Vec<SocketAddr>,
+    pub inbound_listen: Vec<SocketAddr>,
+    pub admin_listen: Option<SocketAddr>,
+    pub orig_dst: OrigDstMode,
+    pub detect_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub header_read_timeout: Duration,
+    /// Largest request head (HTTP/1 buffer, HTTP/2 header list) before 431.
+    pub max_header_bytes: usize,
+    pub shutdown_grace: Duration,
+    /// The standalone config file, watched for changes.
+    pub config_path: Option<PathBuf>,
+    pub config_poll_interval: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            outbound_listen: vec![SocketAddr::from(([0, 0, 0, 0], 15001))],
+            inbound_listen: vec![SocketAddr::from(([0, 0, 0, 0], 15006))],
+            admin_listen: Some(SocketAddr::from(([0, 0, 0, 0], 15020))),
+            orig_dst: OrigDstMode::Kernel,
+            detect_timeout: detect::DEFAULT_TIMEOUT,
+            connect_timeout: Duration::from_secs(1),
+            header_read_timeout: Duration::from_secs(10),
+            max_header_bytes: 64 * 1024,
+            shutdown_grace: Duration::from_secs(30),
+            config_path: None,
+            config_poll_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+/// State shared by every task of the proxy, passed as `Arc`.
+#[derive(Debug)]
+pub struct Context {
+    pub settings: Settings,
+    /// The addresses the capture listeners are bound to (for loop detection).
+    pub listen_addrs: Vec<SocketAddr>,
+    pub metrics: Metrics,
+    pub config: ConfigStore,
+    pub shutdown: Shutdown,
+    pub clients: http::Clients,
+    pub log: Option<LogLevel>,
+}
+
+impl Context {
+    /// Why `/ready` fails, or `None` when the proxy is ready.
+    pub fn not_ready_reason(&self) -> Option<&'static str> {
+        if self.shutdown.is_triggered() {
+            return Some("shutting down");
+        }
+        if self.config.load().config.identity.is_some() {
+            // Identity files are configured but mTLS is not available in this build.
+            return Some("certificate not loaded");
+        }
+        None
+    }
+}
+
+/// Why the proxy could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind {
+        addr: SocketAddr,
+        what: &'static str,
+        source: std::io::Error,
+    },
+}
+
+/// A running proxy.
+#[derive(Debug)]
+pub struct Proxy {
+    ctx: Arc<Context>,
+    pub outbound_addrs: Vec<SocketAddr>,
+    pub inbound_addrs: Vec<SocketAddr>,
+    pub admin_addr: Option<SocketAddr>,
+}
+
+async fn bind(addrs: &[SocketAddr], what: &'static str) -> Result<Vec<TcpListener>, StartError> {
+    let mut out = Vec::with_capacity(addrs.len());
+    for addr in addrs {
+        let l = TcpListener::bind(addr)
+            .await
+            .map_err(|source| StartError::Bind {
+                addr: *addr,
+                what,
+                source,
+            })?;
+        out.push(l);
+    }
+    Ok(out)
+}
+
+fn local_addrs(ls: &[TcpListener]) -> Vec<SocketAddr> {
+    ls.iter().filter_map(|l| l.local_addr().ok()).collect()
+}
+
+impl Proxy {
+    /// Binds every listener and starts serving `config` (already loaded and validated).
+    pub async fn start(
+        settings: Settings,
+        config: ProxyConfig,
+        log: Option<LogLevel>,
+    ) -> Result<Self, StartError> {
+        let outbound = bind(&settings.outbound_listen, "outbound").await?;
+        let inbound = bind(&settings.inbound_listen, "inbound").await?;
+        let admin = match settings.admin_listen {
+            Some(a) => bind(&[a], "admin").await?.pop(),
+            None => None,
+        };
+        let outbound_addrs = local_addrs(&outbound);
+        let inbound_addrs = local_addrs(&inbound);
+        let admin_addr = admin.as_ref().and_then(|l| l.local_addr().ok());
+        let metrics = Metrics::new();
+        let ctx = Arc::new(Context {
+            listen_addrs: outbound_addrs
+                .iter()
+                .chain(&inbound_addrs)
+                .copied()
+                .collect(),
+            config: ConfigStore::new(config, &metrics),
+            clients: http::Clients::new(settings.connect_timeout),
+            metrics,
+            shutdown: Shutdown::new(),
+            log,
+            settings,
+        });
+        for l in outbound {
+            tokio::spawn(listen::accept_loop(ctx.clone(), l, Direction::Outbound));
+        }
+        for l in inbound {
+            tokio::spawn(listen::accept_loop(ctx.clone(), l, Direction::Inbound));
+        }
+        if let Some(l) = admin {
+            tokio::spawn(admin::serve(ctx.clone(), l));
+        }
+        if let Some(path) = ctx.settings.config_path.clone() {
+            let ctx = ctx.clone();
+            tokio::spawn(async move {
+                let stop = ctx.shutdown.signaled();
+                config::watch_file(
+                    path,
+                    ctx.settings.config_poll_interval,
+                    &ctx.config,
+                    &ctx.metrics,
+                    stop,
+                )
+                .await;
+            });
+        }
+        tracing::info!(
+            ?outbound_addrs,
+            ?inbound_addrs,
+            ?admin_addr,
+            version = ctx.config.load().version(),
+            "proxy started"
+        );
+        Ok(Self {
+            ctx,
+            outbound_addrs,
+            inbound_addrs,
+            admin_addr,
+        })
+    }
+
+    pub fn context(&self) -> &Arc<Context> {
+        &self.ctx
+    }
+
+    /// Starts the shutdown (as SIGTERM does).
+    pub fn shutdown(&self) {
+        self.ctx.shutdown.trigger();
+    }
+
+    /// Waits for the shutdown to start, then for in-flight connections to finish within the
+    /// grace period. Returns true when every connection finished in time.
+    pub async fn wait(self) -> bool {
+        self.ctx.shutdown.signaled().await;
+        let grace = self.ctx.settings.shutdown_grace;
+        tracing::info!(
+            in_flight = self.ctx.shutdown.in_flight(),
+            ?grace,
+            "draining"
+        );
+        let drained = self.ctx.shutdown.drained(grace).await;
+        if drained {
+            tracing::info!("drained; exiting");
+        } else {
+            tracing::warn!(
+                in_flight = self.ctx.shutdown.in_flight(),
+                "grace period over; closing remaining connections"
+            );
+        }
+        drained
+    }
+}

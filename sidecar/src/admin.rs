@@ -1,0 +1,213 @@
+//! The admin server (port 15020): `/live`, `/ready`, `/metrics`, `/config_dump`,
+//! `/endpoints`, and, from localhost only, `/shutdown` and `/log-level`.
+
+use std::{
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+};
+
+use axum::{
+    Router,
+    extract::{ConnectInfo, State},
+    http::{HeaderValue, StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::{get, post},
+};
+use tokio::net::TcpListener;
+
+use crate::Context;
+
+/// Changes the log filter at run time (`/log-level`).
+pub struct LogLevel {
+    current: Mutex<String>,
+    apply: Box<ApplyFilter>,
+}
+
+type ApplyFilter = dyn Fn(&str) -> Result<(), String> + Send + Sync;
+
+impl std::fmt::Debug for LogLevel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LogLevel")
+            .field("current", &self.current())
+            .finish_non_exhaustive()
+    }
+}
+
+impl LogLevel {
+    /// `initial` is the filter in force; `apply` installs a new one or explains why not.
+    pub fn new(
+        initial: &str,
+        apply: impl Fn(&str) -> Result<(), String> + Send + Sync + 'static,
+    ) -> Self {
+        Self {
+            current: Mutex::new(initial.to_owned()),
+            apply: Box::new(apply),
+        }
+    }
+
+    pub fn current(&self) -> String {
+        self.current.lock().map(|c| c.clone()).unwrap_or_default()
+    }
+
+    pub fn set(&self, filter: &str) -> Result<(), String> {
+        (self.apply)(filter)?;
+        if let Ok(mut c) = self.current.lock() {
+            filter.clone_into(&mut c);
+        }
+        Ok(())
+    }
+}
+
+/// The admin routes.
+pub fn router(ctx: Arc<Context>) -> Router {
+    Router::new()
+        .route("/live", get(|| async { "live\n" }))
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics))
+        .route("/config_dump", get(config_dump))
+        .route("/endpoints", get(endpoints))
+        .route("/shutdown", post(shutdown))
+        .route(
+            "/log-level",
+            get(get_log_level).post(set_log_level).put(set_log_level),
+        )
+        .with_state(ctx)
+}
+
+/// Serves the admin routes on `listener` for the life of the process.
+pub async fn serve(ctx: Arc<Context>, listener: TcpListener) {
+    let app = router(ctx).into_make_service_with_connect_info::<SocketAddr>();
+    if let Err(e) = axum::serve(listener, app).await {
+        tracing::error!(error = %e, "admin server failed");
+    }
+}
+
+fn text(status: StatusCode, body: impl Into<String>) -> Response {
+    (status, body.into()).into_response()
+}
+
+fn json(body: &serde_json::Value) -> Response {
+    let text =
+        serde_json::to_string_pretty(body).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"));
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        text,
+    )
+        .into_response()
+}
+
+fn local_only(peer: SocketAddr) -> Result<(), Box<Response>> {
+    let ip = match peer.ip() {
+        std::net::IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map_or(std::net::IpAddr::V6(v6), Into::into),
+        v4 => v4,
+    };
+    if ip.is_loopback() {
+        Ok(())
+    } else {
+        Err(Box::new(text(
+            StatusCode::FORBIDDEN,
+            "this endpoint is only served to localhost\n",
+        )))
+    }
+}
+
+async fn ready(State(ctx): State<Arc<Context>>) -> Response {
+    match ctx.not_ready_reason() {
+        None => text(StatusCode::OK, "ready\n"),
+        Some(reason) => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {reason}\n"),
+        ),
+    }
+}
+
+async fn metrics(State(ctx): State<Arc<Context>>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+        )],
+        ctx.metrics.encode(),
+    )
+        .into_response()
+}
+
+async fn config_dump(State(ctx): State<Arc<Context>>) -> Response {
+    let snap = ctx.config.load();
+    // The config holds certificate *paths* only, never key material.
+    let config = serde_json::to_value(&snap.config).unwrap_or(serde_json::Value::Null);
+    json(&serde_json::json!({ "version": snap.version(), "config": config }))
+}
+
+async fn endpoints(State(ctx): State<Arc<Context>>) -> Response {
+    let snap = ctx.config.load();
+    let mut services: Vec<serde_json::Value> = snap
+        .routes
+        .endpoint_sets()
+        .iter()
+        .map(|set| {
+            let eps: Vec<serde_json::Value> = set
+                .ready
+                .iter()
+                .map(|ep| serde_json::json!({ "address": ep.addr.to_string(), "identity": ep.identity.as_deref(), "meshed": ep.meshed }))
+                .collect();
+            serde_json::json!({ "service": &*set.service, "ready": eps })
+        })
+        .collect();
+    services.sort_by(|a, b| a["service"].as_str().cmp(&b["service"].as_str()));
+    json(&serde_json::json!({ "version": snap.version(), "services": services }))
+}
+
+async fn shutdown(
+    State(ctx): State<Arc<Context>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+) -> Response {
+    if let Err(r) = local_only(peer) {
+        return *r;
+    }
+    tracing::info!(%peer, "shutdown requested on the admin port");
+    ctx.shutdown.trigger();
+    text(StatusCode::OK, "shutting down\n")
+}
+
+async fn get_log_level(
+    State(ctx): State<Arc<Context>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+) -> Response {
+    if let Err(r) = local_only(peer) {
+        return *r;
+    }
+    match &ctx.log {
+        Some(l) => text(StatusCode::OK, format!("{}\n", l.current())),
+        None => text(StatusCode::NOT_FOUND, "log level control is not enabled\n"),
+    }
+}
+
+async fn set_log_level(
+    State(ctx): State<Arc<Context>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    body: String,
+) -> Response {
+    if let Err(r) = local_only(peer) {
+        return *r;
+    }
+    let Some(l) = &ctx.log else {
+        return text(StatusCode::NOT_FOUND, "log level control is not enabled\n");
+    };
+    let filter = body.trim();
+    match l.set(filter) {
+        Ok(()) => {
+            tracing::info!(filter, "log level changed");
+            text(StatusCode::OK, format!("{filter}\n"))
+        }
+        Err(e) => text(
+            StatusCode::BAD_REQUEST,
+            format!("invalid log filter {filter:?}: {e}\n"),
+        ),
+    }
+}

@@ -1,0 +1,495 @@
+//! HTTP proxying with hyper: a server per detected connection (HTTP/1.1 with keep-alive,
+//! chunked bodies, `100-continue` and upgrades; or HTTP/2 with trailers and streaming, so
+//! gRPC works) and pooled upstream clients (one for HTTP/1.1, one for HTTP/2 with prior
+//! knowledge). Per request: pick the upstream (outbound: route and balance; inbound: the
+//! original destination), drop hop-by-hop headers (RFC 9110 §7.6.1), add `x-request-id`,
+//! start a new span in the trace headers, forward, and answer failures with a status and
+//! an `x-remora-proxy-error` reason header instead of hanging.
+
+use std::{convert::Infallible, error::Error as _, sync::Arc, time::Instant};
+
+use bytes::Bytes;
+use http::{
+    HeaderMap, HeaderValue, Request, Response, StatusCode, Uri, Version,
+    header::{self, HeaderName},
+    uri::{Authority, PathAndQuery, Scheme},
+};
+use http_body_util::{BodyExt, Full, combinators::BoxBody};
+use hyper::{body::Incoming, service::service_fn};
+use hyper_util::{
+    client::legacy::{Client, connect::HttpConnector},
+    rt::{TokioExecutor, TokioIo, TokioTimer},
+    server::conn::auto,
+};
+use remora_crds::proxy::{Protocol, UnknownDestinations};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::{
+    Context,
+    addr::{ClientAddr, Direction, OrigDstAddr},
+    metrics::{DirLabels, OutcomeLabels, Peer, RequestLabels, Static},
+    trace,
+};
+
+/// The body type of every response the proxy sends.
+pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
+
+/// The header that carries the reason of a response the proxy generated itself.
+pub static PROXY_ERROR: HeaderName = HeaderName::from_static("x-remora-proxy-error");
+
+/// The pooled upstream clients.
+#[derive(Debug, Clone)]
+pub struct Clients {
+    h1: Client<HttpConnector, Incoming>,
+    h2: Client<HttpConnector, Incoming>,
+}
+
+impl Clients {
+    pub fn new(connect_timeout: std::time::Duration) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(connect_timeout));
+        connector.enforce_http(true);
+        let h1 = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(std::time::Duration::from_secs(90))
+            .build(connector.clone());
+        let h2 = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .http2_only(true)
+            .build(connector);
+        Self { h1, h2 }
+    }
+}
+
+/// What the HTTP layer knows about the connection it serves.
+#[derive(Debug)]
+pub struct ConnMeta {
+    pub direction: Direction,
+    pub client: ClientAddr,
+    pub orig_dst: OrigDstAddr,
+    /// `orig_dst` as an authority, built once per connection.
+    pub orig_authority: Authority,
+    /// The authenticated identity of the client (inbound mTLS), if any.
+    pub peer: Peer,
+}
+
+/// Serves one HTTP connection until it ends or shutdown drains it.
+pub async fn serve<I>(ctx: Arc<Context>, meta: Arc<ConnMeta>, io: I, http2: bool)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let service = {
+        let ctx = ctx.clone();
+        let meta = meta.clone();
+        service_fn(move |req| {
+            let ctx = ctx.clone();
+            let meta = meta.clone();
+            async move { Ok::<_, Infallible>(handle(&ctx, &meta, req).await) }
+        })
+    };
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(ctx.settings.header_read_timeout)
+        .max_buf_size(ctx.settings.max_header_bytes.max(8192))
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(ctx.settings.max_header_bytes).unwrap_or(u32::MAX));
+    let builder = if http2 {
+        builder.http2_only()
+    } else {
+        builder.http1_only()
+    };
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+    tokio::pin!(conn);
+    let shutdown = ctx.shutdown.signaled();
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        () = shutdown => {
+            // HTTP/2: GOAWAY; HTTP/1: close once the in-flight response is written.
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(direction = %meta.direction, client = %meta.client, error = %e, "HTTP connection ended with an error");
+    }
+}
+
+async fn handle(ctx: &Context, meta: &ConnMeta, req: Request<Incoming>) -> Response<ProxyBody> {
+    let start = Instant::now();
+    let downstream_version = req.version();
+    let (mut resp, peer) = match forward(ctx, meta, req).await {
+        Ok(ok) => ok,
+        Err(e) => {
+            ctx.metrics
+                .proxy_errors
+                .get_or_create(&OutcomeLabels {
+                    direction: meta.direction,
+                    outcome: Static(e.label()),
+                })
+                .inc();
+            tracing::debug!(direction = %meta.direction, client = %meta.client, orig_dst = %meta.orig_dst, error = %e, "request failed");
+            (e.into_response(), Peer::default())
+        }
+    };
+    *resp.version_mut() = downstream_version;
+    ctx.metrics
+        .requests
+        .get_or_create(&RequestLabels {
+            direction: meta.direction,
+            status: resp.status().as_u16(),
+            peer_identity: peer,
+        })
+        .inc();
+    ctx.metrics
+        .request_duration
+        .get_or_create(&DirLabels {
+            direction: meta.direction,
+        })
+        .observe(start.elapsed().as_secs_f64());
+    resp
+}
+
+/// Why the proxy answered a request itself.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("service {0} has no ready endpoints")]
+    NoEndpoints(Arc<str>),
+    #[error("destination {0} is not in the config and unknown destinations are denied")]
+    UnknownDenied(OrigDstAddr),
+    #[error("upstream {0} refused the connection")]
+    ConnectRefused(Authority),
+    #[error("timed out connecting to upstream {0}")]
+    ConnectTimeout(Authority),
+    #[error("cannot connect to upstream {0}: {1}")]
+    Connect(Authority, String),
+    #[error("upstream {0} did not answer within {1:?}")]
+    RequestTimeout(Authority, std::time::Duration),
+    #[error("upstream {0} failed: {1}")]
+    Upstream(Authority, String),
+}
+
+impl ProxyError {
+    fn label(&self) -> &'static str {
+        match self {
+            Self::NoEndpoints(_) => "no_endpoints",
+            Self::UnknownDenied(_) => "unknown_denied",
+            Self::ConnectRefused(_) => "connect_refused",
+            Self::ConnectTimeout(_) => "connect_timeout",
+            Self::Connect(..) => "connect_error",
+            Self::RequestTimeout(..) => "request_timeout",
+            Self::Upstream(..) => "upstream_error",
+        }
+    }
+
+    fn status(&self) -> StatusCode {
+        match self {
+            Self::NoEndpoints(_) | Self::ConnectTimeout(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::UnknownDenied(_) => StatusCode::FORBIDDEN,
+            Self::RequestTimeout(..) => StatusCode::GATEWAY_TIMEOUT,
+            Self::ConnectRefused(_) | Self::Connect(..) | Self::Upstream(..) => {
+                StatusCode::BAD_GATEWAY
+            }
+        }
+    }
+
+    fn from_client(authority: Authority, e: &hyper_util::client::legacy::Error) -> Self {
+        let mut detail = String::new();
+        let mut source = e.source();
+        let mut io_kind = None;
+        while let Some(s) = source {
+            if let Some(io) = s.downcast_ref::<std::io::Error>() {
+                io_kind.get_or_insert(io.kind());
+            }
+            if !detail.is_empty() {
+                detail.push_str(": ");
+            }
+            detail.push_str(&s.to_string());
+            source = s.source();
+        }
+        if e.is_connect() {
+            match io_kind {
+                Some(std::io::ErrorKind::ConnectionRefused) => Self::ConnectRefused(authority),
+                Some(std::io::ErrorKind::TimedOut) => Self::ConnectTimeout(authority),
+                _ => Self::Connect(authority, detail),
+            }
+        } else {
+            Self::Upstream(
+                authority,
+                if detail.is_empty() {
+                    e.to_string()
+                } else {
+                    detail
+                },
+            )
+        }
+    }
+
+    fn into_response(self) -> Response<ProxyBody> {
+        let msg = self.to_string();
+        let reason =
+            HeaderValue::from_str(&msg).unwrap_or_else(|_| HeaderValue::from_static(self.label()));
+        let mut resp = Response::new(full(format!("{msg}\n")));
+        *resp.status_mut() = self.status();
+        resp.headers_mut().insert(&PROXY_ERROR, reason);
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        resp
+    }
+}
+
+/// A complete body.
+pub fn full(text: impl Into<Bytes>) -> ProxyBody {
+    Full::new(text.into())
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+async fn forward(
+    ctx: &Context,
+    meta: &ConnMeta,
+    mut req: Request<Incoming>,
+) -> Result<(Response<ProxyBody>, Peer), ProxyError> {
+    let downstream_h2 = req.version() == Version::HTTP_2;
+    let (authority, upstream_h2, timeout, peer) = match meta.direction {
+        Direction::Inbound => (
+            meta.orig_authority.clone(),
+            downstream_h2,
+            None,
+            meta.peer.clone(),
+        ),
+        Direction::Outbound => {
+            let snap = ctx.config.load();
+            match snap.routes.lookup(meta.orig_dst.0) {
+                Some(target) => {
+                    let svc = target.service();
+                    let ep = target
+                        .pick(Some(req.headers()))
+                        .map_err(|e| ProxyError::NoEndpoints(e.service))?;
+                    let h2 =
+                        downstream_h2 || matches!(svc.protocol, Protocol::Http2 | Protocol::Grpc);
+                    (
+                        ep.authority.clone(),
+                        h2,
+                        svc.request_timeout,
+                        Peer(ep.identity.clone()),
+                    )
+                }
+                None => match snap.config.outbound.unknown_destinations {
+                    UnknownDestinations::Deny => {
+                        return Err(ProxyError::UnknownDenied(meta.orig_dst));
+                    }
+                    UnknownDestinations::Passthrough => (
+                        meta.orig_authority.clone(),
+                        downstream_h2,
+                        None,
+                        Peer::default(),
+                    ),
+                },
+            }
+        }
+    };
+
+    let upgrade = !downstream_h2 && is_upgrade(req.headers());
+    strip_hop_by_hop(req.headers_mut(), upgrade);
+    trace::ensure_request_id(req.headers_mut());
+    trace::new_span(req.headers_mut());
+    if !upstream_h2
+        && !req.headers().contains_key(header::HOST)
+        && let Some(v) = req
+            .uri()
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    {
+        req.headers_mut().insert(header::HOST, v);
+    }
+    let path = req
+        .uri()
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = Some(Scheme::HTTP);
+    parts.authority = Some(authority.clone());
+    parts.path_and_query = Some(path);
+    *req.uri_mut() = Uri::from_parts(parts)
+        .map_err(|e| ProxyError::Upstream(authority.clone(), e.to_string()))?;
+    *req.version_mut() = if upstream_h2 {
+        Version::HTTP_2
+    } else {
+        Version::HTTP_11
+    };
+
+    let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let client = if upstream_h2 {
+        &ctx.clients.h2
+    } else {
+        &ctx.clients.h1
+    };
+    let fut = client.request(req);
+    let result = match timeout {
+        Some(t) => tokio::time::timeout(t, fut)
+            .await
+            .map_err(|_| ProxyError::RequestTimeout(authority.clone(), t))?,
+        None => fut.await,
+    };
+    let mut resp = result.map_err(|e| ProxyError::from_client(authority.clone(), &e))?;
+
+    let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+    if let (Some(downstream), true) = (downstream_upgrade, switching) {
+        let upstream = hyper::upgrade::on(&mut resp);
+        let metrics_direction = meta.direction;
+        tokio::spawn(async move {
+            match tokio::try_join!(downstream, upstream) {
+                Ok((down, up)) => {
+                    let mut down = TokioIo::new(down);
+                    let mut up = TokioIo::new(up);
+                    if let Err(e) = tokio::io::copy_bidirectional(&mut down, &mut up).await {
+                        tracing::debug!(direction = %metrics_direction, error = %e, "upgraded connection ended with an error");
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(direction = %metrics_direction, error = %e, "upgrade failed")
+                }
+            }
+        });
+        strip_hop_by_hop(resp.headers_mut(), true);
+    } else {
+        strip_hop_by_hop(resp.headers_mut(), false);
+    }
+    Ok((resp.map(BodyExt::boxed), peer))
+}
+
+/// An HTTP/1.1 request asking to switch protocols (`Connection: upgrade` + `Upgrade`).
+fn is_upgrade(h: &HeaderMap) -> bool {
+    h.contains_key(header::UPGRADE)
+        && h.get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Removes the hop-by-hop headers of RFC 9110 §7.6.1: `Connection` and the fields it
+/// names, `Keep-Alive`, `Proxy-Connection`, `Transfer-Encoding`, `Upgrade` (kept, with
+/// `Connection: upgrade`, when `upgrade`), and `TE` except `trailers` (which gRPC needs).
+pub fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: bool) {
+    if h.contains_key(header::CONNECTION) {
+        let named: Vec<HeaderName> = h
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+            .filter(|n| !(upgrade && n == header::UPGRADE))
+            .collect();
+        for n in named {
+            if n != header::TE {
+                h.remove(n);
+            }
+        }
+        h.remove(header::CONNECTION);
+    }
+    if upgrade {
+        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        h.remove(header::UPGRADE);
+    }
+    h.remove(&KEEP_ALIVE);
+    h.remove(&PROXY_CONNECTION);
+    h.remove(header::TRANSFER_ENCODING);
+    if let Some(te) = h.get(header::TE) {
+        let trailers = te
+            .to_str()
+            .map(|v| {
+                v.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+            })
+            .unwrap_or(false);
+        if trailers {
+            h.insert(header::TE, HeaderValue::from_static("trailers"));
+        } else {
+            h.remove(header::TE);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-secret-hop"),
+        );
+        h.insert("x-secret-hop", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("proxy-connection", HeaderValue::from_static("keep-alive"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        h.insert(header::TE, HeaderValue::from_static("gzip, trailers"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert("x-end-to-end", HeaderValue::from_static("kept"));
+        strip_hop_by_hop(&mut h, false);
+        let mut names: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
+        names.sort_unstable();
+        assert_eq!(names, vec!["te", "x-end-to-end"]);
+        assert_eq!(h.get(header::TE).expect("te"), "trailers");
+    }
+
+    #[test]
+    fn upgrade_keeps_upgrade_headers() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        assert!(is_upgrade(&h));
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h.get(header::CONNECTION).expect("connection"), "upgrade");
+        assert_eq!(h.get(header::UPGRADE).expect("upgrade"), "websocket");
+    }
+
+    #[test]
+    fn proxy_errors_map_to_statuses_with_a_reason() {
+        let a = Authority::from_static("10.0.0.1:80");
+        let resp = ProxyError::ConnectRefused(a.clone()).into_response();
+        assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
+        assert_eq!(
+            resp.headers().get(&PROXY_ERROR).expect("reason"),
+            "upstream 10.0.0.1:80 refused the connection"
+        );
+        assert_eq!(
+            ProxyError::NoEndpoints("a.b".into())
+                .into_response()
+                .status(),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        assert_eq!(
+            ProxyError::ConnectTimeout(a.clone())
+                .into_response()
+                .status(),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        assert_eq!(
+            ProxyError::RequestTimeout(a, std::time::Duration::from_secs(1))
+                .into_response()
+                .status(),
+            StatusCode::GATEWAY_TIMEOUT
+        );
+    }
+}

@@ -1,0 +1,152 @@
+//! Listeners: accept loops for the outbound (15001) and inbound (15006) capture ports.
+//! Each accepted connection gets its original destination (`SO_ORIGINAL_DST`); one that
+//! was not redirected (no NAT entry, or its destination is one of the proxy's own
+//! listeners) is refused and counted, so the proxy can never loop into itself.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::{
+    Context,
+    addr::{ClientAddr, Direction, LocalAddr, OrigDstAddr},
+    conn, orig_dst,
+};
+
+/// How a listener learns where a connection was going.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OrigDstMode {
+    /// Ask the kernel (`SO_ORIGINAL_DST`): production, behind iptables `REDIRECT` rules.
+    Kernel,
+    /// Every connection goes to this address. Only for in-process test harnesses that run
+    /// without iptables; the binary has no flag for it.
+    Fixed(SocketAddr),
+}
+
+/// Why a connection was not proxied.
+#[derive(Debug, thiserror::Error)]
+pub enum Refusal {
+    #[error("connection to {0} was not redirected (no original destination: {1})")]
+    NotRedirected(LocalAddr, std::io::Error),
+    #[error("original destination {0} is the proxy's own listener; refusing to loop")]
+    Loop(OrigDstAddr),
+}
+
+impl Refusal {
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::NotRedirected(..) => "not_redirected",
+            Self::Loop(_) => "loop_refused",
+        }
+    }
+}
+
+/// The original destination of `stream`, unless it points back at the proxy.
+pub fn resolve_orig_dst(
+    mode: OrigDstMode,
+    own: &[SocketAddr],
+    stream: &TcpStream,
+    local: LocalAddr,
+) -> Result<OrigDstAddr, Refusal> {
+    let dst = match mode {
+        OrigDstMode::Kernel => {
+            orig_dst::original_dst(stream, local).map_err(|e| Refusal::NotRedirected(local, e))?
+        }
+        OrigDstMode::Fixed(addr) => OrigDstAddr(addr),
+    };
+    if is_own(dst.0, local.0, own) {
+        return Err(Refusal::Loop(dst));
+    }
+    Ok(dst)
+}
+
+/// Does `dst` name one of the proxy's own listeners? It does when it equals the socket's
+/// local address (nothing rewrote the destination), or when it is a listener port on a
+/// loopback, unspecified or the local IP.
+fn is_own(dst: SocketAddr, local: SocketAddr, own: &[SocketAddr]) -> bool {
+    let unmap = |a: SocketAddr| match a {
+        SocketAddr::V6(v6) => v6
+            .ip()
+            .to_ipv4_mapped()
+            .map_or(a, |v4| SocketAddr::new(v4.into(), v6.port())),
+        v4 => v4,
+    };
+    let (dst, local) = (unmap(dst), unmap(local));
+    if dst == local {
+        return true;
+    }
+    own.iter().map(|o| unmap(*o)).any(|o| {
+        o.port() == dst.port()
+            && (o.ip() == dst.ip()
+                || dst.ip().is_loopback()
+                || dst.ip().is_unspecified()
+                || dst.ip() == local.ip())
+    })
+}
+
+/// Accepts connections until shutdown starts, then returns (closing the listener).
+pub async fn accept_loop(ctx: Arc<Context>, listener: TcpListener, direction: Direction) {
+    let shutdown = ctx.shutdown.signaled();
+    tokio::pin!(shutdown);
+    loop {
+        let accepted = tokio::select! {
+            () = &mut shutdown => break,
+            a = listener.accept() => a,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // Out of descriptors and the like: back off instead of spinning.
+                tracing::warn!(%direction, error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            let local = match stream.local_addr() {
+                Ok(l) => LocalAddr(l),
+                Err(e) => {
+                    tracing::debug!(%direction, error = %e, "connection closed before it was served");
+                    return;
+                }
+            };
+            conn::serve(ctx, direction, stream, ClientAddr(peer), local).await;
+        });
+    }
+    tracing::info!(%direction, "listener closed");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn a(s: &str) -> SocketAddr {
+        s.parse().expect("addr")
+    }
+
+    #[test]
+    fn own_listeners_are_loops() {
+        let own = [a("0.0.0.0:15001"), a("0.0.0.0:15006")];
+        let local = a("10.0.0.5:15001");
+        assert!(is_own(a("10.0.0.5:15001"), local, &own), "not redirected");
+        assert!(
+            is_own(a("127.0.0.1:15006"), local, &own),
+            "loopback to a listener port"
+        );
+        assert!(
+            is_own(a("10.0.0.5:15006"), local, &own),
+            "own pod IP, listener port"
+        );
+        assert!(is_own(
+            a("[::ffff:10.0.0.5]:15001"),
+            a("[::ffff:10.0.0.5]:15001"),
+            &own
+        ));
+        assert!(!is_own(a("10.96.0.12:9080"), local, &own));
+        assert!(
+            !is_own(a("10.0.0.9:15001"), local, &own),
+            "another pod's proxy port is a real destination"
+        );
+    }
+}

@@ -1,0 +1,170 @@
+//! `remora-proxy`: flags, logging and signals around [`remora_proxy::Proxy`].
+
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
+
+use clap::{Parser, ValueEnum};
+use remora_crds::{duration::Duration, proxy::ProxyConfig};
+use remora_proxy::{Proxy, Settings, admin::LogLevel, config, listen::OrigDstMode};
+use tracing_subscriber::{
+    EnvFilter, Layer as _, layer::SubscriberExt as _, util::SubscriberInitExt as _,
+};
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// The Remora sidecar proxy.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Standalone config file (YAML, the derived proxy config), watched for changes.
+    #[arg(long, env = "REMORA_PROXY_CONFIG")]
+    config: Option<PathBuf>,
+    /// Outbound capture listener(s).
+    #[arg(
+        long,
+        env = "REMORA_PROXY_OUTBOUND_LISTEN",
+        value_delimiter = ',',
+        default_value = "0.0.0.0:15001"
+    )]
+    outbound_listen: Vec<SocketAddr>,
+    /// Inbound capture listener(s).
+    #[arg(
+        long,
+        env = "REMORA_PROXY_INBOUND_LISTEN",
+        value_delimiter = ',',
+        default_value = "0.0.0.0:15006"
+    )]
+    inbound_listen: Vec<SocketAddr>,
+    /// Admin listener (/ready, /live, /metrics, ...).
+    #[arg(
+        long,
+        env = "REMORA_PROXY_ADMIN_LISTEN",
+        default_value = "0.0.0.0:15020"
+    )]
+    admin_listen: SocketAddr,
+    /// How long protocol detection waits for the client's first bytes.
+    #[arg(long, env = "REMORA_PROXY_DETECT_TIMEOUT", default_value = "300ms")]
+    detect_timeout: Duration,
+    /// Upstream TCP connect timeout.
+    #[arg(long, env = "REMORA_PROXY_CONNECT_TIMEOUT", default_value = "1s")]
+    connect_timeout: Duration,
+    /// How long an HTTP/1 client may take to send a request head.
+    #[arg(long, env = "REMORA_PROXY_HEADER_READ_TIMEOUT", default_value = "10s")]
+    header_read_timeout: Duration,
+    /// Largest request head in bytes; larger gets 431.
+    #[arg(long, env = "REMORA_PROXY_MAX_HEADER_BYTES", default_value_t = 64 * 1024)]
+    max_header_bytes: usize,
+    /// After SIGTERM, how long in-flight connections may take to finish.
+    #[arg(
+        long,
+        env = "REMORA_PROXY_SHUTDOWN_GRACE_PERIOD",
+        default_value = "30s"
+    )]
+    shutdown_grace_period: Duration,
+    /// How often the config file is checked for changes.
+    #[arg(long, env = "REMORA_PROXY_CONFIG_POLL_INTERVAL", default_value = "1s")]
+    config_poll_interval: Duration,
+    /// Log filter (tracing EnvFilter syntax); changeable at run time via /log-level.
+    #[arg(long, env = "REMORA_PROXY_LOG_LEVEL", default_value = "info")]
+    log_level: String,
+    #[arg(
+        long,
+        env = "REMORA_PROXY_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
+    log_format: LogFormat,
+    /// Runtime worker threads.
+    #[arg(long, env = "REMORA_PROXY_WORKER_THREADS", default_value_t = 2)]
+    worker_threads: usize,
+}
+
+fn init_logging(args: &Args) -> anyhow::Result<LogLevel> {
+    let filter = EnvFilter::try_new(&args.log_level)?;
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+    let fmt = match args.log_format {
+        LogFormat::Text => tracing_subscriber::fmt::layer().boxed(),
+        LogFormat::Json => tracing_subscriber::fmt::layer().json().boxed(),
+    };
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(fmt)
+        .try_init()?;
+    Ok(LogLevel::new(&args.log_level, move |s| {
+        let f = EnvFilter::try_new(s).map_err(|e| e.to_string())?;
+        handle.reload(f).map_err(|e| e.to_string())
+    }))
+}
+
+async fn run(args: Args, log: LogLevel) -> anyhow::Result<()> {
+    let initial = match &args.config {
+        Some(path) => config::load_file(path)
+            .map_err(|e| anyhow::anyhow!("config {}: {e}", path.display()))?,
+        None => ProxyConfig::default(),
+    };
+    let settings = Settings {
+        outbound_listen: args.outbound_listen,
+        inbound_listen: args.inbound_listen,
+        admin_listen: Some(args.admin_listen),
+        orig_dst: OrigDstMode::Kernel,
+        detect_timeout: args.detect_timeout.get(),
+        connect_timeout: args.connect_timeout.get(),
+        header_read_timeout: args.header_read_timeout.get(),
+        max_header_bytes: args.max_header_bytes,
+        shutdown_grace: args.shutdown_grace_period.get(),
+        config_path: args.config,
+        config_poll_interval: args.config_poll_interval.get(),
+    };
+    let proxy = Proxy::start(settings, initial, Some(log)).await?;
+    let ctx = proxy.context().clone();
+    tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            tracing::error!("cannot install signal handlers");
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = int.recv() => tracing::info!("SIGINT received"),
+        }
+        ctx.shutdown.trigger();
+    });
+    proxy.wait().await;
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let log = match init_logging(&args) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("remora-proxy: invalid log settings: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.worker_threads.max(1))
+        .enable_all()
+        .build();
+    let runtime = match runtime {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("remora-proxy: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args, log)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "remora-proxy failed");
+            eprintln!("remora-proxy: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
