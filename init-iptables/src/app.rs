@@ -71,7 +71,7 @@ pub fn run(flags: &Flags) -> ExitCode {
 }
 
 fn run_validate(flags: &Flags, cfg: &crate::config::Config) -> ExitCode {
-    let probes = match validate::probe_addrs(cfg, &flags.validate_addr) {
+    let probes = match validate::probe_addrs(cfg, &flags.validate_addr.0) {
         Ok(p) => p,
         Err(e) => return fail(EXIT_BAD_INPUT, e),
     };

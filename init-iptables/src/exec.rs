@@ -166,10 +166,14 @@ impl Executor {
         }
     }
 
-    /// Removes Remora's chains and jumps for every configured family, nothing else.
+    /// Removes Remora's chains and jumps, nothing else, from both families: IPv6 too
+    /// when `--ipv6=false` (rules from an earlier run with IPv6 on must not survive), but
+    /// then an IPv6 failure (say, a kernel without IPv6) is not an error.
     pub fn cleanup(&self, cfg: &Config) -> Result<(), ExecError> {
-        cfg.families()
-            .into_iter()
-            .try_for_each(|f| self.cleanup_family(f))
+        self.cleanup_family(Family::V4)?;
+        match self.cleanup_family(Family::V6) {
+            Err(e) if cfg.ipv6 => Err(e),
+            _ => Ok(()),
+        }
     }
 }

@@ -140,15 +140,37 @@ pub struct Flags {
     #[arg(
         long,
         env = "REMORA_INIT_VALIDATE_ADDR",
-        value_name = "ADDR",
-        value_delimiter = ','
+        value_name = "ADDRS",
+        default_value = "",
+        hide_default_value = true
     )]
-    pub validate_addr: Vec<SocketAddr>,
+    pub validate_addr: AddrList,
 
     /// How long --validate waits for each probe connection, in milliseconds.
     #[arg(long, env = "REMORA_INIT_VALIDATE_TIMEOUT_MS", default_value_t = 3000,
           value_name = "MS", value_parser = clap::value_parser!(u64).range(1..))]
     pub validate_timeout_ms: u64,
+}
+
+/// A comma-separated list of socket addresses (`192.0.2.1:20001,[2001:db8::1]:20001`);
+/// empty is allowed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AddrList(pub Vec<SocketAddr>);
+
+impl std::str::FromStr for AddrList {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        s.split(',')
+            .map(str::trim)
+            .filter(|a| !a.is_empty())
+            .map(|a| {
+                a.parse()
+                    .map_err(|_| format!("'{a}' is not an address:port such as 192.0.2.1:20001"))
+            })
+            .collect::<Result<_, _>>()
+            .map(AddrList)
+    }
 }
 
 /// What a run does.

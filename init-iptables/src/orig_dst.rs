@@ -17,19 +17,21 @@
 use std::io;
 use std::mem::size_of;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, TcpStream};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 
 /// The destination the client of a redirected connection originally connected to.
 ///
 /// IPv4 connections (including ones accepted on a dual-stack IPv6 socket) give a
 /// [`SocketAddr::V4`], IPv6 connections a [`SocketAddr::V6`].
 pub fn original_dst(stream: &TcpStream) -> io::Result<SocketAddr> {
-    original_dst_fd(stream.as_raw_fd(), stream.local_addr()?)
+    original_dst_fd(stream.as_fd(), stream.local_addr()?)
 }
 
-/// Like [`original_dst`] for any connected TCP socket's file descriptor (for example a
-/// tokio `TcpStream`'s), given the socket's local address.
-pub fn original_dst_fd(fd: RawFd, local: SocketAddr) -> io::Result<SocketAddr> {
+/// Like [`original_dst`] for any accepted TCP socket (for example a tokio `TcpStream`,
+/// which is `AsFd`), given the socket's local address:
+/// `original_dst_fd(stream.as_fd(), stream.local_addr()?)`.
+pub fn original_dst_fd(fd: BorrowedFd<'_>, local: SocketAddr) -> io::Result<SocketAddr> {
+    let fd = fd.as_raw_fd();
     match local {
         SocketAddr::V4(_) => ipv4(fd).map(SocketAddr::V4),
         SocketAddr::V6(a) if a.ip().to_ipv4_mapped().is_some() => ipv4(fd).map(SocketAddr::V4),

@@ -324,6 +324,7 @@ both_backends!(
     idempotent_and_cleanup_restores_save_output,
     validate,
     failure_midway_leaves_no_rules,
+    golden_cases_apply,
 );
 
 fn outbound_ipv4(backend: &str) {
@@ -779,4 +780,83 @@ fn bad_input_is_rejected_before_any_rule_is_touched() {
         (net.save("nft"), net.save("legacy")),
         "bad input touched the rules"
     );
+}
+
+/// The `remora: ...` comments of the `-A` lines in some rules text, sorted.
+fn comments(text: &str) -> Vec<String> {
+    let mut out: Vec<String> = text
+        .lines()
+        .filter(|l| l.starts_with("-A "))
+        .filter_map(|l| l.split_once("--comment \"").map(|(_, rest)| rest))
+        .filter_map(|rest| rest.split_once('"').map(|(c, _)| c.to_string()))
+        .collect();
+    out.sort();
+    out
+}
+
+/// Every golden case's flags, applied for real: the kernel accepts the rules, exactly
+/// the golden rules get installed, re-applying changes nothing and cleanup removes them.
+fn golden_cases_apply(backend: &str) {
+    let net = Net::new();
+    for tool in ["iptables", "ip6tables"] {
+        run(&[
+            "ip",
+            "netns",
+            "exec",
+            &net.pod,
+            &format!("{tool}-{backend}"),
+            "-t",
+            "nat",
+            "-A",
+            "OUTPUT",
+            "-p",
+            "udp",
+            "--dport",
+            "53",
+            "-j",
+            "RETURN",
+        ]);
+    }
+    let before = net.save(backend);
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/golden");
+    let mut cases: Vec<_> = std::fs::read_dir(dir)
+        .expect("golden dir")
+        .map(|e| e.expect("golden entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "rules"))
+        .filter(|p| p.file_stem().is_some_and(|s| s != "cleanup"))
+        .collect();
+    cases.sort();
+    assert!(cases.len() >= 10, "golden cases missing in {dir}");
+    for case in cases {
+        let golden = std::fs::read_to_string(&case).expect("read golden");
+        let flags_line = golden.lines().next().unwrap_or_default();
+        let flags: Vec<&str> = match flags_line.strip_prefix("# flags: ") {
+            Some("(defaults)") => Vec::new(),
+            Some(f) => f.split_whitespace().collect(),
+            None => panic!("{} lacks its flags line", case.display()),
+        };
+        let args = [&["--backend", backend][..], &flags].concat();
+        net.init_ok(&args);
+        let installed = net.save(backend);
+        pretty_assertions::assert_eq!(
+            comments(&golden),
+            comments(&installed),
+            "{}: installed rules differ from the golden file",
+            case.display()
+        );
+        net.init_ok(&args);
+        assert_eq!(
+            installed,
+            net.save(backend),
+            "{}: not idempotent",
+            case.display()
+        );
+        net.init_ok(&[&["--cleanup"][..], &args].concat());
+        assert_eq!(
+            before,
+            net.save(backend),
+            "{}: cleanup left rules",
+            case.display()
+        );
+    }
 }
