@@ -19,7 +19,7 @@ use crate::{
     io::PrefixedIo,
     listen::resolve_orig_dst,
     metrics::{DirLabels, Metrics, OutcomeLabels, Peer, ReasonLabels, Static},
-    route::authority_of,
+    route::{Target, authority_of},
     tcp,
 };
 
@@ -50,10 +50,11 @@ impl Drop for OpenGuard<'_> {
     }
 }
 
-/// Where the bytes of an opaque connection go.
+/// Where the bytes of an opaque connection go (picked only if it turns out opaque, so
+/// HTTP connections do not skew the balancer).
 enum Upstream {
     Addr(SocketAddr),
-    Refuse(&'static str),
+    Route(Target),
 }
 
 /// Serves one accepted connection.
@@ -86,10 +87,7 @@ pub async fn serve(
             (policy.protocol, Upstream::Addr(orig_dst.0))
         }
         Direction::Outbound => match snap.routes.lookup(orig_dst.0) {
-            Some(target) => match target.pick(None) {
-                Ok(ep) => (target.service().protocol, Upstream::Addr(ep.addr)),
-                Err(_) => (target.service().protocol, Upstream::Refuse("no_endpoints")),
-            },
+            Some(target) => (target.service().protocol, Upstream::Route(target.clone())),
             None => match snap.config.outbound.unknown_destinations {
                 UnknownDestinations::Passthrough => {
                     ctx.metrics
@@ -199,11 +197,14 @@ pub async fn serve(
 
     let addr = match upstream {
         Upstream::Addr(a) => a,
-        Upstream::Refuse(reason) => {
-            ctx.metrics.connection(direction, reason);
-            tracing::info!(%direction, %client, %orig_dst, reason, "connection refused");
-            return;
-        }
+        Upstream::Route(target) => match target.pick(None) {
+            Ok(ep) => ep.addr,
+            Err(e) => {
+                ctx.metrics.connection(direction, "no_endpoints");
+                tracing::info!(%direction, %client, %orig_dst, reason = %e, "connection refused");
+                return;
+            }
+        },
     };
     opaque(&ctx, direction, client, orig_dst, stream, prefix, addr).await;
 }
