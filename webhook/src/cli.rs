@@ -19,13 +19,20 @@ use crate::offline;
 use crate::server::{self, Context};
 use crate::tls::{self, CertStore};
 
-/// The Remora sidecar injector.
+/// The Remora sidecar injector. Without a subcommand, serves the webhook (`serve`).
 #[derive(Debug, Parser)]
-#[command(name = "remora-webhook", version)]
+#[command(
+    name = "remora-webhook",
+    version,
+    args_conflicts_with_subcommands = true
+)]
 pub struct Cli {
     /// What to do.
     #[command(subcommand)]
-    pub command: Command,
+    pub command: Option<Command>,
+    /// Flags of `serve`, accepted without the subcommand name.
+    #[command(flatten)]
+    pub serve: Box<ServeArgs>,
 }
 
 /// Subcommands.
@@ -192,8 +199,9 @@ pub struct InjectArgs {
 /// Runs the parsed command line.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Serve(args) => serve(*args).await,
-        Command::Inject(args) => inject(&args),
+        Some(Command::Serve(args)) => serve(*args).await,
+        Some(Command::Inject(args)) => inject(&args),
+        None => serve(*cli.serve).await,
     }
 }
 
@@ -313,5 +321,38 @@ async fn shutdown_signal() {
                 std::future::pending::<()>().await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn serve_is_the_default_subcommand() {
+        let cli = Cli::try_parse_from([
+            "remora-webhook",
+            "--listen=127.0.0.1:1",
+            "--native-sidecar=false",
+        ])
+        .expect("parse");
+        assert!(cli.command.is_none());
+        assert_eq!(cli.serve.listen, "127.0.0.1:1".parse().expect("addr"));
+        assert_eq!(cli.serve.native_sidecar, NativeSidecarMode::Off);
+        let cli = Cli::try_parse_from(["remora-webhook", "inject", "-f", "-", "--native-sidecar"])
+            .expect("parse");
+        let Some(Command::Inject(args)) = cli.command else {
+            panic!("inject expected");
+        };
+        assert!(args.native_sidecar);
+        assert!(Cli::try_parse_from(["remora-webhook", "--native-sidecar=sometimes"]).is_err());
+    }
+
+    #[test]
+    fn bad_defaults_are_refused() {
+        let cli =
+            Cli::try_parse_from(["remora-webhook", "--proxy-memory-limit=lots"]).expect("parse");
+        let err = cli.serve.injection.config(true).expect_err("bad quantity");
+        assert!(err.to_string().contains("--proxy-memory-limit"), "{err}");
     }
 }

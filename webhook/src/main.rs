@@ -1,5 +1,7 @@
 //! `remora-webhook`: see [`remora_webhook::cli`].
 
+use std::io::IsTerminal as _;
+
 use clap::Parser as _;
 
 #[tokio::main]
@@ -9,6 +11,7 @@ async fn main() -> std::process::ExitCode {
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .init();
     let cli = remora_webhook::cli::Cli::parse();

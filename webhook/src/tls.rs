@@ -119,7 +119,8 @@ impl CertStore {
     }
 
     /// Re-reads the files; if they changed and are valid, swaps the certificate in.
-    /// Returns whether a new certificate is now served. On error the old one stays.
+    /// Returns whether a new certificate is now served. On error the old one stays, and the
+    /// same bad contents are not reported again until the files change.
     pub fn reload_if_changed(&self) -> Result<bool, TlsError> {
         let cert = read(&self.cert_path)?;
         let key = read(&self.key_path)?;
@@ -130,9 +131,10 @@ impl CertStore {
         if last.0 == cert && last.1 == key {
             return Ok(false);
         }
-        let ck = certified_key(&self.cert_path, &cert, &self.key_path, &key)?;
-        self.current.store(Arc::new(ck));
+        let result = certified_key(&self.cert_path, &cert, &self.key_path, &key);
+        // Remember bad contents too: they are reported once, not on every poll.
         *last = (cert, key);
+        self.current.store(Arc::new(result?));
         Ok(true)
     }
 
@@ -199,9 +201,10 @@ pub(crate) mod tests {
         );
         assert_eq!(store.chain(), first);
 
-        // Garbage: rejected.
+        // Garbage: rejected once, then not re-reported while the files stay the same.
         std::fs::write(&k, "not a key").expect("write");
         assert!(store.reload_if_changed().is_err());
+        assert!(!store.reload_if_changed().expect("same bad files"));
         assert_eq!(store.chain(), first);
 
         // The matching key arrives: swapped.

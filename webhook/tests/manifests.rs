@@ -1,0 +1,50 @@
+//! The MutatingWebhookConfiguration in `config/webhook/` parses as the Kubernetes type and
+//! says what the injector relies on: fail closed, no side effects, a short timeout, v1
+//! reviews, pod CREATE only, labelled namespaces only, never kube-system or remora-system.
+
+use std::path::Path;
+
+use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+
+#[test]
+fn mutating_webhook_configuration() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../config/webhook/mutatingwebhookconfiguration.yaml");
+    let text = std::fs::read_to_string(&path).expect("read the manifest");
+    let mwc: MutatingWebhookConfiguration =
+        serde_yaml::from_str(&text).expect("a MutatingWebhookConfiguration");
+    let hooks = mwc.webhooks.expect("webhooks");
+    assert_eq!(hooks.len(), 1);
+    let h = &hooks[0];
+    assert_eq!(h.failure_policy.as_deref(), Some("Fail"));
+    assert_eq!(h.side_effects, "None");
+    assert!(h.timeout_seconds.is_some_and(|t| t <= 5));
+    assert_eq!(h.admission_review_versions, ["v1"]);
+    let svc = h.client_config.service.as_ref().expect("service");
+    assert_eq!(svc.path.as_deref(), Some("/mutate"));
+    let rules = h.rules.as_ref().expect("rules");
+    assert_eq!(rules.len(), 1);
+    assert_eq!(
+        rules[0].operations.as_deref(),
+        Some(&["CREATE".to_owned()][..])
+    );
+    assert_eq!(
+        rules[0].resources.as_deref(),
+        Some(&["pods".to_owned()][..])
+    );
+    let ns = h.namespace_selector.as_ref().expect("namespaceSelector");
+    assert_eq!(
+        ns.match_labels
+            .as_ref()
+            .and_then(|l| l.get("remora.dev/inject"))
+            .map(String::as_str),
+        Some("enabled")
+    );
+    let excluded = ns.match_expressions.as_ref().expect("matchExpressions");
+    assert_eq!(excluded[0].key, "kubernetes.io/metadata.name");
+    assert_eq!(excluded[0].operator, "NotIn");
+    assert_eq!(
+        excluded[0].values.as_deref(),
+        Some(&["kube-system".to_owned(), "remora-system".to_owned()][..])
+    );
+}
