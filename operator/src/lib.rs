@@ -1,1 +1,229 @@
-//! The Remora control plane: CRD controllers, the discovery index, the derived-config stream and the mesh certificate authority.
+//! The Remora control plane.
+//!
+//! - [`controller`]: kube-runtime controllers for `MeshPolicy` and `TrafficSplit` that
+//!   check what the schema cannot, resolve references and write `status.conditions`
+//!   with server-side apply, with Events on misconfiguration. The decisions are pure
+//!   functions in [`validate`], [`conflict`] and [`conditions`]; [`status`] writes.
+//! - [`leader`]: a Lease so only one replica writes status.
+//! - [`admin`]: `/metrics`, `/healthz`, `/readyz`.
+//!
+//! [`Operator::bind`] then [`Operator::run`] is the whole process; `main.rs` only parses
+//! flags, builds the client and waits for SIGTERM.
+
+pub mod admin;
+pub mod cli;
+pub mod conditions;
+pub mod conflict;
+pub mod context;
+pub mod controller;
+pub mod leader;
+pub mod metrics;
+pub mod status;
+pub mod validate;
+
+use std::{future::Future, net::SocketAddr, sync::Arc};
+
+use kube::Client;
+use prometheus_client::registry::Registry;
+use remora_crds::{MeshPolicy, TrafficSplit};
+use tokio::{net::TcpListener, sync::watch};
+
+pub use cli::Args;
+
+use crate::{
+    admin::Health,
+    context::Context,
+    leader::{Elector, LeaseConfig},
+    metrics::Metrics,
+};
+
+/// What can stop the operator.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("binding the metrics listener {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("serving /metrics, /healthz and /readyz: {0}")]
+    Serve(#[source] std::io::Error),
+    #[error("a background task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+/// The operator with its admin listener bound.
+pub struct Operator {
+    args: Args,
+    client: Client,
+    listener: TcpListener,
+}
+
+/// A future that completes once `rx` holds a value satisfying `pred` (or its sender is
+/// gone); `Send + Sync`, as kube-runtime's shutdown triggers must be.
+fn when<T: Send + Sync + 'static>(
+    mut rx: watch::Receiver<T>,
+    pred: impl Fn(&T) -> bool + Send + Sync + 'static,
+) -> impl Future<Output = ()> + Send + Sync + 'static {
+    let (tx, done) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let _ = rx.wait_for(|v| pred(v)).await;
+        let _ = tx.send(());
+    });
+    async move {
+        let _ = done.await;
+    }
+}
+
+impl std::fmt::Debug for Operator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Operator")
+            .field("args", &self.args)
+            .field("listener", &self.listener)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Operator {
+    /// Binds `--metrics-listen`; nothing else happens until [`Operator::run`].
+    pub async fn bind(args: Args, client: Client) -> Result<Self, Error> {
+        let listener = TcpListener::bind(args.metrics_listen)
+            .await
+            .map_err(|source| Error::Bind {
+                addr: args.metrics_listen,
+                source,
+            })?;
+        Ok(Self {
+            args,
+            client,
+            listener,
+        })
+    }
+
+    /// The bound admin address (useful with port 0).
+    pub fn local_addr(&self) -> Result<SocketAddr, Error> {
+        self.listener.local_addr().map_err(Error::Serve)
+    }
+
+    /// Runs until `shutdown` completes: then the controllers finish their reconciles,
+    /// the Lease is released and the admin server drains.
+    pub async fn run(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), Error> {
+        let Self {
+            args,
+            client,
+            listener,
+        } = self;
+        let mut registry = Registry::default();
+        let metrics = Metrics::new(&mut registry);
+        let health = Arc::new(Health::default());
+        let identity = args.identity();
+        let ctx = Arc::new(Context::new(
+            client.clone(),
+            metrics.clone(),
+            identity.clone(),
+        ));
+
+        let (stop_tx, stop_rx) = watch::channel(false);
+        tokio::spawn(async move {
+            shutdown.await;
+            tracing::info!("shutting down");
+            stop_tx.send_replace(true);
+        });
+
+        let admin = {
+            let router = admin::router(registry, health.clone());
+            let done = when(stop_rx.clone(), |s| *s);
+            tokio::spawn(async move {
+                axum::serve(listener, router)
+                    .with_graceful_shutdown(done)
+                    .await
+                    .map_err(Error::Serve)
+            })
+        };
+
+        let (lead_tx, lead_rx) = watch::channel::<Option<bool>>(None);
+        let elector = if args.leader_elect {
+            let cfg = LeaseConfig {
+                namespace: args.pod_namespace.clone(),
+                name: args.lease_name.clone(),
+                identity,
+                duration: args.lease_duration.get(),
+                renew_every: args.lease_renew.get(),
+            };
+            Some(tokio::spawn(Elector::new(client, cfg).run(
+                lead_tx,
+                metrics.clone(),
+                stop_rx.clone(),
+            )))
+        } else {
+            metrics.set_leader(true);
+            lead_tx.send_replace(Some(true));
+            // Keep the sender alive for the whole run.
+            let done = when(stop_rx.clone(), |s| *s);
+            Some(tokio::spawn(async move {
+                done.await;
+                drop(lead_tx);
+            }))
+        };
+
+        // A standby is ready as soon as it knows it is one.
+        {
+            let health = health.clone();
+            let mut lead = lead_rx.clone();
+            tokio::spawn(async move {
+                if let Ok(v) = lead.wait_for(Option::is_some).await
+                    && *v == Some(false)
+                {
+                    health.set_ready();
+                }
+            });
+        }
+
+        let mut stop = stop_rx.clone();
+        let mut lead = lead_rx.clone();
+        loop {
+            tokio::select! {
+                _ = stop.wait_for(|s| *s) => break,
+                r = lead.wait_for(|l| *l == Some(true)) => if r.is_err() { break },
+            }
+            tracing::info!("leading: starting the controllers");
+            let stopped = || {
+                let (tx, rx) = watch::channel(());
+                let a = when(stop_rx.clone(), |s| *s);
+                let b = when(lead_rx.clone(), |l| *l != Some(true));
+                tokio::spawn(async move {
+                    futures::future::select(Box::pin(a), Box::pin(b)).await;
+                    drop(tx);
+                });
+                when(rx, |_| false)
+            };
+            let (policies, run_policies) =
+                controller::controller::<MeshPolicy>(ctx.clone(), stopped());
+            let (splits, run_splits) =
+                controller::controller::<TrafficSplit>(ctx.clone(), stopped());
+            let synced = {
+                let health = health.clone();
+                async move {
+                    if policies.wait_until_ready().await.is_ok()
+                        && splits.wait_until_ready().await.is_ok()
+                    {
+                        health.set_ready();
+                    }
+                }
+            };
+            futures::join!(run_policies, run_splits, synced);
+            tracing::info!("controllers stopped");
+            if *stop_rx.borrow() {
+                break;
+            }
+        }
+
+        if let Some(elector) = elector {
+            elector.await?;
+        }
+        admin.await?
+    }
+}
