@@ -7,7 +7,7 @@
 //! Used by the `remora-probe` debugging tool and by the namespace tests.
 
 use std::io::{BufRead, BufReader, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::time::Duration;
 
 use crate::orig_dst::{canonical, original_dst};
@@ -91,6 +91,38 @@ pub fn connect(addr: SocketAddr, timeout: Duration) -> Result<Report, String> {
         .read_line(&mut line)
         .map_err(|e| format!("read from {addr}: {e}"))?;
     Report::parse(line.trim_end())
+}
+
+/// Answers every UDP datagram with `tag`, forever (UDP has no original destination to
+/// report; the tag says which listener answered).
+pub fn serve_udp(socket: UdpSocket, tag: &str) {
+    let mut buf = [0u8; 512];
+    loop {
+        if let Ok((_, from)) = socket.recv_from(&mut buf) {
+            let _ = socket.send_to(tag.as_bytes(), from);
+        }
+    }
+}
+
+/// Sends one UDP datagram to `addr` and returns the answering listener's tag.
+pub fn send_udp(addr: SocketAddr, timeout: Duration) -> Result<String, String> {
+    let bind: SocketAddr = if addr.is_ipv4() {
+        ([0, 0, 0, 0], 0).into()
+    } else {
+        ([0u16; 8], 0).into()
+    };
+    let socket = UdpSocket::bind(bind).map_err(|e| format!("bind {bind}: {e}"))?;
+    socket
+        .set_read_timeout(Some(timeout))
+        .map_err(|e| format!("set timeout: {e}"))?;
+    socket
+        .send_to(b"ping", addr)
+        .map_err(|e| format!("send to {addr}: {e}"))?;
+    let mut buf = [0u8; 512];
+    let n = socket
+        .recv(&mut buf)
+        .map_err(|e| format!("no answer from {addr}: {e}"))?;
+    Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
 }
 
 #[cfg(test)]

@@ -155,8 +155,17 @@ impl Net {
         net
     }
 
-    /// Starts a `remora-probe` listener in `ns` on each address and waits until bound.
+    /// Starts a `remora-probe` TCP listener in `ns` on each address; waits until bound.
     fn listen(&mut self, ns: &str, addrs: &[String]) {
+        let args: Vec<String> = addrs
+            .iter()
+            .flat_map(|a| ["--addr".to_string(), a.clone()])
+            .collect();
+        self.listen_args(ns, &args);
+    }
+
+    /// Starts `remora-probe listen ARGS...` in `ns` and waits until it is bound.
+    fn listen_args(&mut self, ns: &str, args: &[String]) {
         let mut cmd = Command::new("ip");
         cmd.args([
             "netns",
@@ -167,9 +176,7 @@ impl Net {
             "--exit-after-secs",
             "120",
         ]);
-        for a in addrs {
-            cmd.args(["--addr", a]);
-        }
+        cmd.args(args);
         let mut child = cmd
             .stdout(Stdio::piped())
             .spawn()
@@ -185,7 +192,7 @@ impl Net {
         assert_eq!(
             line.trim(),
             "ready",
-            "listener in {ns} on {addrs:?} did not start"
+            "listener in {ns} with {args:?} did not start"
         );
     }
 
@@ -325,6 +332,7 @@ both_backends!(
     validate,
     failure_midway_leaves_no_rules,
     golden_cases_apply,
+    udp_and_dns_untouched,
 );
 
 fn outbound_ipv4(backend: &str) {
@@ -651,6 +659,77 @@ fn failure_midway_leaves_no_rules(backend: &str) {
         "a partial rule set was left:\n{after}"
     );
     pretty_assertions::assert_eq!(before, after, "a partial rule set was left");
+}
+
+fn udp_and_dns_untouched(backend: &str) {
+    let mut net = Net::new();
+    let (pod, peer) = (net.pod.clone(), net.peer.clone());
+    net.init_ok(&["--backend", backend]);
+    let udp = |addrs: &[&str], tag: &str| -> Vec<String> {
+        let mut args: Vec<String> = addrs
+            .iter()
+            .flat_map(|a| ["--udp".into(), a.to_string()])
+            .collect();
+        args.extend(["--tag".into(), tag.into()]);
+        args
+    };
+    // Were UDP redirected, the "proxy" would answer instead of the real listener.
+    net.listen_args(&pod, &udp(&["[::]:15001", "[::]:15006"], "proxy"));
+    net.listen_args(&pod, &udp(&["[::]:53"], "pod-dns"));
+    net.listen_args(&peer, &udp(&["[::]:53"], "peer-dns"));
+    for (dest, ns, expected) in [
+        (sock(PEER_V4, 53), &pod, "peer-dns"),
+        (sock(PEER_V6, 53), &pod, "peer-dns"),
+        (sock(POD_V4, 53), &peer, "pod-dns"),
+        (sock(POD_V6, 53), &peer, "pod-dns"),
+    ] {
+        let out = run(&[
+            "ip",
+            "netns",
+            "exec",
+            ns,
+            PROBE,
+            "send-udp",
+            &dest.to_string(),
+        ]);
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            expected,
+            "UDP to {dest}"
+        );
+    }
+}
+
+#[test]
+fn missing_iptables_tools_exit_3_without_touching_anything() {
+    let net = Net::new();
+    let before = (net.save("nft"), net.save("legacy"));
+    for (backend, needle) in [
+        ("legacy", "cannot run iptables-legacy-save"),
+        ("auto", "no working iptables backend"),
+    ] {
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &net.pod,
+                "env",
+                "PATH=/nonexistent",
+                INIT,
+                "--backend",
+                backend,
+            ])
+            .output()
+            .expect("run remora-init");
+        assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+        assert!(stderr(&out).contains(needle), "{}", stderr(&out));
+        assert!(
+            stderr(&out).contains("install the iptables package"),
+            "{}",
+            stderr(&out)
+        );
+    }
+    assert_eq!(before, (net.save("nft"), net.save("legacy")));
 }
 
 #[test]

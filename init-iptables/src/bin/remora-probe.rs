@@ -2,7 +2,7 @@
 //! the namespace tests). `listen` answers every connection with where it arrived and its
 //! original destination; `connect` prints that answer.
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::os::unix::process::CommandExt;
 use std::process::{Command, ExitCode};
 use std::time::Duration;
@@ -22,12 +22,26 @@ struct Args {
 enum Cmd {
     /// Listen on each address; prints "ready" once all are bound.
     Listen {
-        /// Addresses to listen on, e.g. 0.0.0.0:15001 or [::]:15006 (dual-stack).
-        #[arg(long = "addr", required = true)]
+        /// TCP addresses to listen on, e.g. 0.0.0.0:15001 or [::]:15006 (dual-stack).
+        #[arg(long = "addr")]
         addrs: Vec<SocketAddr>,
+        /// UDP addresses to answer on with the --tag (UDP must never be redirected).
+        #[arg(long = "udp")]
+        udp: Vec<SocketAddr>,
+        /// What the UDP listeners answer.
+        #[arg(long, default_value = "udp")]
+        tag: String,
         /// Exit after this many seconds (so a forgotten listener cannot linger).
         #[arg(long, default_value_t = 300)]
         exit_after_secs: u64,
+    },
+    /// Send one UDP datagram and print the tag of the listener that answers.
+    SendUdp {
+        /// Where to send.
+        addr: SocketAddr,
+        /// Read timeout in milliseconds.
+        #[arg(long, default_value_t = 3000)]
+        timeout_ms: u64,
     },
     /// Connect and print the listener's report line.
     Connect {
@@ -49,8 +63,22 @@ fn main() -> ExitCode {
     match Args::parse().cmd {
         Cmd::Listen {
             addrs,
+            udp,
+            tag,
             exit_after_secs,
         } => {
+            for addr in udp {
+                match UdpSocket::bind(addr) {
+                    Ok(s) => {
+                        let tag = tag.clone();
+                        std::thread::spawn(move || probe::serve_udp(s, &tag));
+                    }
+                    Err(e) => {
+                        eprintln!("remora-probe: listen on udp {addr}: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                }
+            }
             for addr in addrs {
                 match TcpListener::bind(addr) {
                     Ok(l) => {
@@ -97,6 +125,18 @@ fn main() -> ExitCode {
                 Ok(_) => ExitCode::FAILURE,
                 Err(e) => {
                     eprintln!("remora-probe: running as uid {uid:?} gid {gid:?}: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Cmd::SendUdp { addr, timeout_ms } => {
+            match probe::send_udp(addr, Duration::from_millis(timeout_ms)) {
+                Ok(tag) => {
+                    println!("{tag}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("remora-probe: {e}");
                     ExitCode::FAILURE
                 }
             }
