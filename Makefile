@@ -55,5 +55,6 @@ lint: fmt-check ## clippy with warnings as errors, and the proxy-side model with
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
 	$(CARGO) clippy -p remora-crds --no-default-features --locked -- -D warnings
 
-demo: prereqs ## Remora's main job today: a local control plane with the mesh installed
-	$(CARGO) run --locked -q -p remora-e2e --bin remora-demo
+demo: prereqs ## Remora's main job today: a local control plane with the mesh installed (ARGS=--keep to stay up)
+	$(CARGO) build --locked -q --workspace --bins
+	$(CARGO) run --locked -q -p remora-e2e --bin remora-demo -- $(ARGS)

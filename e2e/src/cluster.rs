@@ -2,17 +2,18 @@
 //! turned off, kube-controller-manager, each a child process stopped by PID on drop.
 
 use std::{
-    fs::File,
     net::TcpListener,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::Command,
     time::{Duration, Instant},
 };
 
 use kube::config::{KubeConfigOptions, Kubeconfig};
 
 use crate::{
-    HarnessError, io_err,
+    HarnessError,
+    components::Process,
+    io_err,
     pki::{self, Pki},
     prereqs,
 };
@@ -39,46 +40,20 @@ impl Default for ClusterOptions {
     }
 }
 
-#[derive(Debug)]
-struct Managed {
-    name: &'static str,
-    child: Child,
-    log: PathBuf,
-}
-
-impl Managed {
-    fn exited(&mut self) -> Option<HarnessError> {
-        match self.child.try_wait() {
-            Ok(Some(status)) => Some(HarnessError::ProcessExited {
-                process: self.name.to_owned(),
-                status: status.to_string(),
-                log: self.log.display().to_string(),
-                tail: tail(&self.log, 25),
-            }),
-            Ok(None) | Err(_) => None,
-        }
-    }
-}
-
-fn tail(path: &Path, lines: usize) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
-}
-
 /// A running control plane. Dropping it stops every process (controller-manager, then
 /// apiserver, then etcd) and removes its directory, unless `REMORA_E2E_KEEP` is set or the
 /// test is panicking, in which case the directory (logs, PKI) is kept and its path printed.
 #[derive(Debug)]
 pub struct Cluster {
-    processes: Vec<Managed>,
+    processes: Vec<Process>,
     dir: Option<tempfile::TempDir>,
     api_url: String,
     kubeconfig: PathBuf,
     pki: Pki,
 }
 
-fn free_ports<const N: usize>() -> Result<[u16; N], HarnessError> {
+/// `N` distinct free TCP ports on 127.0.0.1 (free when chosen; bind them promptly).
+pub fn free_ports<const N: usize>() -> Result<[u16; N], HarnessError> {
     // Hold every listener until all ports are chosen so the N ports differ.
     let mut listeners = Vec::with_capacity(N);
     let mut ports = [0u16; N];
@@ -134,7 +109,8 @@ impl Cluster {
         let peer_url = format!("http://127.0.0.1:{etcd_peer}");
         cluster.spawn(
             "etcd",
-            Command::new(etcd).args([
+            &etcd,
+            &[
                 "--name=e2e".to_owned(),
                 format!("--data-dir={}", root.join("etcd").display()),
                 "--unsafe-no-fsync".to_owned(),
@@ -145,7 +121,7 @@ impl Cluster {
                 format!("--initial-cluster=e2e={peer_url}"),
                 format!("--listen-metrics-urls=http://127.0.0.1:{etcd_metrics}"),
                 "--log-level=warn".to_owned(),
-            ]),
+            ],
         )?;
 
         let p = &cluster.pki;
@@ -173,7 +149,7 @@ impl Cluster {
             api_args.push("--disable-admission-plugins=ServiceAccount".to_owned());
         }
         api_args.extend(opts.extra_apiserver_args.iter().cloned());
-        cluster.spawn("kube-apiserver", Command::new(apiserver).args(api_args))?;
+        cluster.spawn("kube-apiserver", &apiserver, &api_args)?;
         cluster.wait_ready(opts.ready_timeout).await?;
 
         if let Some(kcm) = kcm {
@@ -181,7 +157,8 @@ impl Cluster {
             let p = &cluster.pki;
             cluster.spawn(
                 "kube-controller-manager",
-                Command::new(kcm).args([
+                &kcm,
+                &[
                     format!("--kubeconfig={kc}"),
                     format!("--authentication-kubeconfig={kc}"),
                     format!("--authorization-kubeconfig={kc}"),
@@ -192,7 +169,7 @@ impl Cluster {
                     format!("--root-ca-file={}", p.ca_cert.display()),
                     "--use-service-account-credentials=false".to_owned(),
                     "--controllers=*,-nodeipam,-nodelifecycle,-cloud-node-lifecycle,-service,-route,-attachdetach,-persistentvolume-binder,-persistentvolume-expander,-pvc-protection,-pv-protection,-ttl".to_owned(),
-                ]),
+                ],
             )?;
             cluster
                 .wait_for_service_account("default", "default", opts.ready_timeout)
@@ -201,30 +178,17 @@ impl Cluster {
         Ok(cluster)
     }
 
-    fn spawn(&mut self, name: &'static str, cmd: &mut Command) -> Result<(), HarnessError> {
+    fn spawn(&mut self, name: &str, binary: &Path, args: &[String]) -> Result<(), HarnessError> {
         let dir = self.dir()?.to_owned();
-        let log = dir.join(format!("{name}.log"));
-        let out = File::create(&log).map_err(io_err(format!("creating {}", log.display())))?;
-        let err = out
-            .try_clone()
-            .map_err(io_err("duplicating a log file handle"))?;
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .spawn()
-            .map_err(io_err(format!("starting {name}")))?;
-        self.processes.push(Managed { name, child, log });
+        self.processes
+            .push(Process::start(name, binary, args, &[], &dir)?);
         Ok(())
     }
 
     fn check_processes(&mut self) -> Result<(), HarnessError> {
-        for p in &mut self.processes {
-            if let Some(e) = p.exited() {
-                return Err(e);
-            }
-        }
-        Ok(())
+        self.processes
+            .iter_mut()
+            .try_for_each(Process::check_running)
     }
 
     async fn wait_ready(&mut self, timeout: Duration) -> Result<(), HarnessError> {
@@ -323,20 +287,17 @@ impl Cluster {
     }
 
     /// PIDs of the running control-plane processes, by name.
-    pub fn pids(&self) -> Vec<(&'static str, u32)> {
-        self.processes
-            .iter()
-            .map(|p| (p.name, p.child.id()))
-            .collect()
+    pub fn pids(&self) -> Vec<(&str, u32)> {
+        self.processes.iter().map(|p| (p.name(), p.pid())).collect()
     }
 }
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        for p in self.processes.iter_mut().rev() {
-            // SIGKILL: the data directory is thrown away, nothing needs a clean shutdown.
-            let _ = p.child.kill();
-            let _ = p.child.wait();
+        // Reverse start order; each Process is killed (SIGKILL: the data directory is
+        // thrown away, nothing needs a clean shutdown) and reaped as it drops.
+        while let Some(p) = self.processes.pop() {
+            drop(p);
         }
         let keep = std::env::var_os("REMORA_E2E_KEEP").is_some() || std::thread::panicking();
         if let Some(dir) = self.dir.take() {

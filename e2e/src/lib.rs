@@ -11,6 +11,8 @@
 
 pub mod apply;
 pub mod cluster;
+pub mod components;
+pub mod mesh;
 pub mod pki;
 pub mod prereqs;
 

@@ -1,0 +1,185 @@
+//! Remora's control-plane components run as local processes against a test cluster: the
+//! operator with the cluster's kubeconfig, and the webhook on loopback, registered with
+//! the apiserver through a URL `clientConfig` and a serving certificate from the
+//! cluster's CA.
+
+use std::{
+    net::TcpStream,
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use k8s_openapi::{
+    ByteString,
+    api::admissionregistration::v1::{MutatingWebhookConfiguration, WebhookClientConfig},
+};
+use kube::{
+    Api, Client,
+    api::{Patch, PatchParams},
+};
+use rcgen::{CertificateParams, ExtendedKeyUsagePurpose, Issuer, KeyPair, SanType};
+
+use crate::{
+    Cluster, HarnessError,
+    apply::{FIELD_MANAGER, repo_root},
+    cluster::free_ports,
+    components::{Process, workspace_binary},
+    io_err,
+};
+
+/// Starts `remora-operator` against `cluster`; its admin server listens on the returned port.
+pub fn start_operator(cluster: &Cluster) -> Result<(Process, u16), HarnessError> {
+    let [admin] = free_ports::<1>()?;
+    let process = Process::start(
+        "remora-operator",
+        &workspace_binary("remora-operator")?,
+        &[format!("--metrics-listen=127.0.0.1:{admin}")],
+        &[
+            ("KUBECONFIG", cluster.kubeconfig().display().to_string()),
+            ("POD_NAMESPACE", "remora-system".to_owned()),
+            ("POD_NAME", "remora-operator-local".to_owned()),
+        ],
+        cluster.dir()?,
+    )?;
+    Ok((process, admin))
+}
+
+/// A running webhook and where the apiserver reaches it.
+#[derive(Debug)]
+pub struct LocalWebhook {
+    pub process: Process,
+    pub url: String,
+    pub port: u16,
+    pub metrics_port: u16,
+    pub ca_pem: String,
+}
+
+/// Starts `remora-webhook serve` on loopback with a serving certificate for 127.0.0.1
+/// signed by the cluster's CA, and waits until it accepts connections.
+pub async fn start_webhook(
+    cluster: &Cluster,
+    extra_args: &[&str],
+) -> Result<LocalWebhook, HarnessError> {
+    let dir = cluster.dir()?.join("webhook-tls");
+    std::fs::create_dir_all(&dir).map_err(io_err("creating the webhook TLS directory"))?;
+    let (cert, key) = serving_certificate(cluster)?;
+    std::fs::write(dir.join("tls.crt"), cert).map_err(io_err("writing the webhook certificate"))?;
+    std::fs::write(dir.join("tls.key"), key).map_err(io_err("writing the webhook key"))?;
+
+    let [port, metrics_port] = free_ports::<2>()?;
+    let mut args = vec![
+        "serve".to_owned(),
+        format!("--listen=127.0.0.1:{port}"),
+        format!("--metrics-listen=127.0.0.1:{metrics_port}"),
+        format!("--tls-cert={}", dir.join("tls.crt").display()),
+        format!("--tls-key={}", dir.join("tls.key").display()),
+        format!("--kubeconfig={}", cluster.kubeconfig().display()),
+    ];
+    args.extend(extra_args.iter().map(|a| (*a).to_owned()));
+    let mut process = Process::start(
+        "remora-webhook",
+        &workspace_binary("remora-webhook")?,
+        &args,
+        &[],
+        cluster.dir()?,
+    )?;
+    wait_listening(&mut process, port, Duration::from_secs(30)).await?;
+    Ok(LocalWebhook {
+        process,
+        url: format!("https://127.0.0.1:{port}/mutate"),
+        port,
+        metrics_port,
+        ca_pem: cluster.pki().ca_pem.clone(),
+    })
+}
+
+fn serving_certificate(cluster: &Cluster) -> Result<(String, String), HarnessError> {
+    let ca_key_pem = std::fs::read_to_string(&cluster.pki().ca_key)
+        .map_err(io_err("reading the cluster CA key"))?;
+    let ca_key = KeyPair::from_pem(&ca_key_pem)?;
+    let issuer = Issuer::from_ca_cert_pem(&cluster.pki().ca_pem, ca_key)?;
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::new(vec!["localhost".to_owned()])?;
+    params
+        .subject_alt_names
+        .push(SanType::IpAddress([127, 0, 0, 1].into()));
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    let cert = params.signed_by(&key, &issuer)?;
+    Ok((cert.pem(), key.serialize_pem()))
+}
+
+/// Waits until something accepts TCP connections on 127.0.0.1:`port`.
+pub async fn wait_listening(
+    process: &mut Process,
+    port: u16,
+    timeout: Duration,
+) -> Result<(), HarnessError> {
+    let start = Instant::now();
+    loop {
+        process.check_running()?;
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Ok(());
+        }
+        if start.elapsed() > timeout {
+            return Err(HarnessError::Timeout {
+                what: format!("{} listening on port {port}", process.name()),
+                secs: timeout.as_secs(),
+                last: format!("see {}", process.log().display()),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Registers `config/webhook/mutatingwebhookconfiguration.yaml` with its `clientConfig`
+/// pointed at `url` (instead of the in-cluster Service) and `ca_pem` as the caBundle.
+pub async fn register_webhook(
+    client: &Client,
+    url: &str,
+    ca_pem: &str,
+) -> Result<(), HarnessError> {
+    let path = repo_root().join("config/webhook/mutatingwebhookconfiguration.yaml");
+    let text =
+        std::fs::read_to_string(&path).map_err(io_err(format!("reading {}", path.display())))?;
+    let mut config: MutatingWebhookConfiguration =
+        serde_yaml::from_str(&text).map_err(|e| HarnessError::Yaml {
+            source_name: path.display().to_string(),
+            index: 0,
+            message: e.to_string(),
+        })?;
+    for webhook in config.webhooks.iter_mut().flatten() {
+        webhook.client_config = WebhookClientConfig {
+            url: Some(url.to_owned()),
+            ca_bundle: Some(ByteString(ca_pem.as_bytes().to_vec())),
+            service: None,
+        };
+    }
+    let name = config.metadata.name.clone().unwrap_or_default();
+    let api: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+    api.patch(
+        &name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&config),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Runs `remora-webhook inject -f <file>` and returns its output.
+pub fn inject_offline(file: &Path, native_sidecar: bool) -> Result<String, HarnessError> {
+    let binary = workspace_binary("remora-webhook")?;
+    let out = std::process::Command::new(&binary)
+        .arg("inject")
+        .arg("-f")
+        .arg(file)
+        .arg(format!("--native-sidecar={native_sidecar}"))
+        .output()
+        .map_err(io_err("running remora-webhook inject"))?;
+    if !out.status.success() {
+        return Err(HarnessError::Command {
+            command: format!("remora-webhook inject -f {}", file.display()),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
