@@ -76,7 +76,19 @@ impl Net {
         };
         // From here on, Drop removes whatever was created.
         let (pod, peer) = (net.pod.as_str(), net.peer.as_str());
-        run(&["ip", "netns", "add", pod]);
+        let created = Command::new("ip").args(["netns", "add", pod]).output();
+        match created {
+            Ok(out) if out.status.success() => {}
+            Ok(out) => panic!(
+                "ip netns add failed: {}; the network-namespace tests need root \
+                 (CAP_SYS_ADMIN, CAP_NET_ADMIN)",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+            Err(e) => panic!(
+                "cannot run ip: {e}; the network-namespace tests need the Debian packages \
+                 iproute2 and iptables"
+            ),
+        }
         run(&["ip", "netns", "add", peer]);
         run(&[
             "ip", "-n", pod, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0",
