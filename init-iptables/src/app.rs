@@ -43,7 +43,9 @@ pub fn run(flags: &Flags) -> ExitCode {
         Mode::Validate => return run_validate(flags, &cfg),
         Mode::Apply | Mode::Cleanup => {}
     }
-    let backend = match backend::resolve(flags.backend) {
+    // The backend must work for every family written (cleanup also tries IPv6 when
+    // --ipv6=false, but tolerates its absence then).
+    let backend = match backend::resolve(flags.backend, &cfg.families()) {
         Ok(b) => b,
         Err(e) => return fail(EXIT_BACKEND, e),
     };

@@ -129,9 +129,17 @@ pub fn run_save(program: &str, args: &[&str]) -> Result<String, BackendError> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// What one backend holds in the IPv4 tables (read without creating any table).
-fn survey(backend: Backend) -> Result<Installed, BackendError> {
-    run_save(&backend.save_program(Family::V4), &[]).map(|s| Installed::parse(&s))
+/// What one backend holds in the tables of `families` (read without creating any
+/// table); fails when a tool of the backend does not work.
+fn survey(backend: Backend, families: &[Family]) -> Result<Installed, BackendError> {
+    let mut all = Installed::default();
+    for family in families {
+        let found = Installed::parse(&run_save(&backend.save_program(*family), &[])?);
+        all.chains.extend(found.chains);
+        all.jumps.extend(found.jumps);
+        all.rule_count += found.rule_count;
+    }
+    Ok(all)
 }
 
 /// Picks the backend from what each one holds (`None`: its tools do not work); pure,
@@ -155,11 +163,15 @@ pub fn choose(nft: Option<&Installed>, legacy: Option<&Installed>) -> Backend {
     }
 }
 
-/// Resolves `--backend`: a forced backend must have working tools; `auto` detects.
-pub fn resolve(choice: BackendChoice) -> Result<Backend, BackendError> {
+/// Resolves `--backend` for the families to be written: a forced backend must have
+/// working tools for each of them; `auto` detects among the backends that do.
+pub fn resolve(choice: BackendChoice, families: &[Family]) -> Result<Backend, BackendError> {
     match choice {
-        BackendChoice::Forced(b) => survey(b).map(|_| b),
-        BackendChoice::Auto => match (survey(Backend::Nft), survey(Backend::Legacy)) {
+        BackendChoice::Forced(b) => survey(b, families).map(|_| b),
+        BackendChoice::Auto => match (
+            survey(Backend::Nft, families),
+            survey(Backend::Legacy, families),
+        ) {
             (Err(nft), Err(legacy)) => Err(BackendError::NoneWorks {
                 nft: Box::new(nft),
                 legacy: Box::new(legacy),

@@ -616,6 +616,19 @@ fn validate(backend: &str) {
     assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
     assert!(stderr(&out).contains("refused"), "{}", stderr(&out));
 
+    // Without an IPv6 route only IPv4 can be proven; that is said, and is enough.
+    run(&["ip", "-n", &net.pod, "-6", "route", "del", "default"]);
+    let out = net.init_ok(&[&["--validate"][..], &fast].concat());
+    let msg = stderr(&out);
+    assert!(
+        msg.contains("validated: a connection to 192.0.2.1:20001"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("not validated: no route to [2001:db8::1]:20001"),
+        "{msg}"
+    );
+
     // A probe address the configuration does not capture is bad input.
     let out = net.init(&["--validate", "--validate-addr", "127.0.0.1:80"]);
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
