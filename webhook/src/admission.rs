@@ -5,6 +5,7 @@
 
 use base64::Engine as _;
 use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -32,6 +33,9 @@ pub struct AdmissionRequest {
     /// The object as submitted.
     #[serde(default)]
     pub object: Option<Value>,
+    /// Dry-run requests must not cause side effects.
+    #[serde(default)]
+    pub dry_run: Option<bool>,
 }
 
 /// Group, version and kind.
@@ -141,12 +145,16 @@ impl Decision {
 }
 
 /// Who the review was about, for logs.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Subject {
     /// Namespace.
     pub namespace: String,
     /// Name, or generateName followed by `*`.
     pub name: String,
+    /// The pod's controller (ReplicaSet, Job, ...), if any.
+    pub owner: Option<OwnerReference>,
+    /// Whether the request is a dry run (no side effects such as Events allowed).
+    pub dry_run: bool,
 }
 
 /// The outcome of [`review`]: the body to send and what was decided.
@@ -221,6 +229,8 @@ pub fn review(body: &[u8], cfg: &InjectConfig) -> Reviewed {
     let mut subject = Subject {
         namespace: req.namespace.clone().unwrap_or_default(),
         name: req.name.clone().unwrap_or_default(),
+        owner: None,
+        dry_run: req.dry_run.unwrap_or(false),
     };
     let error = |subject: Subject, message: String| Reviewed {
         response: wrap(refuse(uid, 400, message.clone())),
@@ -265,6 +275,13 @@ pub fn review(body: &[u8], cfg: &InjectConfig) -> Reviewed {
             .or_else(|| pod.metadata.generate_name.as_ref().map(|g| format!("{g}*")))
             .unwrap_or_default();
     }
+    subject.owner = pod
+        .metadata
+        .owner_references
+        .iter()
+        .flatten()
+        .find(|o| o.controller == Some(true))
+        .cloned();
     match inject::inject(&pod, None, cfg) {
         Ok(Outcome::Skipped(reason)) => Reviewed {
             response: wrap(allow(uid)),

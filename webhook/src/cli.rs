@@ -12,6 +12,7 @@ use anyhow::{Context as _, bail};
 use clap::{Args, Parser, Subcommand};
 
 use crate::annotations;
+use crate::events::EventRecorder;
 use crate::inject::{InjectConfig, ProxyDefaults};
 use crate::metrics::Metrics;
 use crate::native::{self, NativeSidecarMode};
@@ -174,7 +175,10 @@ pub struct ServeArgs {
     /// How often `auto` re-reads the server version.
     #[arg(long, env = "REMORA_WEBHOOK_VERSION_CHECK_INTERVAL", default_value = "5m", value_parser = parse_duration)]
     pub version_check_interval: Duration,
-    /// Kubeconfig for `auto` (default: in-cluster config or $KUBECONFIG).
+    /// Record Events on pod owners (needs a Kubernetes client; skipped without one).
+    #[arg(long, env = "REMORA_WEBHOOK_EVENTS", default_value = "true", action = clap::ArgAction::Set)]
+    pub events: bool,
+    /// Kubeconfig for `auto` and Events (default: in-cluster config or $KUBECONFIG).
     #[arg(long, env = "REMORA_WEBHOOK_KUBECONFIG")]
     pub kubeconfig: Option<PathBuf>,
     /// Injection settings.
@@ -246,7 +250,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         NativeSidecarMode::Off | NativeSidecarMode::Auto => false,
     };
     let cfg = args.injection.config(initial_native)?;
-    let ctx = Arc::new(Context::new(cfg, Metrics::new()));
+    // One process-wide TLS provider for the serving side and the Kubernetes client.
+    let _already_installed = rustls::crypto::ring::default_provider().install_default();
 
     let store = Arc::new(
         CertStore::open(&args.tls_cert, &args.tls_key)
@@ -255,10 +260,27 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let tls_config = tls::server_config(Arc::clone(&store)).context("building the TLS config")?;
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls_config));
 
-    if args.native_sidecar == NativeSidecarMode::Auto {
-        let client = kube_client(args.kubeconfig.as_ref())
-            .await
-            .context("building the Kubernetes client")?;
+    let auto = args.native_sidecar == NativeSidecarMode::Auto;
+    let client = if auto || args.events {
+        match kube_client(args.kubeconfig.as_ref()).await {
+            Ok(client) => Some(client),
+            // `auto` cannot work without the API server; Events are optional.
+            Err(e) if auto => return Err(e.context("building the Kubernetes client")),
+            Err(error) => {
+                tracing::warn!(error = %format!("{error:#}"), "no Kubernetes client; Events are not recorded");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let mut context = Context::new(cfg, Metrics::new());
+    if let (true, Some(client)) = (args.events, &client) {
+        context = context.with_events(EventRecorder::new(client.clone()));
+    }
+    let ctx = Arc::new(context);
+
+    if let (true, Some(client)) = (auto, client) {
         match native::detect(&client).await {
             Ok(native) => {
                 ctx.set_native_sidecar(native);

@@ -8,6 +8,7 @@
 pub mod admission;
 pub mod annotations;
 pub mod cli;
+pub mod events;
 pub mod inject;
 pub mod metrics;
 pub mod native;

@@ -20,6 +20,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 
 use crate::admission::{self, Decision};
+use crate::events::EventRecorder;
 use crate::inject::InjectConfig;
 use crate::metrics::Metrics;
 use crate::tls::CertStore;
@@ -31,6 +32,7 @@ pub struct Context {
     /// The webhook's metrics.
     pub metrics: Metrics,
     ready: AtomicBool,
+    events: Option<EventRecorder>,
 }
 
 impl Context {
@@ -41,7 +43,14 @@ impl Context {
             config: ArcSwap::from_pointee(config),
             metrics,
             ready: AtomicBool::new(false),
+            events: None,
         }
+    }
+
+    /// Records Events on pod owners through `recorder`.
+    pub fn with_events(mut self, recorder: EventRecorder) -> Self {
+        self.events = Some(recorder);
+        self
     }
 
     /// The injection settings in force.
@@ -96,6 +105,9 @@ pub fn handle_review(ctx: &Context, body: &[u8]) -> (StatusCode, Vec<u8>) {
     }
     ctx.metrics
         .count_decision(r.decision.label(), r.decision.reason());
+    if let Some(events) = &ctx.events {
+        events.record(&r.decision, &r.subject);
+    }
     let status = if r.bad_request {
         StatusCode::BAD_REQUEST
     } else {
