@@ -235,6 +235,22 @@ mod tests {
     }
 
     #[test]
+    fn every_flag_has_an_environment_variable() {
+        let cmd = Flags::command();
+        for arg in cmd.get_arguments() {
+            let id = arg.get_id().as_str();
+            if id == "help" || id == "version" {
+                continue;
+            }
+            let env = arg
+                .get_env()
+                .unwrap_or_else(|| panic!("--{id} has no environment variable"));
+            let expected = format!("REMORA_INIT_{}", id.to_uppercase());
+            assert_eq!(env.to_str(), Some(expected.as_str()), "--{id}");
+        }
+    }
+
+    #[test]
     fn defaults() {
         let flags = Flags::try_parse_from(["remora-init"]).expect("defaults parse");
         assert_eq!(flags.config().expect("valid"), Config::default());

@@ -757,6 +757,39 @@ fn missing_iptables_tools_exit_3_without_touching_anything() {
     assert_eq!(before, (net.save("nft"), net.save("legacy")));
 }
 
+/// The guard removes namespaces and kills processes even when the test panics.
+#[test]
+fn guard_cleans_up_after_a_failure() {
+    let mut seen: Option<(String, String, u32)> = None;
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let mut net = Net::new();
+        let pod = net.pod.clone();
+        net.listen(&pod, &["[::]:8080".into()]);
+        let pid = net.children[0].id();
+        seen = Some((net.pod.clone(), net.peer.clone(), pid));
+        panic!("deliberate failure inside a namespace test");
+    }));
+    assert!(result.is_err());
+    let (pod, peer, pid) = seen.expect("the test body ran");
+    let list = String::from_utf8_lossy(&run(&["ip", "netns", "list"]).stdout).into_owned();
+    assert!(
+        !list
+            .lines()
+            .any(|l| l.split_whitespace().next() == Some(pod.as_str())),
+        "{list}"
+    );
+    assert!(
+        !list
+            .lines()
+            .any(|l| l.split_whitespace().next() == Some(peer.as_str())),
+        "{list}"
+    );
+    assert!(
+        !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+        "listener {pid} survived"
+    );
+}
+
 #[test]
 fn auto_detection_follows_existing_rules() {
     let net = Net::new();
