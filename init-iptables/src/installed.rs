@@ -9,7 +9,7 @@ use std::fmt::Write as _;
 use crate::config::Config;
 use crate::rules::{self, CHAINS};
 
-/// Remora's rules found in the `nat` table of one family.
+/// Remora's rules found in `iptables-save` output (one family, or several merged).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Installed {
     /// Remora chains that exist.
