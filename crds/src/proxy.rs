@@ -336,16 +336,18 @@ impl ProxyConfig {
 
     /// Check what serde cannot: cross references, ranges and identities.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if let Some(id) = &self.identity {
-            if !is_spiffe_id(&id.spiffe_id) {
-                return Err(invalid(
-                    "identity.spiffeId",
-                    format!(
-                        "{:?} is not a SPIFFE ID (spiffe://<trust-domain>/<path>)",
-                        id.spiffe_id
-                    ),
-                ));
-            }
+        if let Some(id) = self
+            .identity
+            .as_ref()
+            .filter(|id| !is_spiffe_id(&id.spiffe_id))
+        {
+            return Err(invalid(
+                "identity.spiffeId",
+                format!(
+                    "{:?} is not a SPIFFE ID (spiffe://<trust-domain>/<path>)",
+                    id.spiffe_id
+                ),
+            ));
         }
         validate_inbound("inbound.default", &self.inbound.default)?;
         for (port, policy) in &self.inbound.ports {
@@ -391,13 +393,15 @@ fn validate_inbound(path: &str, policy: &InboundPolicy) -> Result<(), ConfigErro
             }
         }
     }
-    if let Some(rl) = &policy.rate_limit {
-        if rl.requests_per_second == 0 {
-            return Err(invalid(
-                format!("{path}.rateLimit.requestsPerSecond"),
-                "must be at least 1",
-            ));
-        }
+    if policy
+        .rate_limit
+        .as_ref()
+        .is_some_and(|rl| rl.requests_per_second == 0)
+    {
+        return Err(invalid(
+            format!("{path}.rateLimit.requestsPerSecond"),
+            "must be at least 1",
+        ));
     }
     Ok(())
 }

@@ -300,14 +300,13 @@ impl Drop for Cluster {
             drop(p);
         }
         let keep = std::env::var_os("REMORA_E2E_KEEP").is_some() || std::thread::panicking();
-        if let Some(dir) = self.dir.take() {
-            if keep {
-                let path = dir.keep();
-                eprintln!(
-                    "remora-e2e: kept cluster directory {} (logs, PKI)",
-                    path.display()
-                );
-            }
+        // Dropping the TempDir removes it; keeping it leaves logs and PKI for a post-mortem.
+        if let Some(dir) = self.dir.take().filter(|_| keep) {
+            let path = dir.keep();
+            eprintln!(
+                "remora-e2e: kept cluster directory {} (logs, PKI)",
+                path.display()
+            );
         }
     }
 }
