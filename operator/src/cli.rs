@@ -9,7 +9,7 @@ use remora_crds::duration::Duration;
 /// The Remora control plane: reconciles MeshPolicy and TrafficSplit resources and writes
 /// their status (the leader only), serves /metrics, /healthz and /readyz.
 #[derive(Clone, Debug, Parser)]
-#[command(name = "remora-operator", version, about, long_about = None)]
+#[command(name = "remora-operator", version)]
 pub struct Args {
     /// Address of the HTTP server for /metrics (Prometheus), /healthz (liveness) and
     /// /readyz (readiness).

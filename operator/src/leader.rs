@@ -217,7 +217,8 @@ impl Elector {
         Ok(())
     }
 
-    /// Runs rounds until `shutdown` becomes true, then releases the Lease.
+    /// Runs rounds until `shutdown` becomes true (the caller sets it once nothing writes
+    /// status any more), then releases the Lease.
     pub async fn run(
         mut self,
         leading: watch::Sender<Option<bool>>,

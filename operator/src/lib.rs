@@ -144,6 +144,8 @@ impl Operator {
             })
         };
 
+        // The Lease is released only after the controllers have stopped writing.
+        let (released_tx, released_rx) = watch::channel(false);
         let (lead_tx, lead_rx) = watch::channel::<Option<bool>>(None);
         let elector = if args.leader_elect {
             let cfg = LeaseConfig {
@@ -153,20 +155,16 @@ impl Operator {
                 duration: args.lease_duration.get(),
                 renew_every: args.lease_renew.get(),
             };
-            Some(tokio::spawn(Elector::new(client, cfg).run(
-                lead_tx,
-                metrics.clone(),
-                stop_rx.clone(),
-            )))
+            tokio::spawn(Elector::new(client, cfg).run(lead_tx, metrics.clone(), released_rx))
         } else {
             metrics.set_leader(true);
             lead_tx.send_replace(Some(true));
-            // Keep the sender alive for the whole run.
-            let done = when(stop_rx.clone(), |s| *s);
-            Some(tokio::spawn(async move {
+            // The sender lives until the controllers are done.
+            let done = when(released_rx, |r| *r);
+            tokio::spawn(async move {
                 done.await;
                 drop(lead_tx);
-            }))
+            })
         };
 
         // A standby is ready as soon as it knows it is one.
@@ -221,9 +219,8 @@ impl Operator {
             }
         }
 
-        if let Some(elector) = elector {
-            elector.await?;
-        }
+        released_tx.send_replace(true);
+        elector.await?;
         admin.await?
     }
 }

@@ -45,7 +45,9 @@ async fn terminated() {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let filter = EnvFilter::try_new(&args.log).with_context(|| format!("--log {}", args.log))?;
-    let logs = tracing_subscriber::fmt().with_env_filter(filter);
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()));
     if args.log_format == "json" {
         logs.json().init();
     } else {

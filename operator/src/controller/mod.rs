@@ -256,7 +256,10 @@ pub fn controller<K: PolicyKind>(
                 Err(kube::runtime::controller::Error::ObjectNotFound(obj)) => {
                     tracing::debug!(kind = K::KIND, object = %obj, "gone before reconcile")
                 }
-                Err(e) => tracing::debug!(kind = K::KIND, "controller: {e}"),
+                // Already logged (with its retry delay) by `error_policy`.
+                Err(kube::runtime::controller::Error::ReconcilerFailed(..)) => {}
+                // Watch failures are retried with backoff by kube-runtime.
+                Err(e) => tracing::warn!(kind = K::KIND, "controller: {e}"),
             }
         });
     (store, run)
