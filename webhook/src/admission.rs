@@ -452,6 +452,24 @@ mod tests {
     }
 
     #[test]
+    fn owner_and_dry_run_are_reported() {
+        let mut object = pod(json!({}));
+        object["metadata"]["ownerReferences"] = json!([
+            {"apiVersion": "v1", "kind": "Node", "name": "n", "uid": "1"},
+            {"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "web-1", "uid": "2", "controller": true}
+        ]);
+        let mut review_json: Value =
+            serde_json::from_slice(&body(object, "Pod", "CREATE")).expect("json");
+        review_json["request"]["dryRun"] = json!(true);
+        let r = review(
+            &serde_json::to_vec(&review_json).expect("json"),
+            &InjectConfig::default(),
+        );
+        assert!(r.subject.dry_run);
+        assert_eq!(r.subject.owner.map(|o| o.name), Some("web-1".to_owned()));
+    }
+
+    #[test]
     fn updates_are_allowed_unchanged() {
         let r = review(
             &body(pod(json!({})), "Pod", "UPDATE"),

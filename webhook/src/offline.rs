@@ -1,9 +1,10 @@
 //! Offline injection for GitOps pipelines (`remora-webhook inject -f FILE|-`): reads a
 //! multi-document YAML stream, injects the pod templates of Pods, Deployments,
-//! StatefulSets, DaemonSets, ReplicaSets, Jobs and CronJobs through the same builder as the
-//! webhook, and writes the stream back. Documents that are not injected — other kinds,
-//! skipped pods, comments — are copied byte for byte; injected ones keep their key order,
-//! with the patch applied in place.
+//! StatefulSets, DaemonSets, ReplicaSets, Jobs and CronJobs (also inside a `v1 List`, as
+//! `kubectl get -o yaml` prints) through the same builder as the webhook, and writes the
+//! stream back. Documents that are not injected — other kinds, skipped pods, comments — are
+//! copied byte for byte; injected ones keep their key order, with the patch applied in
+//! place (comments inside an injected document are not kept: the YAML library drops them).
 
 use k8s_openapi::api::core::v1::{Pod, PodTemplateSpec};
 
@@ -123,45 +124,62 @@ pub fn inject_stream(input: &str, cfg: &InjectConfig) -> Result<Injected, Offlin
     let mut output = String::with_capacity(input.len() * 2);
     let mut reports = Vec::new();
     for (i, (sep, body)) in split_documents(input).into_iter().enumerate() {
-        let index = i + 1;
         output.push_str(sep);
-        match inject_document(index, body, cfg)? {
-            Some((text, report)) => {
-                reports.push(report);
-                match text {
-                    Some(t) => output.push_str(&t),
-                    None => output.push_str(body),
-                }
-            }
+        match inject_document(i + 1, body, cfg, &mut reports)? {
+            Some(text) => output.push_str(&text),
             None => output.push_str(body),
         }
     }
     Ok(Injected { output, reports })
 }
 
-type DocResult = Option<(Option<String>, DocReport)>;
-
+/// Injects one document; returns the new text if anything changed.
 fn inject_document(
     index: usize,
     body: &str,
     cfg: &InjectConfig,
-) -> Result<DocResult, OfflineError> {
+    reports: &mut Vec<DocReport>,
+) -> Result<Option<String>, OfflineError> {
     let mut doc: serde_yaml::Value =
         serde_yaml::from_str(body).map_err(|source| OfflineError::Yaml { index, source })?;
-    if !doc.is_mapping() {
+    if !inject_object(index, &mut doc, cfg, reports)? {
         return Ok(None);
     }
-    let kind = str_at(&doc, "kind").to_owned();
-    let Some(path) = template_path(str_at(&doc, "apiVersion"), &kind) else {
-        return Ok(None);
+    serde_yaml::to_string(&doc)
+        .map(Some)
+        .map_err(|source| OfflineError::Write { index, source })
+}
+
+/// Injects one object (or every item of a `v1 List`); returns whether it changed.
+fn inject_object(
+    index: usize,
+    obj: &mut serde_yaml::Value,
+    cfg: &InjectConfig,
+    reports: &mut Vec<DocReport>,
+) -> Result<bool, OfflineError> {
+    if !obj.is_mapping() {
+        return Ok(false);
+    }
+    let kind = str_at(obj, "kind").to_owned();
+    if str_at(obj, "apiVersion") == "v1" && kind == "List" {
+        let mut changed = false;
+        if let Some(serde_yaml::Value::Sequence(items)) = obj.get_mut("items") {
+            for item in items {
+                changed |= inject_object(index, item, cfg, reports)?;
+            }
+        }
+        return Ok(changed);
+    }
+    let Some(path) = template_path(str_at(obj, "apiVersion"), &kind) else {
+        return Ok(false);
     };
-    let name = doc
+    let name = obj
         .get("metadata")
         .map(|m| str_at(m, "name"))
         .unwrap_or_default();
     let what = format!("{}/{}", kind.to_ascii_lowercase(), name);
 
-    let mut node = &mut doc;
+    let mut node = obj;
     for key in path {
         match node.get_mut(*key) {
             Some(n) => node = n,
@@ -195,7 +213,10 @@ fn inject_document(
         source,
     })?;
     let injection = match outcome {
-        Outcome::Skipped(reason) => return Ok(Some((None, skipped(what, reason)))),
+        Outcome::Skipped(reason) => {
+            reports.push(skipped(what, reason));
+            return Ok(false);
+        }
         Outcome::Injected(inj) => inj,
     };
     if let serde_yaml::Value::Mapping(m) = node
@@ -211,15 +232,11 @@ fn inject_document(
         what: what.clone(),
         source,
     })?;
-    let text =
-        serde_yaml::to_string(&doc).map_err(|source| OfflineError::Write { index, source })?;
-    Ok(Some((
-        Some(text),
-        DocReport {
-            what,
-            result: "injected".to_owned(),
-        },
-    )))
+    reports.push(DocReport {
+        what,
+        result: "injected".to_owned(),
+    });
+    Ok(true)
 }
 
 fn skipped(what: String, reason: SkipReason) -> DocReport {
@@ -263,6 +280,23 @@ mod tests {
             msg.contains("document 1 (pod/p)") && msg.contains("config.remora.dev/log-level"),
             "{msg}"
         );
+    }
+
+    #[test]
+    fn lists_from_kubectl_get_are_injected_item_by_item() {
+        let input = "apiVersion: v1\nkind: List\nitems:\n- apiVersion: v1\n  kind: Service\n  metadata: {name: s}\n- apiVersion: apps/v1\n  kind: Deployment\n  metadata: {name: d}\n  spec:\n    template:\n      spec:\n        containers: [{name: a, image: a}]\n";
+        let out = inject_stream(input, &InjectConfig::default()).expect("valid");
+        assert_eq!(
+            out.reports,
+            vec![DocReport {
+                what: "deployment/d".into(),
+                result: "injected".into()
+            }]
+        );
+        let doc: serde_yaml::Value = serde_yaml::from_str(&out.output).expect("yaml");
+        let containers = &doc["items"][1]["spec"]["template"]["spec"]["initContainers"];
+        assert_eq!(containers[1]["name"], "remora-proxy");
+        assert_eq!(doc["items"][0]["metadata"]["name"], "s");
     }
 
     #[test]

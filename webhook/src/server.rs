@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::State;
+use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -128,9 +128,16 @@ async fn mutate(State(ctx): State<Arc<Context>>, body: Bytes) -> Response {
     (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
+/// Largest AdmissionReview accepted.
+pub const MAX_REVIEW_BYTES: usize = 8 * 1024 * 1024;
+
 /// The `/mutate` router.
 pub fn mutate_router(ctx: Arc<Context>) -> Router {
-    Router::new().route("/mutate", post(mutate)).with_state(ctx)
+    Router::new()
+        .route("/mutate", post(mutate))
+        // Reviews carry the whole pod; the API server itself accepts bodies up to 3 MiB.
+        .layer(DefaultBodyLimit::max(MAX_REVIEW_BYTES))
+        .with_state(ctx)
 }
 
 /// The `/metrics`, `/healthz` and `/readyz` router.
