@@ -45,10 +45,14 @@ apt_install() {
 # Runtime prerequisites of the harness and of the network-namespace tier.
 apt_install etcd-server etcd-client openssl iproute2 iptables ca-certificates
 
-if ! command -v kubectl >/dev/null 2>&1; then
-  # Debian's client matches the 1.20 server; its built-in kustomize is old, so a newer
-  # kubectl already on PATH is preferred.
-  apt_install kubernetes-client
+# kubectl renders the kustomizations under config/ (directory resources need its built-in
+# kustomize >= v3, i.e. kubectl >= 1.21; Debian's kubernetes-client 1.20 is too old). The
+# machine image ships one with the Google Cloud SDK.
+kubectl_minor=$(kubectl version --client -o json 2>/dev/null | sed -n 's/.*"minor": *"\([0-9]*\).*/\1/p' | head -1)
+if [ -z "$kubectl_minor" ]; then
+  die "kubectl is not on PATH: put a kubectl >= 1.21 on PATH (the machine image's Google Cloud SDK ships one; Debian's kubernetes-client 1.20 cannot render directory kustomizations)"
+elif [ "$kubectl_minor" -lt 21 ]; then
+  die "kubectl 1.$kubectl_minor is too old to render config/ (kustomize directory resources need kubectl >= 1.21): put a newer kubectl first on PATH"
 fi
 
 if [ -x "$BIN/kube-apiserver" ] && [ -x "$BIN/kube-controller-manager" ]; then

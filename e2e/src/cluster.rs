@@ -28,6 +28,9 @@ pub struct ClusterOptions {
     pub extra_apiserver_args: Vec<String>,
     /// How long the control plane may take to become ready.
     pub ready_timeout: Duration,
+    /// Where kube-apiserver and kube-controller-manager are (default:
+    /// [`prereqs::k8s_bin_dir`]).
+    pub k8s_bin_dir: Option<PathBuf>,
 }
 
 impl Default for ClusterOptions {
@@ -36,6 +39,7 @@ impl Default for ClusterOptions {
             controller_manager: true,
             extra_apiserver_args: Vec::new(),
             ready_timeout: Duration::from_secs(120),
+            k8s_bin_dir: None,
         }
     }
 }
@@ -79,9 +83,13 @@ impl Cluster {
     /// ServiceAccount, so pods can be created).
     pub async fn start_with(opts: ClusterOptions) -> Result<Self, HarnessError> {
         let etcd = prereqs::system_binary("etcd", "etcd-server")?;
-        let apiserver = prereqs::k8s_binary("kube-apiserver")?;
+        let bin_dir = opts
+            .k8s_bin_dir
+            .clone()
+            .unwrap_or_else(prereqs::k8s_bin_dir);
+        let apiserver = prereqs::k8s_binary(&bin_dir, "kube-apiserver")?;
         let kcm = if opts.controller_manager {
-            Some(prereqs::k8s_binary("kube-controller-manager")?)
+            Some(prereqs::k8s_binary(&bin_dir, "kube-controller-manager")?)
         } else {
             None
         };

@@ -36,9 +36,9 @@ pub fn on_path(name: &str) -> Option<PathBuf> {
         .find(|p| executable(p))
 }
 
-/// A binary built by the provisioning script.
-pub fn k8s_binary(name: &str) -> Result<PathBuf, HarnessError> {
-    let path = k8s_bin_dir().join(name);
+/// A binary built by the provisioning script, in `dir`.
+pub fn k8s_binary(dir: &Path, name: &str) -> Result<PathBuf, HarnessError> {
+    let path = dir.join(name);
     if executable(&path) {
         Ok(path)
     } else {

@@ -46,3 +46,17 @@ async fn control_plane_starts_serves_and_stops_by_pid() {
         assert!(gone, "process {pid} still running after drop");
     }
 }
+
+#[tokio::test]
+async fn a_missing_apiserver_is_an_error_that_says_how_to_get_it() {
+    let empty = tempfile::tempdir().expect("tempdir");
+    let err = Cluster::start_with(ClusterOptions {
+        k8s_bin_dir: Some(empty.path().to_owned()),
+        ..ClusterOptions::default()
+    })
+    .await
+    .expect_err("no kube-apiserver in an empty directory");
+    let message = err.to_string();
+    assert!(message.contains("kube-apiserver"), "{message}");
+    assert!(message.contains("e2e/cluster/provision.sh"), "{message}");
+}
