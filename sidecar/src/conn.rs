@@ -1,6 +1,7 @@
 //! One accepted connection, from original destination to the end: refuse loops, look up
 //! policy (inbound port policy, or the outbound route), detect the protocol unless the
-//! port is opaque, and hand the connection to the HTTP server or the TCP copier.
+//! port is opaque, terminate mesh mTLS (inbound), and hand the connection to the HTTP
+//! server or the TCP copier (over mesh mTLS to meshed endpoints, outbound).
 
 use std::{net::SocketAddr, sync::Arc};
 
@@ -9,18 +10,22 @@ use remora_crds::{
     policy::MtlsMode,
     proxy::{Protocol as ConfigProtocol, UnknownDestinations},
 };
-use tokio::net::TcpStream;
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::TcpStream,
+};
 
 use crate::{
     Context,
     addr::{ClientAddr, Direction, LocalAddr, OrigDstAddr},
-    detect::{self, OpaqueReason, Protocol},
+    authz::{self, Access},
+    detect::{self, Detection, OpaqueReason, Protocol},
     http::{self, ConnMeta},
     io::PrefixedIo,
     listen::resolve_orig_dst,
     metrics::{DirLabels, Metrics, OutcomeLabels, Peer, ReasonLabels, Static},
     route::{Target, authority_of},
-    tcp,
+    tcp, tls,
 };
 
 /// Counts a connection as open while alive.
@@ -57,6 +62,14 @@ enum Upstream {
     Route(Target),
 }
 
+/// The facts about a connection every stage needs.
+#[derive(Clone, Copy)]
+struct Conn {
+    direction: Direction,
+    client: ClientAddr,
+    orig_dst: OrigDstAddr,
+}
+
 /// Serves one accepted connection.
 pub async fn serve(
     ctx: Arc<Context>,
@@ -74,20 +87,32 @@ pub async fn serve(
             return;
         }
     };
+    let conn = Conn {
+        direction,
+        client,
+        orig_dst,
+    };
     let _in_flight = ctx.shutdown.track();
     let _open = OpenGuard::new(&ctx.metrics, direction);
     ctx.metrics.connection(direction, "accepted");
     let _ = stream.set_nodelay(true);
 
     let snap = ctx.config.load();
-    // The declared protocol, and for outbound the opaque upstream.
-    let (declared, upstream) = match direction {
+    let (declared, upstream, strict) = match direction {
         Direction::Inbound => {
             let policy = snap.config.inbound.for_port(orig_dst.0.port());
-            (policy.protocol, Upstream::Addr(orig_dst.0))
+            (
+                policy.protocol,
+                Upstream::Addr(orig_dst.0),
+                policy.mtls == MtlsMode::Strict,
+            )
         }
         Direction::Outbound => match snap.routes.lookup(orig_dst.0) {
-            Some(target) => (target.service().protocol, Upstream::Route(target.clone())),
+            Some(target) => (
+                target.service().protocol,
+                Upstream::Route(target.clone()),
+                false,
+            ),
             None => match snap.config.outbound.unknown_destinations {
                 UnknownDestinations::Passthrough => {
                     ctx.metrics
@@ -96,7 +121,7 @@ pub async fn serve(
                             reason: Static("passthrough"),
                         })
                         .inc();
-                    (ConfigProtocol::Detect, Upstream::Addr(orig_dst.0))
+                    (ConfigProtocol::Detect, Upstream::Addr(orig_dst.0), false)
                 }
                 UnknownDestinations::Deny => {
                     ctx.metrics
@@ -112,11 +137,47 @@ pub async fn serve(
             },
         },
     };
-    let strict = direction == Direction::Inbound
-        && snap.config.inbound.for_port(orig_dst.0.port()).mtls == MtlsMode::Strict;
     drop(snap);
 
-    let detection = if declared == ConfigProtocol::Opaque {
+    let Ok(detection) = detect_unless_opaque(&ctx, direction, declared, &mut stream).await else {
+        ctx.metrics.connection(direction, "detect_error");
+        return;
+    };
+    let (protocol, prefix) = match detection {
+        Some(d) => (Some(d.protocol), d.prefix),
+        None => (None, Bytes::new()),
+    };
+
+    if direction == Direction::Inbound && matches!(protocol, Some(Protocol::MeshTls(_))) {
+        mesh_inbound(ctx.clone(), conn, PrefixedIo::new(prefix, stream), declared).await;
+        return;
+    }
+    if strict {
+        ctx.metrics.connection(direction, "plaintext_refused");
+        tracing::info!(%direction, %client, %orig_dst, "plaintext connection refused: mTLS is Strict on this port");
+        return;
+    }
+    proceed(
+        ctx.clone(),
+        conn,
+        stream,
+        protocol,
+        prefix,
+        declared,
+        upstream,
+        Peer::default(),
+    )
+    .await;
+}
+
+/// Runs detection unless the port is declared opaque; counts the outcome.
+async fn detect_unless_opaque<I: AsyncRead + Unpin>(
+    ctx: &Context,
+    direction: Direction,
+    declared: ConfigProtocol,
+    io: &mut I,
+) -> std::io::Result<Option<Detection>> {
+    if declared == ConfigProtocol::Opaque {
         ctx.metrics
             .detect
             .get_or_create(&OutcomeLabels {
@@ -124,41 +185,87 @@ pub async fn serve(
                 outcome: Static("skipped_opaque_port"),
             })
             .inc();
-        None
-    } else {
-        match detect::detect(&mut stream, ctx.settings.detect_timeout).await {
-            Ok(d) => {
-                ctx.metrics
-                    .detect
-                    .get_or_create(&OutcomeLabels {
-                        direction,
-                        outcome: Static(d.protocol.label()),
-                    })
-                    .inc();
-                ctx.metrics
-                    .detect_duration
-                    .get_or_create(&DirLabels { direction })
-                    .observe(d.elapsed.as_secs_f64());
-                Some(d)
-            }
-            Err(e) => {
-                tracing::debug!(%direction, %client, error = %e, "connection failed during detection");
-                ctx.metrics.connection(direction, "detect_error");
-                return;
-            }
+        return Ok(None);
+    }
+    let d = detect::detect(io, ctx.settings.detect_timeout).await?;
+    ctx.metrics
+        .detect
+        .get_or_create(&OutcomeLabels {
+            direction,
+            outcome: Static(d.protocol.label()),
+        })
+        .inc();
+    ctx.metrics
+        .detect_duration
+        .get_or_create(&DirLabels { direction })
+        .observe(d.elapsed.as_secs_f64());
+    Ok(Some(d))
+}
+
+/// Terminates mesh mTLS on the inbound side, then serves what is inside.
+async fn mesh_inbound<I>(ctx: Arc<Context>, conn: Conn, io: I, declared: ConfigProtocol)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let Conn {
+        direction,
+        client,
+        orig_dst,
+    } = conn;
+    let Some(identity) = ctx.identity.current() else {
+        ctx.metrics.connection(direction, "no_identity");
+        tracing::warn!(%client, %orig_dst, "mesh mTLS connection refused: no workload identity loaded");
+        return;
+    };
+    let (mut tls, peer) = match tls::accept(&identity, io, &ctx.metrics).await {
+        Ok(ok) => ok,
+        Err(e) => {
+            ctx.metrics.connection(direction, "tls_handshake_failed");
+            tracing::info!(%client, %orig_dst, reason = tls::failure_reason(&e), error = %e, "mTLS handshake failed");
+            return;
         }
     };
-    let (protocol, prefix) = match detection {
+    drop(identity);
+    let Ok(inner) = detect_unless_opaque(&ctx, direction, declared, &mut tls).await else {
+        ctx.metrics.connection(direction, "detect_error");
+        return;
+    };
+    let (protocol, prefix) = match inner {
         Some(d) => (Some(d.protocol), d.prefix),
         None => (None, Bytes::new()),
     };
+    proceed(
+        ctx,
+        conn,
+        tls,
+        protocol,
+        prefix,
+        declared,
+        Upstream::Addr(orig_dst.0),
+        Peer(peer),
+    )
+    .await;
+}
 
-    if strict && !matches!(protocol, Some(Protocol::MeshTls(_))) {
-        ctx.metrics.connection(direction, "plaintext_refused");
-        tracing::info!(%direction, %client, %orig_dst, "plaintext connection refused: mTLS is Strict on this port");
-        return;
-    }
-
+/// Serves a (plaintext or decrypted) connection as HTTP or opaque TCP.
+#[allow(clippy::too_many_arguments)]
+async fn proceed<I>(
+    ctx: Arc<Context>,
+    conn: Conn,
+    mut io: I,
+    protocol: Option<Protocol>,
+    prefix: Bytes,
+    declared: ConfigProtocol,
+    upstream: Upstream,
+    peer: Peer,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let Conn {
+        direction,
+        client,
+        orig_dst,
+    } = conn;
     let http_declared = matches!(
         declared,
         ConfigProtocol::Http | ConfigProtocol::Http2 | ConfigProtocol::Grpc
@@ -173,32 +280,48 @@ pub async fn serve(
             ctx.metrics.connection(direction, "http_detect_timeout");
             return;
         }
-        Some(Protocol::MeshTls(_)) => {
-            // Terminating mesh mTLS is not built yet: refusing is safer than handing TLS
-            // meant for the proxy to the application.
-            ctx.metrics.connection(direction, "mesh_tls_unsupported");
-            tracing::warn!(%direction, %client, %orig_dst, "mesh mTLS connection refused: mTLS termination is not available");
-            return;
-        }
         _ => None,
     };
-
     if let Some(h2) = http {
         let meta = Arc::new(ConnMeta {
             direction,
             client,
             orig_dst,
             orig_authority: authority_of(orig_dst.0),
-            peer: Peer::default(),
+            peer,
         });
-        http::serve(ctx.clone(), meta, PrefixedIo::new(prefix, stream), h2).await;
+        http::serve(ctx.clone(), meta, PrefixedIo::new(prefix, io), h2).await;
         return;
     }
 
-    let addr = match upstream {
-        Upstream::Addr(a) => a,
+    if direction == Direction::Inbound {
+        let snap = ctx.config.load();
+        let port = orig_dst.0.port();
+        let allowed = authz::allowed(
+            snap.config.inbound.for_port(port).authorization,
+            peer.0.as_deref(),
+            Access { port, http: None },
+        );
+        let outcome = if allowed { "allow" } else { "deny" };
+        ctx.metrics
+            .authz
+            .get_or_create(&OutcomeLabels {
+                direction,
+                outcome: Static(outcome),
+            })
+            .inc();
+        if !allowed {
+            ctx.metrics.connection(direction, "unauthorized");
+            let peer = peer.0.as_deref().unwrap_or("an unauthenticated client");
+            tracing::info!(%client, %peer, port, "TCP connection denied by authorization policy");
+            return;
+        }
+    }
+
+    let (addr, mesh_identity) = match upstream {
+        Upstream::Addr(a) => (a, None),
         Upstream::Route(target) => match target.pick(None) {
-            Ok(ep) => ep.addr,
+            Ok(ep) => (ep.addr, if ep.meshed { ep.identity.clone() } else { None }),
             Err(e) => {
                 ctx.metrics.connection(direction, "no_endpoints");
                 tracing::info!(%direction, %client, %orig_dst, reason = %e, "connection refused");
@@ -206,18 +329,6 @@ pub async fn serve(
             }
         },
     };
-    opaque(&ctx, direction, client, orig_dst, stream, prefix, addr).await;
-}
-
-async fn opaque(
-    ctx: &Context,
-    direction: Direction,
-    client: ClientAddr,
-    orig_dst: OrigDstAddr,
-    mut stream: TcpStream,
-    prefix: Bytes,
-    addr: SocketAddr,
-) {
     let connect =
         tokio::time::timeout(ctx.settings.connect_timeout, TcpStream::connect(addr)).await;
     let mut upstream = match connect {
@@ -234,7 +345,19 @@ async fn opaque(
         }
     };
     let _ = upstream.set_nodelay(true);
-    if let Err(e) = tcp::proxy(&ctx.metrics, direction, &mut stream, prefix, &mut upstream).await {
+    let result = match (mesh_identity, ctx.identity.current()) {
+        (Some(expected), Some(identity)) => {
+            match tls::connect(&identity, &expected, addr, upstream, &ctx.metrics).await {
+                Ok(mut tls) => tcp::proxy(&ctx.metrics, direction, &mut io, prefix, &mut tls).await,
+                Err(_) => {
+                    ctx.metrics.connection(direction, "tls_handshake_failed");
+                    return;
+                }
+            }
+        }
+        _ => tcp::proxy(&ctx.metrics, direction, &mut io, prefix, &mut upstream).await,
+    };
+    if let Err(e) = result {
         tracing::debug!(%direction, %client, upstream = %addr, error = %e, "TCP connection ended with an error");
     }
 }

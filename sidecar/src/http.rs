@@ -17,7 +17,7 @@ use http::{
 use http_body_util::{BodyExt, Full, combinators::BoxBody};
 use hyper::{body::Incoming, service::service_fn};
 use hyper_util::{
-    client::legacy::{Client, connect::HttpConnector},
+    client::legacy::Client,
     rt::{TokioExecutor, TokioIo, TokioTimer},
     server::conn::auto,
 };
@@ -27,7 +27,10 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use crate::{
     Context,
     addr::{ClientAddr, Direction, OrigDstAddr},
-    metrics::{DirLabels, OutcomeLabels, Peer, RequestLabels, Static},
+    authz::{self, Access},
+    config::ConfigStore,
+    metrics::{DirLabels, Metrics, OutcomeLabels, Peer, RequestLabels, Static},
+    tls::{IdentityStore, MeshConnector},
     trace,
 };
 
@@ -40,16 +43,18 @@ pub static PROXY_ERROR: HeaderName = HeaderName::from_static("x-remora-proxy-err
 /// The pooled upstream clients.
 #[derive(Debug, Clone)]
 pub struct Clients {
-    h1: Client<HttpConnector, Incoming>,
-    h2: Client<HttpConnector, Incoming>,
+    h1: Client<MeshConnector, Incoming>,
+    h2: Client<MeshConnector, Incoming>,
 }
 
 impl Clients {
-    pub fn new(connect_timeout: std::time::Duration) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(connect_timeout));
-        connector.enforce_http(true);
+    pub fn new(
+        connect_timeout: std::time::Duration,
+        config: Arc<ConfigStore>,
+        identity: Arc<IdentityStore>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let connector = MeshConnector::new(connect_timeout, config, identity, metrics);
         let h1 = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(std::time::Duration::from_secs(90))
@@ -173,6 +178,13 @@ pub enum ProxyError {
     RequestTimeout(Authority, std::time::Duration),
     #[error("upstream {0} failed: {1}")]
     Upstream(Authority, String),
+    #[error("unauthorized: {peer} may not {method} {path} on port {port}")]
+    Unauthorized {
+        peer: String,
+        method: String,
+        path: String,
+        port: u16,
+    },
 }
 
 impl ProxyError {
@@ -185,13 +197,14 @@ impl ProxyError {
             Self::Connect(..) => "connect_error",
             Self::RequestTimeout(..) => "request_timeout",
             Self::Upstream(..) => "upstream_error",
+            Self::Unauthorized { .. } => "unauthorized",
         }
     }
 
     fn status(&self) -> StatusCode {
         match self {
             Self::NoEndpoints(_) | Self::ConnectTimeout(_) => StatusCode::SERVICE_UNAVAILABLE,
-            Self::UnknownDenied(_) => StatusCode::FORBIDDEN,
+            Self::UnknownDenied(_) | Self::Unauthorized { .. } => StatusCode::FORBIDDEN,
             Self::RequestTimeout(..) => StatusCode::GATEWAY_TIMEOUT,
             Self::ConnectRefused(_) | Self::Connect(..) | Self::Upstream(..) => {
                 StatusCode::BAD_GATEWAY
@@ -259,13 +272,17 @@ async fn forward(
     mut req: Request<Incoming>,
 ) -> Result<(Response<ProxyBody>, Peer), ProxyError> {
     let downstream_h2 = req.version() == Version::HTTP_2;
+    let mut scheme = Scheme::HTTP;
     let (authority, upstream_h2, timeout, peer) = match meta.direction {
-        Direction::Inbound => (
-            meta.orig_authority.clone(),
-            downstream_h2,
-            None,
-            meta.peer.clone(),
-        ),
+        Direction::Inbound => {
+            authorize(ctx, meta, &req)?;
+            (
+                meta.orig_authority.clone(),
+                downstream_h2,
+                None,
+                meta.peer.clone(),
+            )
+        }
         Direction::Outbound => {
             let snap = ctx.config.load();
             match snap.routes.lookup(meta.orig_dst.0) {
@@ -276,6 +293,9 @@ async fn forward(
                         .map_err(|e| ProxyError::NoEndpoints(e.service))?;
                     let h2 =
                         downstream_h2 || matches!(svc.protocol, Protocol::Http2 | Protocol::Grpc);
+                    if ep.meshed && ep.identity.is_some() && ctx.identity.current().is_some() {
+                        scheme = Scheme::HTTPS;
+                    }
                     (
                         ep.authority.clone(),
                         h2,
@@ -317,7 +337,7 @@ async fn forward(
         .cloned()
         .unwrap_or_else(|| PathAndQuery::from_static("/"));
     let mut parts = http::uri::Parts::default();
-    parts.scheme = Some(Scheme::HTTP);
+    parts.scheme = Some(scheme);
     parts.authority = Some(authority.clone());
     parts.path_and_query = Some(path);
     *req.uri_mut() = Uri::from_parts(parts)
@@ -366,6 +386,38 @@ async fn forward(
         strip_hop_by_hop(resp.headers_mut(), false);
     }
     Ok((resp.map(BodyExt::boxed), peer))
+}
+
+/// Inbound authorization of one request; a denial is counted and logged with the peer.
+fn authorize(ctx: &Context, meta: &ConnMeta, req: &Request<Incoming>) -> Result<(), ProxyError> {
+    let snap = ctx.config.load();
+    let port = meta.orig_dst.0.port();
+    let policy = snap.config.inbound.for_port(port);
+    let access = Access {
+        port,
+        http: Some((req.method().as_str(), req.uri().path())),
+    };
+    let peer = meta.peer.0.as_deref();
+    let allowed = authz::allowed(policy.authorization, peer, access);
+    let outcome = if allowed { "allow" } else { "deny" };
+    ctx.metrics
+        .authz
+        .get_or_create(&OutcomeLabels {
+            direction: meta.direction,
+            outcome: Static(outcome),
+        })
+        .inc();
+    if allowed {
+        return Ok(());
+    }
+    let peer = peer.unwrap_or("an unauthenticated client").to_owned();
+    tracing::info!(client = %meta.client, %peer, method = %req.method(), path = req.uri().path(), port, "request denied by authorization policy");
+    Err(ProxyError::Unauthorized {
+        peer,
+        method: req.method().to_string(),
+        path: req.uri().path().to_owned(),
+        port,
+    })
 }
 
 /// An HTTP/1.1 request asking to switch protocols (`Connection: upgrade` + `Upgrade`).

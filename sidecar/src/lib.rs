@@ -7,10 +7,12 @@
 
 pub mod addr;
 pub mod admin;
+pub mod authz;
 pub mod config;
 pub mod conn;
 pub mod detect;
 pub mod http;
+pub mod identity;
 pub mod io;
 pub mod listen;
 pub mod metrics;
@@ -18,6 +20,7 @@ pub mod orig_dst;
 pub mod route;
 pub mod shutdown;
 pub mod tcp;
+pub mod tls;
 pub mod trace;
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
@@ -27,7 +30,7 @@ use tokio::net::TcpListener;
 
 use crate::{
     addr::Direction, admin::LogLevel, config::ConfigStore, listen::OrigDstMode, metrics::Metrics,
-    shutdown::Shutdown,
+    shutdown::Shutdown, tls::IdentityStore,
 };
 
 /// Everything the proxy is told at start.
@@ -72,8 +75,9 @@ pub struct Context {
     pub settings: Settings,
     /// The addresses the capture listeners are bound to (for loop detection).
     pub listen_addrs: Vec<SocketAddr>,
-    pub metrics: Metrics,
-    pub config: ConfigStore,
+    pub metrics: Arc<Metrics>,
+    pub config: Arc<ConfigStore>,
+    pub identity: Arc<IdentityStore>,
     pub shutdown: Shutdown,
     pub clients: http::Clients,
     pub log: Option<LogLevel>,
@@ -85,8 +89,7 @@ impl Context {
         if self.shutdown.is_triggered() {
             return Some("shutting down");
         }
-        if self.config.load().config.identity.is_some() {
-            // Identity files are configured but mTLS is not available in this build.
+        if self.config.load().config.identity.is_some() && self.identity.current().is_none() {
             return Some("certificate not loaded");
         }
         None
@@ -148,15 +151,27 @@ impl Proxy {
         let outbound_addrs = local_addrs(&outbound);
         let inbound_addrs = local_addrs(&inbound);
         let admin_addr = admin.as_ref().and_then(|l| l.local_addr().ok());
-        let metrics = Metrics::new();
+        let metrics = Arc::new(Metrics::new());
+        let identity = Arc::new(IdentityStore::default());
+        if let Some(files) = &config.identity {
+            // A failure is logged and counted; /ready stays false until a reload succeeds.
+            let _ = identity.reload(files, &metrics);
+        }
+        let config = Arc::new(ConfigStore::new(config, &metrics));
         let ctx = Arc::new(Context {
             listen_addrs: outbound_addrs
                 .iter()
                 .chain(&inbound_addrs)
                 .copied()
                 .collect(),
-            config: ConfigStore::new(config, &metrics),
-            clients: http::Clients::new(settings.connect_timeout),
+            clients: http::Clients::new(
+                settings.connect_timeout,
+                config.clone(),
+                identity.clone(),
+                metrics.clone(),
+            ),
+            config,
+            identity,
             metrics,
             shutdown: Shutdown::new(),
             log,
@@ -180,6 +195,20 @@ impl Proxy {
                     ctx.settings.config_poll_interval,
                     &ctx.config,
                     &ctx.metrics,
+                    stop,
+                )
+                .await;
+            });
+        }
+        {
+            let ctx = ctx.clone();
+            tokio::spawn(async move {
+                let stop = ctx.shutdown.signaled();
+                tls::watch_identity(
+                    &ctx.config,
+                    &ctx.identity,
+                    &ctx.metrics,
+                    ctx.settings.config_poll_interval,
                     stop,
                 )
                 .await;

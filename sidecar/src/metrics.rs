@@ -113,6 +113,14 @@ pub struct Metrics {
     pub config_version: Gauge,
     /// Config reloads: `applied`, or the reason a file was rejected.
     pub config_reloads: Family<ReasonLabels, Counter>,
+    /// mTLS handshakes by direction and outcome (`ok` or the failure reason).
+    pub tls_handshakes: Family<OutcomeLabels, Counter>,
+    /// Expiry of the workload certificate in force (unix seconds).
+    pub cert_expiry: Gauge,
+    /// Identity (certificate) loads: `applied` or the reason the files were rejected.
+    pub identity_reloads: Family<ReasonLabels, Counter>,
+    /// Inbound authorization decisions (`allow`, `deny`) by direction.
+    pub authz: Family<OutcomeLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -138,6 +146,10 @@ impl Metrics {
             unknown_destinations: Family::default(),
             config_version: Gauge::default(),
             config_reloads: Family::default(),
+            tls_handshakes: Family::default(),
+            cert_expiry: Gauge::default(),
+            identity_reloads: Family::default(),
+            authz: Family::default(),
         };
         registry.register(
             "connections",
@@ -190,6 +202,22 @@ impl Metrics {
             "Config loads by result",
             m.config_reloads.clone(),
         );
+        registry.register(
+            "tls_handshakes",
+            "mTLS handshakes by outcome",
+            m.tls_handshakes.clone(),
+        );
+        registry.register(
+            "cert_expiry_timestamp_seconds",
+            "Expiry of the workload certificate in force",
+            m.cert_expiry.clone(),
+        );
+        registry.register(
+            "identity_reloads",
+            "Identity loads by result",
+            m.identity_reloads.clone(),
+        );
+        registry.register("authz", "Inbound authorization decisions", m.authz.clone());
         Self { registry, ..m }
     }
 

@@ -206,6 +206,8 @@ impl Target {
 pub struct RouteTable {
     by_addr: HashMap<SocketAddr, Target>,
     sets: Vec<Arc<EndpointSet>>,
+    /// The identity every meshed endpoint must present, ready or not.
+    meshed: HashMap<SocketAddr, Arc<str>>,
 }
 
 impl RouteTable {
@@ -286,10 +288,23 @@ impl RouteTable {
                 }
             }
         }
+        let meshed = cfg
+            .services
+            .iter()
+            .flat_map(|s| &s.endpoints)
+            .filter(|e| e.meshed)
+            .filter_map(|e| Some((e.address, Arc::from(e.identity.as_deref()?))))
+            .collect();
         Self {
             by_addr,
             sets: sets.into_values().collect(),
+            meshed,
         }
+    }
+
+    /// The SPIFFE ID a meshed endpoint must present.
+    pub fn meshed_identity(&self, addr: SocketAddr) -> Option<Arc<str>> {
+        self.meshed.get(&addr).cloned()
     }
 
     /// The target of an original destination, if the config knows it.

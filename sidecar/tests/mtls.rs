@@ -1,0 +1,451 @@
+//! Mesh mTLS between two in-process proxies on loopback: client → proxy A (outbound) →
+//! mTLS → proxy B (inbound) → server. Certificates come from a test CA (rcgen) and are
+//! loaded from files, as in standalone mode.
+
+mod common;
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use common::{pki::*, *};
+use http::{Request, StatusCode};
+use http_body_util::BodyExt;
+use remora_proxy::Proxy;
+use tempfile::TempDir;
+
+const FRONTEND: &str = "spiffe://cluster.local/ns/shop/sa/frontend";
+const REVIEWS: &str = "spiffe://cluster.local/ns/shop/sa/reviews";
+const VIP: &str = "10.96.0.12:9080";
+
+struct Mesh {
+    dir: TempDir,
+    ca: Ca,
+    a: Proxy,
+    b: Proxy,
+    b_ids: IdentityPaths,
+}
+
+struct MeshSpec<'a> {
+    /// The app behind proxy B.
+    backend: SocketAddr,
+    /// `protocol:` of the outbound service.
+    protocol: &'a str,
+    /// Extra YAML for proxy B (its inbound policy).
+    b_extra: &'a str,
+    /// The identity proxy A expects of B.
+    expect: &'a str,
+    /// B's certificate comes from a CA that A does not trust.
+    b_untrusted: bool,
+}
+
+impl Default for MeshSpec<'_> {
+    fn default() -> Self {
+        Self {
+            backend: "127.0.0.1:1".parse().expect("addr"),
+            protocol: "detect",
+            b_extra: "",
+            expect: REVIEWS,
+            b_untrusted: false,
+        }
+    }
+}
+
+fn fast(mut s: remora_proxy::Settings) -> remora_proxy::Settings {
+    s.config_poll_interval = Duration::from_millis(20);
+    s
+}
+
+async fn mesh(spec: MeshSpec<'_>) -> Mesh {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = Ca::new("remora test CA");
+    let rogue = Ca::new("rogue CA");
+    let b_issuer = if spec.b_untrusted { &rogue } else { &ca };
+    let b_ids = IdentityPaths::write(dir.path(), "reviews", REVIEWS, b_issuer, &ca);
+    let a_ids = IdentityPaths::write(dir.path(), "frontend", FRONTEND, &ca, &ca);
+    let b = start(
+        fast(settings(spec.backend)),
+        &format!("version: 1\n{}{}", b_ids.yaml(), spec.b_extra),
+    )
+    .await;
+    let b_in = b.inbound_addrs[0];
+    let a_yaml = format!(
+        "version: 1\n{}outbound:\n  services:\n  - name: reviews.shop\n    addresses: [\"{VIP}\"]\n    protocol: {}\n    endpoints:\n    - {{address: \"{b_in}\", identity: \"{}\", meshed: true}}\n",
+        a_ids.yaml(),
+        spec.protocol,
+        spec.expect
+    );
+    let a = start(fast(settings(VIP.parse().expect("vip"))), &a_yaml).await;
+    Mesh {
+        dir,
+        ca,
+        a,
+        b,
+        b_ids,
+    }
+}
+
+fn metric(p: &Proxy, line_prefix: &str) -> Option<u64> {
+    let text = p.context().metrics.encode();
+    text.lines()
+        .find(|l| l.starts_with(line_prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[tokio::test]
+async fn http1_and_http2_ride_mtls_with_peer_identities() {
+    let backend = http_echo().await;
+    let m = mesh(MeshSpec {
+        backend,
+        ..Default::default()
+    })
+    .await;
+    for p in [&m.a, &m.b] {
+        let admin = p.admin_addr.expect("admin");
+        assert_eq!(
+            admin_get(admin, "/ready").await.0,
+            StatusCode::OK,
+            "ready once config and certificate are loaded"
+        );
+    }
+    let mut c1 = h1(m.a.outbound_addrs[0]).await;
+    for _ in 0..3 {
+        let resp = c1.send_request(get("/hello")).await.expect("response");
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(resp.headers().get("echo-host").expect("host"), "app.test");
+        assert_eq!(
+            resp.headers().get("echo-server").expect("server"),
+            &backend.to_string()
+        );
+    }
+    let mut c2 = h2(m.a.outbound_addrs[0]).await;
+    let req = Request::builder()
+        .uri("http://app.test/trailers")
+        .header("te", "trailers")
+        .body(full("x"))
+        .expect("req");
+    let resp = c2.send_request(req).await.expect("h2 response");
+    assert_eq!(resp.status(), StatusCode::OK);
+    let collected = resp.into_body().collect().await.expect("body");
+    assert_eq!(
+        collected
+            .trailers()
+            .and_then(|t| t.get("grpc-status"))
+            .expect("trailers through mTLS"),
+        "0"
+    );
+
+    assert!(
+        metric(
+            &m.a,
+            r#"remora_proxy_tls_handshakes_total{direction="outbound",outcome="ok"}"#
+        )
+        .unwrap_or(0)
+            >= 1
+    );
+    assert!(
+        metric(
+            &m.b,
+            r#"remora_proxy_tls_handshakes_total{direction="inbound",outcome="ok"}"#
+        )
+        .unwrap_or(0)
+            >= 1
+    );
+    assert_eq!(
+        metric(
+            &m.b,
+            &format!(
+                r#"remora_proxy_requests_total{{direction="inbound",status="200",peer_identity="{FRONTEND}"}}"#
+            )
+        ),
+        Some(4),
+        "B sees A's SPIFFE ID"
+    );
+    assert_eq!(
+        metric(
+            &m.a,
+            &format!(
+                r#"remora_proxy_requests_total{{direction="outbound",status="200",peer_identity="{REVIEWS}"}}"#
+            )
+        ),
+        Some(4),
+    );
+    assert!(
+        metric(&m.a, "remora_proxy_cert_expiry_timestamp_seconds").unwrap_or(0) > 4_000_000_000
+    );
+}
+
+#[tokio::test]
+async fn opaque_tcp_rides_mtls() {
+    let backend = tcp_echo().await;
+    let m = mesh(MeshSpec {
+        backend,
+        protocol: "opaque",
+        ..Default::default()
+    })
+    .await;
+    let mut s = tokio::net::TcpStream::connect(m.a.outbound_addrs[0])
+        .await
+        .expect("connect");
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    s.write_all(b"\x00binary over mtls").await.expect("write");
+    s.shutdown().await.expect("half-close");
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
+        .await
+        .expect("in time")
+        .expect("read");
+    assert_eq!(out, b"\x00binary over mtls");
+    assert_eq!(
+        metric(
+            &m.b,
+            r#"remora_proxy_tls_handshakes_total{direction="inbound",outcome="ok"}"#
+        ),
+        Some(1)
+    );
+}
+
+#[tokio::test]
+async fn wrong_identity_is_refused_and_counted() {
+    let backend = http_echo().await;
+    let m = mesh(MeshSpec {
+        backend,
+        expect: "spiffe://cluster.local/ns/shop/sa/impostor",
+        ..Default::default()
+    })
+    .await;
+    let mut c = h1(m.a.outbound_addrs[0]).await;
+    let resp = c.send_request(get("/")).await.expect("response");
+    assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
+    assert_eq!(
+        metric(
+            &m.a,
+            r#"remora_proxy_tls_handshakes_total{direction="outbound",outcome="identity_mismatch"}"#
+        ),
+        Some(1)
+    );
+    assert_eq!(
+        metric(
+            &m.b,
+            r#"remora_proxy_tls_handshakes_total{direction="inbound",outcome="rejected_by_peer"}"#
+        ),
+        Some(1)
+    );
+}
+
+#[tokio::test]
+async fn untrusted_certificate_is_refused_and_counted() {
+    let backend = http_echo().await;
+    // B's own loader refuses a certificate that does not chain to its bundle, so B is not
+    // ready and serves no identity: A's handshake fails, B counts why.
+    let m = mesh(MeshSpec {
+        backend,
+        b_untrusted: true,
+        ..Default::default()
+    })
+    .await;
+    let admin = m.b.admin_addr.expect("admin");
+    let (status, body) = admin_get(admin, "/ready").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(
+        metric(
+            &m.b,
+            r#"remora_proxy_identity_reloads_total{reason="untrusted"}"#
+        ),
+        Some(1)
+    );
+    let mut c = h1(m.a.outbound_addrs[0]).await;
+    let resp = c.send_request(get("/")).await.expect("response");
+    assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
+    assert_eq!(
+        metric(
+            &m.b,
+            r#"remora_proxy_connections_total{direction="inbound",outcome="no_identity"}"#
+        ),
+        Some(1)
+    );
+}
+
+#[tokio::test]
+async fn strict_mtls_refuses_plaintext() {
+    let backend = http_echo().await;
+    let m = mesh(MeshSpec {
+        backend,
+        b_extra: "inbound: {default: {mtls: Strict}}\n",
+        ..Default::default()
+    })
+    .await;
+    let out = raw_exchange(m.b.inbound_addrs[0], b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").await;
+    assert!(
+        out.is_empty(),
+        "plaintext is refused: {}",
+        String::from_utf8_lossy(&out)
+    );
+    assert_eq!(
+        metric(
+            &m.b,
+            r#"remora_proxy_connections_total{direction="inbound",outcome="plaintext_refused"}"#
+        ),
+        Some(1)
+    );
+    let mut c = h1(m.a.outbound_addrs[0]).await;
+    assert_eq!(
+        c.send_request(get("/")).await.expect("response").status(),
+        StatusCode::OK,
+        "mTLS is accepted"
+    );
+}
+
+#[tokio::test]
+async fn authorization_allows_listed_identity_and_denies_the_rest() {
+    let backend = http_echo().await;
+    let b_extra = format!(
+        "inbound:\n  default:\n    authorization:\n      default: Deny\n      rules:\n      - from: {{identities: [\"{FRONTEND}\"]}}\n        to: {{methods: [GET], paths: [\"/api/*\"]}}\n"
+    );
+    let m = mesh(MeshSpec {
+        backend,
+        b_extra: &b_extra,
+        ..Default::default()
+    })
+    .await;
+    let mut c = h1(m.a.outbound_addrs[0]).await;
+    assert_eq!(
+        c.send_request(get("/api/items"))
+            .await
+            .expect("response")
+            .status(),
+        StatusCode::OK
+    );
+    let resp = c.send_request(get("/admin")).await.expect("response");
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+    let reason = resp
+        .headers()
+        .get("x-remora-proxy-error")
+        .expect("reason")
+        .to_str()
+        .expect("ascii")
+        .to_owned();
+    assert!(
+        reason.contains(FRONTEND) && reason.contains("/admin"),
+        "{reason}"
+    );
+    // A plaintext client has no identity: denied too.
+    let mut plain = h1(m.b.inbound_addrs[0]).await;
+    assert_eq!(
+        plain
+            .send_request(get("/api/items"))
+            .await
+            .expect("response")
+            .status(),
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        metric(
+            &m.b,
+            r#"remora_proxy_authz_total{direction="inbound",outcome="deny"}"#
+        ),
+        Some(2)
+    );
+    assert_eq!(
+        metric(
+            &m.b,
+            r#"remora_proxy_authz_total{direction="inbound",outcome="allow"}"#
+        ),
+        Some(1)
+    );
+}
+
+#[tokio::test]
+async fn authorization_closes_denied_tcp() {
+    let backend = tcp_echo().await;
+    let m = mesh(MeshSpec {
+        backend,
+        protocol: "opaque",
+        b_extra: "inbound:\n  default:\n    protocol: opaque\n    authorization: {default: Deny}\n",
+        ..Default::default()
+    })
+    .await;
+    let out = raw_exchange(m.a.outbound_addrs[0], b"hello").await;
+    assert!(out.is_empty());
+    for _ in 0..200 {
+        if metric(
+            &m.b,
+            r#"remora_proxy_connections_total{direction="inbound",outcome="unauthorized"}"#,
+        ) == Some(1)
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!(
+        "denied TCP connection not counted:\n{}",
+        m.b.context().metrics.encode()
+    );
+}
+
+#[tokio::test]
+async fn certificate_rotation_under_load_fails_no_request() {
+    let backend = http_echo().await;
+    let m = Arc::new(
+        mesh(MeshSpec {
+            backend,
+            ..Default::default()
+        })
+        .await,
+    );
+    let before = m.b.context().identity.current().expect("identity");
+    let load = {
+        let m = m.clone();
+        tokio::spawn(async move {
+            let mut ok = 0u32;
+            let mut c = h1(m.a.outbound_addrs[0]).await;
+            let deadline = tokio::time::Instant::now() + Duration::from_millis(800);
+            while tokio::time::Instant::now() < deadline {
+                let resp = c
+                    .send_request(get("/"))
+                    .await
+                    .expect("every request gets a response");
+                assert_eq!(
+                    resp.status(),
+                    StatusCode::OK,
+                    "no failed request during rotation"
+                );
+                let _ = resp.into_body().collect().await;
+                ok += 1;
+                // New connections too, which need handshakes with whatever cert is current.
+                if ok.is_multiple_of(10) {
+                    c = h1(m.a.outbound_addrs[0]).await;
+                }
+            }
+            ok
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (cert, key) = m.ca.issue(REVIEWS, false);
+    m.b_ids.replace(&cert, &key);
+    let served = load.await.expect("load finished without failures");
+    assert!(served > 10, "load ran: {served}");
+    let after = m.b.context().identity.current().expect("identity");
+    assert!(
+        !Arc::ptr_eq(&before, &after),
+        "the new certificate was loaded"
+    );
+    let _ = &m.dir;
+    // A broken file never replaces the good identity.
+    std::fs::write(&m.b_ids.cert, "not a certificate").expect("write");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let still = m.b.context().identity.current().expect("identity");
+    assert!(Arc::ptr_eq(&after, &still), "bad files are rejected");
+    assert!(
+        metric(
+            &m.b,
+            r#"remora_proxy_identity_reloads_total{reason="bad_certificate"}"#
+        )
+        .unwrap_or(0)
+            >= 1
+    );
+    let mut c = h1(m.a.outbound_addrs[0]).await;
+    assert_eq!(
+        c.send_request(get("/")).await.expect("response").status(),
+        StatusCode::OK
+    );
+}
