@@ -153,10 +153,12 @@ impl Proxy {
         let admin_addr = admin.as_ref().and_then(|l| l.local_addr().ok());
         let metrics = Arc::new(Metrics::new());
         let identity = Arc::new(IdentityStore::default());
-        if let Some(files) = &config.identity {
+        let identity_seen = config.identity.as_ref().map(|files| {
+            let seen = tls::IdentitySeen::of(files);
             // A failure is logged and counted; /ready stays false until a reload succeeds.
             let _ = identity.reload(files, &metrics);
-        }
+            seen
+        });
         let config = Arc::new(ConfigStore::new(config, &metrics));
         let ctx = Arc::new(Context {
             listen_addrs: outbound_addrs
@@ -209,6 +211,7 @@ impl Proxy {
                     &ctx.identity,
                     &ctx.metrics,
                     ctx.settings.config_poll_interval,
+                    identity_seen,
                     stop,
                 )
                 .await;

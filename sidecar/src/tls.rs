@@ -78,7 +78,28 @@ impl IdentityStore {
     }
 }
 
-fn stamp(path: &Path) -> Option<(Option<SystemTime>, u64, u64)> {
+type FileStamp = Option<(Option<SystemTime>, u64, u64)>;
+
+/// The identity files and their on-disk stamps, as last loaded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdentitySeen(IdentityFiles, [FileStamp; 3]);
+
+impl IdentitySeen {
+    /// Stamps `files` now; take it *before* loading them so that a change racing the
+    /// load is seen by the watcher.
+    pub fn of(files: &IdentityFiles) -> Self {
+        Self(
+            files.clone(),
+            [
+                stamp(&files.cert_chain),
+                stamp(&files.private_key),
+                stamp(&files.trust_bundle),
+            ],
+        )
+    }
+}
+
+fn stamp(path: &Path) -> FileStamp {
     let meta = std::fs::metadata(path).ok()?;
     Some((
         meta.modified().ok(),
@@ -94,10 +115,9 @@ pub async fn watch_identity(
     store: &IdentityStore,
     metrics: &Metrics,
     interval: Duration,
+    mut last: Option<IdentitySeen>,
     stop: impl Future<Output = ()>,
 ) {
-    type Seen = (IdentityFiles, [Option<(Option<SystemTime>, u64, u64)>; 3]);
-    let mut last: Option<Seen> = None;
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(stop);
@@ -109,12 +129,7 @@ pub async fn watch_identity(
         let Some(files) = config.load().config.identity.clone() else {
             continue;
         };
-        let stamps = [
-            stamp(&files.cert_chain),
-            stamp(&files.private_key),
-            stamp(&files.trust_bundle),
-        ];
-        let seen = (files, stamps);
+        let seen = IdentitySeen::of(&files);
         if last.as_ref() == Some(&seen) {
             continue;
         }

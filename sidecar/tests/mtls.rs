@@ -246,12 +246,13 @@ async fn untrusted_certificate_is_refused_and_counted() {
     let admin = m.b.admin_addr.expect("admin");
     let (status, body) = admin_get(admin, "/ready").await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
-    assert_eq!(
+    assert!(
         metric(
             &m.b,
             r#"remora_proxy_identity_reloads_total{reason="untrusted"}"#
-        ),
-        Some(1)
+        )
+        .unwrap_or(0)
+            >= 1
     );
     let mut c = h1(m.a.outbound_addrs[0]).await;
     let resp = c.send_request(get("/")).await.expect("response");
