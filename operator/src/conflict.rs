@@ -11,6 +11,13 @@ fn seniority<K: ResourceExt>(obj: &K) -> (bool, Option<k8s_openapi::jiff::Timest
     (ts.is_none(), ts, obj.name_any())
 }
 
+/// The oldest of `candidates` (by `creationTimestamp`, then name): the one in effect.
+pub fn oldest<'a, K: ResourceExt + 'a>(
+    candidates: impl IntoIterator<Item = &'a K>,
+) -> Option<&'a K> {
+    candidates.into_iter().min_by_key(|c| seniority(*c))
+}
+
 /// Among `candidates` (every object of the kind in the namespace), those for which
 /// `same_target` holds compete with `obj`; returns the name of the winner when it is not
 /// `obj` itself. `obj` need not be among `candidates` (its newest copy is used).
@@ -73,6 +80,8 @@ pub(crate) mod tests {
             "same age: name decides"
         );
         assert_eq!(winner(&all[3], &all), None, "other target does not compete");
+        let x: Vec<&ConfigMap> = all.iter().filter(|c| target(c) == "x").collect();
+        assert_eq!(oldest(x).map(|c| c.name_any()), Some("b".to_owned()));
     }
 
     #[test]

@@ -16,6 +16,7 @@ pub mod conditions;
 pub mod conflict;
 pub mod context;
 pub mod controller;
+pub mod index;
 pub mod leader;
 pub mod metrics;
 pub mod status;

@@ -1,0 +1,685 @@
+//! Derivation: from a [`Snapshot`] to the proxy config pieces of the shared model
+//! (`remora_crds::proxy`): one [`OutboundService`] per destination (a Service port) and
+//! one [`InboundConfig`] per Pod. Pure functions.
+//!
+//! Policy resolution matches what the controllers report in status: for a target, the
+//! oldest policy is in effect if it is valid; a per-Service policy overrides the
+//! namespace-wide one (which applies when the per-Service one is absent or invalid).
+//! A split's backends that do not exist are left out (their share goes to the others);
+//! a split with no weight left is not applied.
+//!
+//! A destination is a Service *port*: its pieces carry the VIP:port addresses and the
+//! endpoints' `ip:targetPort` for that port only, so multi-port Services stay correct
+//! with the model's flat endpoint list. Split backends are named `<svc>.<ns>` and resolve
+//! to the backend's destination on the same port (backends must expose the root's
+//! ports, which the TrafficSplit controller checks).
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::SocketAddr,
+};
+
+use remora_crds::{
+    MeshPolicy, TrafficSplit,
+    proxy::{
+        Endpoint, HeaderRoute, InboundConfig, InboundPolicy, Mirror, OutboundService, Protocol,
+        Split, WeightedBackend,
+    },
+};
+
+use super::model::{ObjKey, ServiceState, Snapshot, app_protocol};
+use crate::{conditions::policy_target, conflict, validate};
+
+/// A destination clients connect to: one port of one Service.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Destination {
+    pub service: ObjKey,
+    pub port: u16,
+}
+
+impl std::fmt::Display for Destination {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}.{}:{}",
+            self.service.name, self.service.namespace, self.port
+        )
+    }
+}
+
+/// The mesh name of a Service: `<name>.<namespace>`.
+pub fn mesh_name(svc: &ObjKey) -> String {
+    format!("{}.{}", svc.name, svc.namespace)
+}
+
+fn valid_oldest<'a>(
+    candidates: impl IntoIterator<Item = &'a MeshPolicy>,
+) -> Option<&'a MeshPolicy> {
+    conflict::oldest(candidates).filter(|p| validate::mesh_policy_spec(&p.spec).is_empty())
+}
+
+/// The per-Service policy in effect for `svc`, if any.
+pub fn service_policy<'a>(snap: &'a Snapshot, svc: &ObjKey) -> Option<&'a MeshPolicy> {
+    valid_oldest(
+        snap.policies
+            .iter()
+            .filter(|(k, p)| {
+                k.namespace == svc.namespace && policy_target(p) == Some(svc.name.as_str())
+            })
+            .map(|(_, p)| p),
+    )
+}
+
+/// The namespace-wide policy in effect in `namespace`, if any.
+pub fn namespace_policy<'a>(snap: &'a Snapshot, namespace: &str) -> Option<&'a MeshPolicy> {
+    valid_oldest(
+        snap.policies
+            .iter()
+            .filter(|(k, p)| k.namespace == namespace && policy_target(p).is_none())
+            .map(|(_, p)| p),
+    )
+}
+
+fn split_in_effect<'a>(snap: &'a Snapshot, svc: &ObjKey) -> Option<&'a TrafficSplit> {
+    conflict::oldest(
+        snap.splits
+            .iter()
+            .filter(|(k, s)| k.namespace == svc.namespace && s.spec.service == svc.name)
+            .map(|(_, s)| s),
+    )
+    .filter(|s| validate::traffic_split_spec(&s.spec).is_empty())
+}
+
+fn split(snap: &Snapshot, svc: &ObjKey) -> Option<Split> {
+    let ts = split_in_effect(snap, svc)?;
+    let exists = |name: &str| {
+        snap.services
+            .contains_key(&ObjKey::new(svc.namespace.clone(), name))
+    };
+    let name = |s: &str| mesh_name(&ObjKey::new(svc.namespace.clone(), s));
+    let backends: Vec<WeightedBackend> = ts
+        .spec
+        .backends
+        .iter()
+        .filter(|b| exists(&b.service))
+        .map(|b| WeightedBackend {
+            service: name(&b.service),
+            weight: b.weight,
+        })
+        .collect();
+    if backends.iter().all(|b| b.weight == 0) {
+        return None;
+    }
+    Some(Split {
+        matches: ts
+            .spec
+            .matches
+            .iter()
+            .filter(|m| exists(&m.backend))
+            .map(|m| HeaderRoute {
+                headers: m.headers.clone(),
+                backend: name(&m.backend),
+            })
+            .collect(),
+        mirror: ts
+            .spec
+            .mirror
+            .as_ref()
+            .filter(|m| exists(&m.service))
+            .map(|m| Mirror {
+                service: name(&m.service),
+                percent: m.percent,
+            }),
+        backends,
+    })
+}
+
+fn protocol(svc: &ServiceState, port: u16) -> Protocol {
+    if svc.opaque_ports.contains(&port) {
+        return Protocol::Opaque;
+    }
+    svc.port(port)
+        .and_then(|p| app_protocol(p.app_protocol.as_deref()))
+        .unwrap_or_default()
+}
+
+/// The endpoints of `dest`: every address of every slice of the Service, on the
+/// slice's port for the Service port's name, sorted by address.
+pub fn endpoints(snap: &Snapshot, dest: &Destination) -> Vec<Endpoint> {
+    let Some(svc_port) = snap
+        .services
+        .get(&dest.service)
+        .and_then(|s| s.port(dest.port))
+    else {
+        return Vec::new();
+    };
+    let mut out: BTreeMap<SocketAddr, Endpoint> = BTreeMap::new();
+    for slice in snap.slices_of(&dest.service) {
+        let Some(target) = slice
+            .ports
+            .iter()
+            .find(|p| p.name == svc_port.name && p.protocol == svc_port.protocol)
+        else {
+            continue;
+        };
+        for e in &slice.endpoints {
+            let pod = e.pod.as_ref().and_then(|name| {
+                snap.pods
+                    .get(&ObjKey::new(dest.service.namespace.clone(), name.clone()))
+            });
+            let meshed = pod.is_some_and(|p| p.meshed);
+            let identity = pod
+                .filter(|p| p.meshed)
+                .map(|p| snap.spiffe_id(&dest.service.namespace, &p.service_account));
+            for ip in &e.addresses {
+                let address = SocketAddr::new(*ip, target.port);
+                out.entry(address).or_insert_with(|| Endpoint {
+                    address,
+                    identity: identity.clone(),
+                    zone: e.zone.clone(),
+                    ready: e.ready,
+                    serving: e.serving,
+                    terminating: e.terminating,
+                    meshed,
+                });
+            }
+        }
+    }
+    out.into_values().collect()
+}
+
+/// Every destination of the snapshot (TCP ports of every Service).
+pub fn destinations(snap: &Snapshot) -> Vec<Destination> {
+    snap.services
+        .iter()
+        .flat_map(|(key, svc)| {
+            svc.ports
+                .iter()
+                .filter(|p| p.protocol == "TCP")
+                .map(|p| Destination {
+                    service: key.clone(),
+                    port: p.port,
+                })
+        })
+        .collect()
+}
+
+/// The outbound piece of `dest`; `None` when the Service or port does not exist.
+pub fn outbound(snap: &Snapshot, dest: &Destination) -> Option<OutboundService> {
+    let svc = snap.services.get(&dest.service)?;
+    svc.port(dest.port)?;
+    let endpoints = endpoints(snap, dest);
+    let addresses: BTreeSet<SocketAddr> = if svc.is_headless() {
+        endpoints.iter().map(|e| e.address).collect()
+    } else {
+        svc.cluster_ips
+            .iter()
+            .map(|ip| SocketAddr::new(*ip, dest.port))
+            .collect()
+    };
+    let policy = service_policy(snap, &dest.service)
+        .or_else(|| namespace_policy(snap, &dest.service.namespace))
+        .map(|p| p.spec.traffic_policy());
+    Some(OutboundService {
+        name: mesh_name(&dest.service),
+        addresses: addresses.into_iter().collect(),
+        protocol: protocol(svc, dest.port),
+        policy,
+        split: split(snap, &dest.service),
+        endpoints,
+    })
+}
+
+fn inbound_policy(p: &MeshPolicy, protocol: Option<Protocol>) -> InboundPolicy {
+    InboundPolicy {
+        protocol,
+        mtls: p.spec.mtls.as_ref().map(|m| m.mode),
+        authorization: p.spec.authorization.clone(),
+        rate_limit: p.spec.rate_limit.clone(),
+    }
+}
+
+/// The inbound piece of a Pod; `None` when the Pod is unknown.
+///
+/// `default` is the workload default overlaid with the namespace-wide policy; a port
+/// gets an entry when a Service exposing it has a policy in effect (the oldest such
+/// policy wins if several Services expose the port) or when it is opaque.
+pub fn inbound(snap: &Snapshot, pod_key: &ObjKey) -> Option<InboundConfig> {
+    let pod = snap.pods.get(pod_key)?;
+    let mut default = InboundPolicy::workload_default();
+    if let Some(ns_policy) = namespace_policy(snap, &pod_key.namespace) {
+        let p = inbound_policy(ns_policy, None);
+        default.mtls = p.mtls.or(default.mtls);
+        default.authorization = p.authorization.or(default.authorization);
+        default.rate_limit = p.rate_limit.or(default.rate_limit);
+    }
+
+    // Pod port → (policy, protocol hint) from the Services whose slices list this pod.
+    let mut by_port: BTreeMap<u16, (Option<&MeshPolicy>, Option<Protocol>)> = BTreeMap::new();
+    let ns_start = ObjKey::new(pod_key.namespace.clone(), String::new());
+    for (_, slice) in snap
+        .slices
+        .range(ns_start..)
+        .take_while(|(k, _)| k.namespace == pod_key.namespace)
+    {
+        if !slice
+            .endpoints
+            .iter()
+            .any(|e| e.pod.as_deref() == Some(pod_key.name.as_str()))
+        {
+            continue;
+        }
+        let svc_key = ObjKey::new(pod_key.namespace.clone(), slice.service.clone());
+        let Some(svc) = snap.services.get(&svc_key) else {
+            continue;
+        };
+        let policy = service_policy(snap, &svc_key);
+        for sp in &slice.ports {
+            let Some(svc_port) = svc
+                .ports
+                .iter()
+                .find(|p| p.name == sp.name && p.protocol == sp.protocol && sp.protocol == "TCP")
+            else {
+                continue;
+            };
+            let hint = if svc.opaque_ports.contains(&svc_port.port) {
+                Some(Protocol::Opaque)
+            } else {
+                app_protocol(svc_port.app_protocol.as_deref())
+            };
+            let entry = by_port.entry(sp.port).or_insert((None, None));
+            entry.0 = match (entry.0, policy) {
+                (Some(a), Some(b)) => conflict::oldest([a, b]),
+                (a, b) => a.or(b),
+            };
+            entry.1 = entry.1.or(hint);
+        }
+    }
+    for port in &pod.opaque_ports {
+        by_port.entry(*port).or_insert((None, None)).1 = Some(Protocol::Opaque);
+    }
+
+    let ports = by_port
+        .into_iter()
+        .filter_map(|(port, (policy, hint))| {
+            let hint = if pod.opaque_ports.contains(&port) {
+                Some(Protocol::Opaque)
+            } else {
+                hint
+            };
+            match (policy, hint) {
+                (None, None) => None,
+                (Some(p), hint) => Some((port, inbound_policy(p, hint))),
+                (None, hint) => Some((
+                    port,
+                    InboundPolicy {
+                        protocol: hint,
+                        ..InboundPolicy::default()
+                    },
+                )),
+            }
+        })
+        .collect();
+    Some(InboundConfig { default, ports })
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::index::model::{PodState, SliceEndpoint, SlicePort, SliceState, SvcPort};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    use pretty_assertions::assert_eq;
+    use remora_crds::{
+        MeshPolicySpec, TrafficSplitSpec,
+        mesh_policy::TargetRef,
+        policy::{Authorization, AuthorizationDefault, MtlsMode, MtlsPolicy, RateLimit, Timeouts},
+        traffic_split::SplitBackend,
+    };
+
+    fn at(secs: i64) -> Time {
+        Time(k8s_openapi::jiff::Timestamp::from_second(1_700_000_000 + secs).expect("ts"))
+    }
+
+    pub(crate) fn svc(ip: &str, ports: &[(&str, u16)]) -> ServiceState {
+        ServiceState {
+            cluster_ips: if ip.is_empty() {
+                vec![]
+            } else {
+                vec![ip.parse().expect("ip")]
+            },
+            ports: ports
+                .iter()
+                .map(|(name, port)| SvcPort {
+                    name: (*name).to_owned(),
+                    port: *port,
+                    protocol: "TCP".to_owned(),
+                    app_protocol: None,
+                })
+                .collect(),
+            opaque_ports: BTreeSet::new(),
+        }
+    }
+
+    pub(crate) fn slice(
+        service: &str,
+        ports: &[(&str, u16)],
+        eps: &[(&str, &str, bool)],
+    ) -> SliceState {
+        SliceState {
+            service: service.to_owned(),
+            ports: ports
+                .iter()
+                .map(|(name, port)| SlicePort {
+                    name: (*name).to_owned(),
+                    port: *port,
+                    protocol: "TCP".to_owned(),
+                })
+                .collect(),
+            endpoints: eps
+                .iter()
+                .map(|(ip, pod, ready)| SliceEndpoint {
+                    addresses: vec![ip.parse().expect("ip")],
+                    ready: *ready,
+                    serving: *ready,
+                    terminating: false,
+                    zone: Some("zone-a".to_owned()),
+                    pod: (!pod.is_empty()).then(|| (*pod).to_owned()),
+                })
+                .collect(),
+        }
+    }
+
+    fn pod(sa: &str, meshed: bool) -> PodState {
+        PodState {
+            service_account: sa.to_owned(),
+            meshed,
+            ..PodState::default()
+        }
+    }
+
+    fn policy(
+        ns: &str,
+        name: &str,
+        created: i64,
+        target: Option<&str>,
+        spec: MeshPolicySpec,
+    ) -> MeshPolicy {
+        let mut p = MeshPolicy::new(
+            name,
+            MeshPolicySpec {
+                target_ref: target.map(|t| TargetRef {
+                    kind: Default::default(),
+                    name: t.to_owned(),
+                }),
+                ..spec
+            },
+        );
+        p.metadata.namespace = Some(ns.to_owned());
+        p.metadata.creation_timestamp = Some(at(created));
+        p
+    }
+
+    fn k(ns: &str, name: &str) -> ObjKey {
+        ObjKey::new(ns, name)
+    }
+
+    /// shop: reviews (VIP, ports http 9080 → 8080 and admin 9090 → 9091), v1 and v2
+    /// backends, pods reviews-1 (meshed) and reviews-2 (not).
+    pub(crate) fn shop() -> Snapshot {
+        let mut s = Snapshot::new("cluster.local");
+        s.services.insert(
+            k("shop", "reviews"),
+            svc("10.96.0.12", &[("http", 9080), ("admin", 9090)]),
+        );
+        s.services.insert(
+            k("shop", "reviews-v1"),
+            svc("10.96.0.13", &[("http", 9080)]),
+        );
+        s.services.insert(
+            k("shop", "reviews-v2"),
+            svc("10.96.0.14", &[("http", 9080)]),
+        );
+        s.slices.insert(
+            k("shop", "reviews-abc"),
+            slice(
+                "reviews",
+                &[("http", 8080), ("admin", 9091)],
+                &[
+                    ("10.244.0.7", "reviews-1", true),
+                    ("10.244.0.8", "reviews-2", false),
+                ],
+            ),
+        );
+        s.pods.insert(k("shop", "reviews-1"), pod("reviews", true));
+        s.pods.insert(k("shop", "reviews-2"), pod("reviews", false));
+        s
+    }
+
+    fn dest(ns: &str, name: &str, port: u16) -> Destination {
+        Destination {
+            service: k(ns, name),
+            port,
+        }
+    }
+
+    #[test]
+    fn outbound_per_port_with_identities() {
+        let s = shop();
+        let out = outbound(&s, &dest("shop", "reviews", 9080)).expect("destination");
+        assert_eq!(out.name, "reviews.shop");
+        assert_eq!(
+            out.addresses,
+            vec!["10.96.0.12:9080".parse::<SocketAddr>().expect("addr")]
+        );
+        assert_eq!(out.protocol, Protocol::Detect);
+        assert_eq!((out.policy.clone(), out.split.clone()), (None, None));
+        assert_eq!(
+            out.endpoints,
+            vec![
+                Endpoint {
+                    address: "10.244.0.7:8080".parse().expect("addr"),
+                    identity: Some("spiffe://cluster.local/ns/shop/sa/reviews".to_owned()),
+                    zone: Some("zone-a".to_owned()),
+                    ready: true,
+                    serving: true,
+                    terminating: false,
+                    meshed: true,
+                },
+                Endpoint {
+                    address: "10.244.0.8:8080".parse().expect("addr"),
+                    identity: None,
+                    zone: Some("zone-a".to_owned()),
+                    ready: false,
+                    serving: false,
+                    terminating: false,
+                    meshed: false,
+                },
+            ]
+        );
+        let admin = outbound(&s, &dest("shop", "reviews", 9090)).expect("admin port");
+        assert_eq!(
+            admin
+                .endpoints
+                .iter()
+                .map(|e| e.address.port())
+                .collect::<Vec<_>>(),
+            vec![9091, 9091]
+        );
+        assert_eq!(outbound(&s, &dest("shop", "reviews", 1)), None);
+        assert_eq!(outbound(&s, &dest("shop", "nope", 9080)), None);
+        assert_eq!(destinations(&s).len(), 4);
+    }
+
+    #[test]
+    fn headless_services_are_addressed_by_endpoint() {
+        let mut s = shop();
+        s.services
+            .insert(k("shop", "reviews"), svc("", &[("http", 9080)]));
+        let out = outbound(&s, &dest("shop", "reviews", 9080)).expect("destination");
+        let addrs: Vec<String> = out.addresses.iter().map(ToString::to_string).collect();
+        assert_eq!(addrs, vec!["10.244.0.7:8080", "10.244.0.8:8080"]);
+    }
+
+    #[test]
+    fn policies_oldest_valid_wins_and_namespace_wide_is_the_fallback() {
+        let mut s = shop();
+        let timeouts = |secs| MeshPolicySpec {
+            timeouts: Some(Timeouts {
+                request: Some(remora_crds::duration::Duration::from_secs(secs)),
+                ..Timeouts::default()
+            }),
+            ..MeshPolicySpec::default()
+        };
+        s.policies
+            .insert(k("shop", "ns"), policy("shop", "ns", 0, None, timeouts(1)));
+        let request = |s: &Snapshot| {
+            outbound(s, &dest("shop", "reviews", 9080))
+                .and_then(|o| o.policy)
+                .and_then(|p| p.timeouts)
+                .and_then(|t| t.request)
+                .map(|d| d.get().as_secs())
+        };
+        assert_eq!(request(&s), Some(1), "namespace-wide applies");
+        s.policies.insert(
+            k("shop", "b"),
+            policy("shop", "b", 20, Some("reviews"), timeouts(3)),
+        );
+        s.policies.insert(
+            k("shop", "a"),
+            policy("shop", "a", 10, Some("reviews"), timeouts(2)),
+        );
+        assert_eq!(request(&s), Some(2), "the oldest per-service policy");
+        // The oldest becomes invalid: nothing per-service is in effect (the younger one
+        // is Conflicted), so the namespace-wide policy applies.
+        let mut invalid = timeouts(2);
+        invalid.load_balancer = Some(remora_crds::policy::LoadBalancer {
+            algorithm: remora_crds::policy::LbAlgorithm::ConsistentHash,
+            consistent_hash: None,
+            locality: None,
+        });
+        s.policies.insert(
+            k("shop", "a"),
+            policy("shop", "a", 10, Some("reviews"), invalid),
+        );
+        assert_eq!(request(&s), Some(1));
+        // Other namespaces are untouched.
+        s.services
+            .insert(k("other", "reviews"), svc("10.96.1.1", &[("http", 9080)]));
+        assert_eq!(
+            outbound(&s, &dest("other", "reviews", 9080)).and_then(|o| o.policy),
+            None
+        );
+    }
+
+    #[test]
+    fn split_names_existing_backends_only() {
+        let mut s = shop();
+        let mut ts = TrafficSplit::new(
+            "canary",
+            TrafficSplitSpec {
+                service: "reviews".to_owned(),
+                backends: vec![
+                    SplitBackend {
+                        service: "reviews-v1".to_owned(),
+                        weight: 90,
+                    },
+                    SplitBackend {
+                        service: "reviews-v3".to_owned(),
+                        weight: 10,
+                    },
+                ],
+                matches: Vec::new(),
+                mirror: None,
+            },
+        );
+        ts.metadata.namespace = Some("shop".to_owned());
+        ts.metadata.creation_timestamp = Some(at(0));
+        s.splits.insert(k("shop", "canary"), ts.clone());
+        let split = outbound(&s, &dest("shop", "reviews", 9080))
+            .and_then(|o| o.split)
+            .expect("split");
+        assert_eq!(
+            split.backends,
+            vec![WeightedBackend {
+                service: "reviews-v1.shop".to_owned(),
+                weight: 90
+            }]
+        );
+        // Only the missing backend has weight: no split.
+        ts.spec.backends[0].weight = 0;
+        s.splits.insert(k("shop", "canary"), ts);
+        assert_eq!(
+            outbound(&s, &dest("shop", "reviews", 9080)).and_then(|o| o.split),
+            None
+        );
+    }
+
+    #[test]
+    fn inbound_from_policies_and_opaque_ports() {
+        let mut s = shop();
+        assert_eq!(
+            inbound(&s, &k("shop", "reviews-1")),
+            Some(InboundConfig::default()),
+            "no policy: the workload default"
+        );
+        s.policies.insert(
+            k("shop", "ns"),
+            policy(
+                "shop",
+                "ns",
+                0,
+                None,
+                MeshPolicySpec {
+                    mtls: Some(MtlsPolicy {
+                        mode: MtlsMode::Strict,
+                    }),
+                    ..MeshPolicySpec::default()
+                },
+            ),
+        );
+        s.policies.insert(
+            k("shop", "reviews"),
+            policy(
+                "shop",
+                "reviews",
+                1,
+                Some("reviews"),
+                MeshPolicySpec {
+                    authorization: Some(Authorization {
+                        default: AuthorizationDefault::Deny,
+                        rules: Vec::new(),
+                    }),
+                    rate_limit: Some(RateLimit {
+                        requests_per_second: 10,
+                        burst: None,
+                    }),
+                    ..MeshPolicySpec::default()
+                },
+            ),
+        );
+        s.pods
+            .get_mut(&k("shop", "reviews-1"))
+            .expect("pod")
+            .opaque_ports
+            .insert(6379);
+        let got = inbound(&s, &k("shop", "reviews-1")).expect("pod known");
+        assert_eq!(got.default.mtls, Some(MtlsMode::Strict));
+        assert_eq!(
+            got.ports.keys().copied().collect::<Vec<_>>(),
+            vec![6379, 8080, 9091]
+        );
+        let http = &got.ports[&8080];
+        assert_eq!(
+            http.authorization.as_ref().map(|a| a.default),
+            Some(AuthorizationDefault::Deny)
+        );
+        assert_eq!(
+            http.rate_limit.as_ref().map(|r| r.requests_per_second),
+            Some(10)
+        );
+        assert_eq!(http.mtls, None, "falls back to the namespace default");
+        assert_eq!(got.for_port(8080).mtls, MtlsMode::Strict);
+        assert_eq!(got.ports[&6379].protocol, Some(Protocol::Opaque));
+        assert_eq!(inbound(&s, &k("shop", "nope")), None);
+    }
+}
