@@ -199,6 +199,11 @@ pub enum InjectError {
         /// The port.
         port: i32,
     },
+    /// An app container runs as the proxy's UID, so its traffic would bypass the proxy.
+    #[error(
+        "container {0:?} runs as UID 1337, which is reserved for remora-proxy (its traffic would bypass the mesh)"
+    )]
+    UidConflict(String),
     /// The pod already has a volume with a name the injector uses.
     #[error("pod already has a volume named {0:?}, which the remora injector reserves")]
     VolumeConflict(String),
@@ -269,6 +274,17 @@ pub fn inject(
                     port: p.container_port,
                 });
             }
+        }
+    }
+    let pod_uid = spec.security_context.as_ref().and_then(|sc| sc.run_as_user);
+    for c in &spec.containers {
+        let uid = c
+            .security_context
+            .as_ref()
+            .and_then(|sc| sc.run_as_user)
+            .or(pod_uid);
+        if uid == Some(PROXY_UID) {
+            return Err(InjectError::UidConflict(c.name.clone()));
         }
     }
     for v in spec.volumes.iter().flatten() {

@@ -191,6 +191,12 @@ const POD_CASES: &[(&str, &str, bool, Expect)] = &[
         true,
         Expect::Error("livenessProbe"),
     ),
+    (
+        "bad-uid-conflict",
+        "bad-uid-conflict",
+        true,
+        Expect::Error("UID 1337"),
+    ),
 ];
 
 fn read_input(input: &str) -> (Pod, serde_json::Value) {
