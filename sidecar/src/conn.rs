@@ -78,8 +78,13 @@ pub async fn serve(
     client: ClientAddr,
     local: LocalAddr,
 ) {
-    let orig_dst = match resolve_orig_dst(ctx.settings.orig_dst, &ctx.listen_addrs, &stream, local)
-    {
+    let orig_dst = match resolve_orig_dst(
+        ctx.settings.orig_dst,
+        &ctx.listen_addrs,
+        &stream,
+        local,
+        (direction == Direction::Outbound).then_some(client),
+    ) {
         Ok(d) => d,
         Err(refusal) => {
             ctx.metrics.connection(direction, refusal.label());

@@ -47,6 +47,7 @@ pub fn resolve_orig_dst(
     own: &[SocketAddr],
     stream: &TcpStream,
     local: LocalAddr,
+    local_client: Option<ClientAddr>,
 ) -> Result<OrigDstAddr, Refusal> {
     let dst = match mode {
         OrigDstMode::Kernel => {
@@ -54,7 +55,7 @@ pub fn resolve_orig_dst(
         }
         OrigDstMode::Fixed(addr) => OrigDstAddr(addr),
     };
-    if is_own(dst.0, local.0, own) {
+    if is_own(dst.0, local.0, local_client.map(|c| c.0), own) {
         return Err(Refusal::Loop(dst));
     }
     Ok(dst)
@@ -62,8 +63,14 @@ pub fn resolve_orig_dst(
 
 /// Does `dst` name one of the proxy's own listeners? It does when it equals the socket's
 /// local address (nothing rewrote the destination), or when it is a listener port on a
-/// loopback, unspecified or the local IP.
-fn is_own(dst: SocketAddr, local: SocketAddr, own: &[SocketAddr]) -> bool {
+/// loopback, unspecified or local IP. `local_client` is the client of an outbound
+/// connection, which always has one of this host's addresses.
+fn is_own(
+    dst: SocketAddr,
+    local: SocketAddr,
+    local_client: Option<SocketAddr>,
+    own: &[SocketAddr],
+) -> bool {
     let unmap = |a: SocketAddr| match a {
         SocketAddr::V6(v6) => v6
             .ip()
@@ -72,6 +79,7 @@ fn is_own(dst: SocketAddr, local: SocketAddr, own: &[SocketAddr]) -> bool {
         v4 => v4,
     };
     let (dst, local) = (unmap(dst), unmap(local));
+    let client_ip = local_client.map(|c| unmap(c).ip());
     if dst == local {
         return true;
     }
@@ -80,7 +88,8 @@ fn is_own(dst: SocketAddr, local: SocketAddr, own: &[SocketAddr]) -> bool {
             && (o.ip() == dst.ip()
                 || dst.ip().is_loopback()
                 || dst.ip().is_unspecified()
-                || dst.ip() == local.ip())
+                || dst.ip() == local.ip()
+                || Some(dst.ip()) == client_ip)
     })
 }
 
@@ -129,24 +138,44 @@ mod tests {
     fn own_listeners_are_loops() {
         let own = [a("0.0.0.0:15001"), a("0.0.0.0:15006")];
         let local = a("10.0.0.5:15001");
-        assert!(is_own(a("10.0.0.5:15001"), local, &own), "not redirected");
         assert!(
-            is_own(a("127.0.0.1:15006"), local, &own),
+            is_own(a("10.0.0.5:15001"), local, None, &own),
+            "not redirected"
+        );
+        assert!(
+            is_own(a("127.0.0.1:15006"), local, None, &own),
             "loopback to a listener port"
         );
         assert!(
-            is_own(a("10.0.0.5:15006"), local, &own),
+            is_own(a("10.0.0.5:15006"), local, None, &own),
             "own pod IP, listener port"
         );
         assert!(is_own(
             a("[::ffff:10.0.0.5]:15001"),
             a("[::ffff:10.0.0.5]:15001"),
+            None,
             &own
         ));
-        assert!(!is_own(a("10.96.0.12:9080"), local, &own));
+        assert!(!is_own(a("10.96.0.12:9080"), local, None, &own));
         assert!(
-            !is_own(a("10.0.0.9:15001"), local, &own),
+            !is_own(a("10.0.0.9:15001"), local, None, &own),
             "another pod's proxy port is a real destination"
         );
+        // Redirected from OUTPUT: the local address is loopback, the client has the pod IP.
+        assert!(
+            is_own(
+                a("10.0.0.5:15001"),
+                a("127.0.0.1:15001"),
+                Some(a("10.0.0.5:40000")),
+                &own
+            ),
+            "the pod's own IP, seen through the client address"
+        );
+        assert!(!is_own(
+            a("10.0.0.9:15001"),
+            a("127.0.0.1:15001"),
+            Some(a("10.0.0.5:40000")),
+            &own
+        ));
     }
 }

@@ -1,0 +1,519 @@
+//! Network-namespace tests (root, `ip`, `iptables`, `curl`, `python3`, `setpriv`): two
+//! "pods" in their own namespaces joined by a veth pair, each with the interception rules
+//! `remora-init` installs (outbound TCP → 15001 except the proxy's UID 1337 and loopback;
+//! inbound TCP → 15006), the `remora-proxy` binary running as UID 1337 with a standalone
+//! config and file certificates, and real clients and servers. The original destination
+//! comes from the kernel (`SO_ORIGINAL_DST`), as in a pod.
+//!
+//! Every namespace, veth and process is removed by a guard's `Drop`, also on failure.
+//! Set `REMORA_SKIP_NETNS_TESTS=1` to opt out explicitly (e.g. when not root); otherwise a
+//! missing prerequisite fails the test with what to install.
+
+mod common;
+
+use std::{
+    fs,
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+use common::pki::{Ca, IdentityPaths};
+
+const CLIENT_IP: &str = "10.77.0.1";
+const SERVER_IP: &str = "10.77.0.2";
+const FRONTEND: &str = "spiffe://cluster.local/ns/shop/sa/frontend";
+const REVIEWS: &str = "spiffe://cluster.local/ns/shop/sa/reviews";
+
+fn opted_out() -> bool {
+    std::env::var("REMORA_SKIP_NETNS_TESTS").is_ok_and(|v| v == "1")
+}
+
+fn check_prerequisites() {
+    // SAFETY-free root check: /proc/self/status Uid line.
+    let status = fs::read_to_string("/proc/self/status").expect("read /proc/self/status");
+    let uid = status
+        .lines()
+        .find(|l| l.starts_with("Uid:"))
+        .and_then(|l| l.split_whitespace().nth(1));
+    assert_eq!(
+        uid,
+        Some("0"),
+        "network-namespace tests need root (or set REMORA_SKIP_NETNS_TESTS=1)"
+    );
+    for tool in ["ip", "iptables", "curl", "python3", "setpriv"] {
+        let found = Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        assert!(
+            found,
+            "{tool} is required for network-namespace tests: apt-get install iproute2 iptables curl python3 util-linux"
+        );
+    }
+}
+
+fn run(cmd: &mut Command) -> Output {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// A network namespace, deleted on drop.
+struct Netns {
+    name: String,
+}
+
+impl Netns {
+    fn new(name: String) -> Self {
+        let _ = Command::new("ip").args(["netns", "del", &name]).output();
+        run(Command::new("ip").args(["netns", "add", &name]));
+        let ns = Self { name };
+        run(&mut ns.cmd(&["ip", "link", "set", "lo", "up"]));
+        ns
+    }
+
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name]).args(args);
+        c
+    }
+
+    fn iptables(&self, rules: &[&str]) {
+        for rule in rules {
+            let args: Vec<&str> = rule.split_whitespace().collect();
+            let mut c = self.cmd(&["iptables", "-t", "nat"]);
+            c.args(args);
+            run(&mut c);
+        }
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        // Deleting the namespace also deletes the veth end inside it (and so its peer).
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
+}
+
+/// A process killed on drop.
+struct Proc {
+    child: Child,
+    what: String,
+}
+
+impl Proc {
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        let _ = &self.what;
+    }
+}
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// Two pods joined by a veth pair, with interception rules.
+struct Pods {
+    // Field order is drop order: processes before namespaces.
+    procs: Vec<Proc>,
+    client: Netns,
+    server: Netns,
+    dir: tempfile::TempDir,
+}
+
+fn pods() -> Pods {
+    let n = SEQ.fetch_add(1, Ordering::Relaxed);
+    let tag = format!("{}{n}", std::process::id() % 100_000);
+    let client = Netns::new(format!("rpc{tag}"));
+    let server = Netns::new(format!("rps{tag}"));
+    let (va, vb) = (format!("rva{tag}"), format!("rvb{tag}"));
+    run(Command::new("ip").args([
+        "link",
+        "add",
+        &va,
+        "netns",
+        &client.name,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        &vb,
+        "netns",
+        &server.name,
+    ]));
+    for (ns, dev, ip) in [(&client, &va, CLIENT_IP), (&server, &vb, SERVER_IP)] {
+        run(&mut ns.cmd(&["ip", "addr", "add", &format!("{ip}/24"), "dev", dev]));
+        run(&mut ns.cmd(&["ip", "link", "set", dev, "up"]));
+    }
+    let outbound = [
+        "-A OUTPUT -p tcp -m owner --uid-owner 1337 -j RETURN",
+        "-A OUTPUT -p tcp -d 127.0.0.1/32 -j RETURN",
+        "-A OUTPUT -p tcp -j REDIRECT --to-ports 15001",
+    ];
+    client.iptables(&outbound);
+    server.iptables(&outbound);
+    server.iptables(&["-A PREROUTING -p tcp -j REDIRECT --to-ports 15006"]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    // The proxies run as UID 1337 and must read their files.
+    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).expect("chmod");
+    Pods {
+        procs: Vec::new(),
+        client,
+        server,
+        dir,
+    }
+}
+
+const APP: &str = r#"
+import http.server, socketserver, sys, time
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        if self.path.startswith("/slow/"):
+            time.sleep(int(self.path[6:]) / 1000)
+        body = ("path=%s host=%s request-id=%s\n" % (self.path, self.headers.get("host"), self.headers.get("x-request-id"))).encode()
+        self.send_response(200)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+class S(socketserver.ThreadingMixIn, http.server.HTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+S(("0.0.0.0", int(sys.argv[1])), H).serve_forever()
+"#;
+
+impl Pods {
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn write(&self, name: &str, text: &str) -> PathBuf {
+        let p = self.path(name);
+        fs::write(&p, text).expect("write");
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o644)).expect("chmod");
+        p
+    }
+
+    fn spawn(&mut self, ns_is_server: bool, what: &str, args: &[&str]) -> usize {
+        let ns = if ns_is_server {
+            &self.server
+        } else {
+            &self.client
+        };
+        let log = fs::File::create(self.dir.path().join(format!("{what}.log"))).expect("log file");
+        let child = ns
+            .cmd(args)
+            .stdout(Stdio::from(log.try_clone().expect("clone")))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {what}: {e}"));
+        self.procs.push(Proc {
+            child,
+            what: what.to_owned(),
+        });
+        self.procs.len() - 1
+    }
+
+    fn log(&self, what: &str) -> String {
+        fs::read_to_string(self.dir.path().join(format!("{what}.log"))).unwrap_or_default()
+    }
+
+    fn proxy(&mut self, server: bool, config: &Path) -> usize {
+        let bin = env!("CARGO_BIN_EXE_remora-proxy");
+        let cfg = config.display().to_string();
+        let what = if server {
+            "proxy-server"
+        } else {
+            "proxy-client"
+        };
+        let idx = self.spawn(
+            server,
+            what,
+            &[
+                "setpriv",
+                "--reuid=1337",
+                "--regid=1337",
+                "--clear-groups",
+                bin,
+                "--config",
+                &cfg,
+                "--config-poll-interval",
+                "100ms",
+                "--shutdown-grace-period",
+                "5s",
+                "--log-level",
+                "debug",
+            ],
+        );
+        let ns = if server { &self.server } else { &self.client };
+        wait_for(
+            &format!("{what} ready"),
+            || curl(ns, "http://127.0.0.1:15020/ready").is_some_and(|(code, _)| code == 200),
+            || self.log(what),
+        );
+        idx
+    }
+}
+
+fn curl(ns: &Netns, url: &str) -> Option<(u16, String)> {
+    let out = ns
+        .cmd(&["curl", "-sS", "-m", "10", "-w", "\n%{http_code}", url])
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n')?;
+    Some((code.trim().parse().ok()?, body.to_owned()))
+}
+
+fn wait_for(what: &str, mut ok: impl FnMut() -> bool, logs: impl Fn() -> String) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !ok() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}\n{}",
+            logs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Both pods meshed: identities from one CA, the server strict mTLS, the app on 8080.
+fn meshed_pods() -> (Pods, PathBuf) {
+    let mut pods = pods();
+    let ca = Ca::new("remora netns CA");
+    let server_id = IdentityPaths::write(pods.dir.path(), "reviews", REVIEWS, &ca, &ca);
+    let client_id = IdentityPaths::write(pods.dir.path(), "frontend", FRONTEND, &ca, &ca);
+    for p in [
+        &server_id.cert,
+        &server_id.key,
+        &server_id.bundle,
+        &client_id.cert,
+        &client_id.key,
+        &client_id.bundle,
+    ] {
+        fs::set_permissions(p, fs::Permissions::from_mode(0o644)).expect("chmod");
+    }
+    let app = pods.write("app.py", APP);
+    pods.spawn(
+        true,
+        "app",
+        &["python3", &app.display().to_string(), "8080"],
+    );
+    wait_for(
+        "app listening",
+        || curl(&pods.server, "http://127.0.0.1:8080/").is_some_and(|(c, _)| c == 200),
+        || pods.log("app"),
+    );
+    let server_cfg = pods.write(
+        "server.yaml",
+        &format!(
+            "version: 1\n{}inbound:\n  default: {{mtls: Strict}}\n",
+            server_id.yaml()
+        ),
+    );
+    let client_cfg = pods.write(
+        "client.yaml",
+        &format!(
+            "version: 1\n{}outbound:\n  services:\n  - name: reviews.shop\n    addresses: [\"{SERVER_IP}:8080\"]\n    endpoints:\n    - {{address: \"{SERVER_IP}:8080\", identity: \"{REVIEWS}\", meshed: true}}\n",
+            client_id.yaml()
+        ),
+    );
+    pods.proxy(true, &server_cfg);
+    pods.proxy(false, &client_cfg);
+    (pods, server_cfg)
+}
+
+fn metric(ns: &Netns, prefix: &str) -> Option<u64> {
+    let (_, text) = curl(ns, "http://127.0.0.1:15020/metrics")?;
+    text.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[test]
+fn intercepted_http_rides_mtls_between_two_pods() {
+    if opted_out() {
+        return;
+    }
+    check_prerequisites();
+    let (pods, server_cfg) = meshed_pods();
+    let url = format!("http://{SERVER_IP}:8080/hello");
+    let (code, body) = curl(&pods.client, &url).expect("curl");
+    assert_eq!(
+        code,
+        200,
+        "{body}\n{}\n{}",
+        pods.log("proxy-client"),
+        pods.log("proxy-server")
+    );
+    assert!(
+        body.starts_with(&format!("path=/hello host={SERVER_IP}:8080 request-id=")),
+        "{body}"
+    );
+    assert!(
+        !body.contains("request-id=None"),
+        "x-request-id was added: {body}"
+    );
+    // The server pod saw the client's SPIFFE ID over mTLS; its plaintext port is closed (Strict).
+    assert_eq!(
+        metric(
+            &pods.server,
+            &format!(
+                r#"remora_proxy_requests_total{{direction="inbound",status="200",peer_identity="{FRONTEND}"}}"#
+            )
+        ),
+        Some(1),
+        "{}",
+        pods.log("proxy-server")
+    );
+    assert_eq!(
+        metric(
+            &pods.client,
+            r#"remora_proxy_tls_handshakes_total{direction="outbound",outcome="ok"}"#
+        ),
+        Some(1)
+    );
+    // Going around the client proxy (as UID 1337 would) hits the server's Strict mTLS.
+    let direct = pods
+        .client
+        .cmd(&[
+            "setpriv",
+            "--reuid=1337",
+            "--regid=1337",
+            "--clear-groups",
+            "curl",
+            "-sS",
+            "-m",
+            "5",
+            &url,
+        ])
+        .output()
+        .expect("curl");
+    assert!(
+        !direct.status.success(),
+        "plaintext to a Strict pod must fail"
+    );
+    assert!(
+        metric(
+            &pods.server,
+            r#"remora_proxy_connections_total{direction="inbound",outcome="plaintext_refused"}"#
+        )
+        .unwrap_or(0)
+            >= 1
+    );
+    // A bad config file is rejected; the proxy keeps serving the last good one.
+    fs::write(
+        &server_cfg,
+        "version: 2\ninbound: {default: {mtls: Sometimes}}\n",
+    )
+    .expect("write");
+    wait_for(
+        "bad config rejected",
+        || {
+            metric(
+                &pods.server,
+                r#"remora_proxy_config_reloads_total{reason="parse_error"}"#,
+            )
+            .unwrap_or(0)
+                >= 1
+        },
+        || pods.log("proxy-server"),
+    );
+    assert_eq!(curl(&pods.client, &url).expect("curl").0, 200);
+    // Connections to the proxy's own port are refused, not looped.
+    let (code, _) =
+        curl(&pods.client, &format!("http://{CLIENT_IP}:15001/")).unwrap_or((0, String::new()));
+    assert_eq!(
+        code, 0,
+        "a connection to the proxy itself gets no HTTP answer"
+    );
+    assert!(
+        metric(
+            &pods.client,
+            r#"remora_proxy_connections_total{direction="outbound",outcome="loop_refused"}"#
+        )
+        .unwrap_or(0)
+            + metric(
+                &pods.client,
+                r#"remora_proxy_connections_total{direction="outbound",outcome="not_redirected"}"#
+            )
+            .unwrap_or(0)
+            >= 1,
+        "{}",
+        pods.log("proxy-client")
+    );
+}
+
+#[test]
+fn sigterm_lets_in_flight_requests_finish_and_exits_zero() {
+    if opted_out() {
+        return;
+    }
+    check_prerequisites();
+    let (mut pods, _) = meshed_pods();
+    let url = format!("http://{SERVER_IP}:8080/slow/1500");
+    let in_flight = pods
+        .client
+        .cmd(&["curl", "-sS", "-m", "10", "-w", "\n%{http_code}", &url])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("curl");
+    std::thread::sleep(Duration::from_millis(500));
+    let proxy = pods
+        .procs
+        .iter()
+        .position(|p| p.what == "proxy-client")
+        .expect("client proxy");
+    run(Command::new("kill").args(["-TERM", &pods.procs[proxy].pid().to_string()]));
+    let out = in_flight.wait_with_output().expect("curl finishes");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.ends_with("\n200"),
+        "the in-flight request completed: {text}\n{}",
+        pods.log("proxy-client")
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Ok(Some(s)) = pods.procs[proxy].child.try_wait() {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "proxy did not exit\n{}",
+            pods.log("proxy-client")
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(
+        status.success(),
+        "exit code 0 after SIGTERM: {status:?}\n{}",
+        pods.log("proxy-client")
+    );
+    assert!(
+        pods.log("proxy-client").contains("drained"),
+        "{}",
+        pods.log("proxy-client")
+    );
+}
