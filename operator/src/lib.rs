@@ -11,6 +11,7 @@
 //! flags, builds the client and waits for SIGTERM.
 
 pub mod admin;
+pub mod ca;
 pub mod cli;
 pub mod conditions;
 pub mod conflict;
