@@ -40,6 +40,10 @@ pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
 /// The header that carries the reason of a response the proxy generated itself.
 pub static PROXY_ERROR: HeaderName = HeaderName::from_static("x-remora-proxy-error");
 
+/// Marks an HTTP/1 request carried over HTTP/2 between two proxies; the receiving proxy
+/// removes it and talks HTTP/1 to its application.
+pub static ORIG_PROTO: HeaderName = HeaderName::from_static("remora-orig-proto");
+
 /// The pooled upstream clients.
 #[derive(Debug, Clone)]
 pub struct Clients {
@@ -272,13 +276,22 @@ async fn forward(
     mut req: Request<Incoming>,
 ) -> Result<(Response<ProxyBody>, Peer), ProxyError> {
     let downstream_h2 = req.version() == Version::HTTP_2;
+    let upgrade = !downstream_h2 && is_upgrade(req.headers());
     let mut scheme = Scheme::HTTP;
+    // An HTTP/1 request that rode HTTP/2 between two proxies goes on as HTTP/1.
+    let mut orig_h1 = false;
     let (authority, upstream_h2, timeout, peer) = match meta.direction {
         Direction::Inbound => {
             authorize(ctx, meta, &req)?;
+            // Only a mesh peer may ask for the downgrade; strip the header from anyone.
+            let marked = req
+                .headers_mut()
+                .remove(&ORIG_PROTO)
+                .is_some_and(|v| v == "HTTP/1.1");
+            let h1 = marked && meta.peer.0.is_some();
             (
                 meta.orig_authority.clone(),
-                downstream_h2,
+                downstream_h2 && !h1,
                 None,
                 meta.peer.clone(),
             )
@@ -291,10 +304,16 @@ async fn forward(
                     let ep = target
                         .pick(Some(req.headers()))
                         .map_err(|e| ProxyError::NoEndpoints(e.service))?;
-                    let h2 =
+                    let mut h2 =
                         downstream_h2 || matches!(svc.protocol, Protocol::Http2 | Protocol::Grpc);
                     if ep.meshed && ep.identity.is_some() && ctx.identity.current().is_some() {
                         scheme = Scheme::HTTPS;
+                        // Between proxies, HTTP/1 requests share one multiplexed HTTP/2
+                        // mTLS connection (upgrades keep their own HTTP/1 connection).
+                        if !h2 && !upgrade {
+                            h2 = true;
+                            orig_h1 = true;
+                        }
                     }
                     (
                         ep.authority.clone(),
@@ -318,8 +337,11 @@ async fn forward(
         }
     };
 
-    let upgrade = !downstream_h2 && is_upgrade(req.headers());
     strip_hop_by_hop(req.headers_mut(), upgrade);
+    if orig_h1 {
+        req.headers_mut()
+            .insert(&ORIG_PROTO, HeaderValue::from_static("HTTP/1.1"));
+    }
     trace::ensure_request_id(req.headers_mut());
     trace::new_span(req.headers_mut());
     if !upstream_h2

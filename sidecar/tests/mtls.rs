@@ -116,6 +116,12 @@ async fn http1_and_http2_ride_mtls_with_peer_identities() {
             resp.headers().get("echo-server").expect("server"),
             &backend.to_string()
         );
+        // HTTP/1 rode HTTP/2 between the proxies and reaches the app as HTTP/1 again.
+        assert_eq!(
+            resp.headers().get("echo-version").expect("version"),
+            "HTTP/1.1"
+        );
+        assert!(resp.headers().get("echo-remora-orig-proto").is_none());
     }
     let mut c2 = h2(m.a.outbound_addrs[0]).await;
     let req = Request::builder()
@@ -142,13 +148,20 @@ async fn http1_and_http2_ride_mtls_with_peer_identities() {
         .unwrap_or(0)
             >= 1
     );
-    assert!(
+    // HTTP/1 and HTTP/2 clients share one multiplexed HTTP/2 mTLS connection.
+    assert_eq!(
         metric(
             &m.b,
             r#"remora_proxy_tls_handshakes_total{direction="inbound",outcome="ok"}"#
-        )
-        .unwrap_or(0)
-            >= 1
+        ),
+        Some(1)
+    );
+    assert_eq!(
+        metric(
+            &m.b,
+            r#"remora_proxy_detect_total{direction="inbound",outcome="http2"}"#
+        ),
+        Some(1)
     );
     assert_eq!(
         metric(
@@ -448,5 +461,52 @@ async fn certificate_rotation_under_load_fails_no_request() {
     assert_eq!(
         c.send_request(get("/")).await.expect("response").status(),
         StatusCode::OK
+    );
+}
+
+#[tokio::test]
+async fn websocket_upgrade_rides_mtls_on_its_own_connection() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let backend = http_echo().await;
+    let m = mesh(MeshSpec {
+        backend,
+        ..Default::default()
+    })
+    .await;
+    let mut s = tokio::net::TcpStream::connect(m.a.outbound_addrs[0])
+        .await
+        .expect("connect");
+    s.write_all(
+        b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+    )
+    .await
+    .expect("write");
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .expect("in time")
+            .expect("read");
+        assert!(n > 0, "closed: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert!(
+        got.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&got)
+    );
+    s.write_all(b"over mtls").await.expect("write");
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .expect("in time")
+        .expect("read");
+    assert_eq!(&buf[..n], b"over mtls");
+    assert_eq!(
+        metric(
+            &m.b,
+            r#"remora_proxy_detect_total{direction="inbound",outcome="http1"}"#
+        ),
+        Some(1)
     );
 }
