@@ -1,0 +1,528 @@
+//! The certificate authority against a real kube-apiserver: tokens from the TokenRequest
+//! API authenticate a service account through a TokenReview and yield its SPIFFE ID and
+//! nothing else; invalid, expired, wrong-audience and revoked tokens are refused and
+//! counted; bad CSRs are refused; the CA Secret is generated once and reused. The CA runs
+//! in-process and is reached over its real TLS 1.3 listener.
+
+use std::{
+    sync::Arc,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use base64::Engine as _;
+use k8s_openapi::api::{
+    authentication::v1::{TokenRequest, TokenRequestSpec},
+    core::v1::{Namespace, Secret, ServiceAccount},
+};
+use kube::{
+    Api, Client,
+    api::{DeleteParams, ObjectMeta, PostParams},
+};
+use prometheus_client::registry::Registry;
+use rcgen::{CertificateParams, KeyPair, PublicKeyData, SanType};
+use remora_e2e::{Cluster, ClusterOptions};
+use remora_operator::ca::{
+    Ca, CaOptions, TrustDomain,
+    metrics::{CaMetrics, Reason},
+    server::{self, CertifyResponse},
+};
+use ring::{
+    rand::SystemRandom,
+    signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair},
+};
+use rustls::pki_types::{CertificateDer, ServerName};
+use serde_json::{Value, json};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+    sync::oneshot,
+};
+use x509_parser::extensions::{GeneralName, ParsedExtension};
+
+const OPERATOR_NS: &str = "remora-system";
+const SECRET: &str = "remora-ca";
+const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+
+async fn cluster() -> (Cluster, Client) {
+    let cluster = Cluster::start_with(ClusterOptions {
+        controller_manager: false,
+        ..ClusterOptions::default()
+    })
+    .await
+    .expect("cluster starts");
+    let client = cluster.client().await.expect("client");
+    namespace(&client, OPERATOR_NS).await;
+    (cluster, client)
+}
+
+async fn namespace(client: &Client, name: &str) {
+    let ns = Namespace {
+        metadata: ObjectMeta {
+            name: Some(name.to_owned()),
+            ..ObjectMeta::default()
+        },
+        ..Namespace::default()
+    };
+    Api::<Namespace>::all(client.clone())
+        .create(&PostParams::default(), &ns)
+        .await
+        .expect("namespace created");
+}
+
+async fn service_account(client: &Client, ns: &str, name: &str) {
+    let sa = ServiceAccount {
+        metadata: ObjectMeta {
+            name: Some(name.to_owned()),
+            ..ObjectMeta::default()
+        },
+        ..ServiceAccount::default()
+    };
+    Api::<ServiceAccount>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &sa)
+        .await
+        .expect("service account created");
+}
+
+/// A token for `ns/name` from the TokenRequest API.
+async fn token(client: &Client, ns: &str, name: &str, audience: &str) -> String {
+    let req = TokenRequest {
+        spec: TokenRequestSpec {
+            audiences: vec![audience.to_owned()],
+            expiration_seconds: Some(600),
+            bound_object_ref: None,
+        },
+        ..TokenRequest::default()
+    };
+    Api::<ServiceAccount>::namespaced(client.clone(), ns)
+        .create_token_request(name, &PostParams::default(), &req)
+        .await
+        .expect("token request")
+        .status
+        .expect("token request status")
+        .token
+}
+
+fn options() -> CaOptions {
+    CaOptions {
+        namespace: OPERATOR_NS.to_owned(),
+        secret: SECRET.to_owned(),
+        service: "remora-operator".to_owned(),
+        trust_domain: TrustDomain::new("cluster.local").expect("trust domain"),
+        ttl: Duration::from_secs(24 * 3600),
+    }
+}
+
+/// The CA served on a loopback port; stopped when dropped.
+struct Served {
+    ca: Arc<Ca>,
+    addr: std::net::SocketAddr,
+    registry: Registry,
+    _stop: oneshot::Sender<()>,
+}
+
+async fn serve(client: &Client) -> Served {
+    let mut registry = Registry::default();
+    let metrics = CaMetrics::new(&mut registry);
+    let ca = Arc::new(
+        Ca::load(client.clone(), options(), metrics)
+            .await
+            .expect("CA loads"),
+    );
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (stop, stopped) = oneshot::channel::<()>();
+    tokio::spawn(server::serve(listener, ca.clone(), async move {
+        let _ = stopped.await;
+    }));
+    Served {
+        ca,
+        addr,
+        registry,
+        _stop: stop,
+    }
+}
+
+/// One HTTP/1.1 request over TLS 1.3, trusting only the mesh bundle and checking the
+/// serving certificate for `remora-operator.remora-system.svc`.
+async fn post(served: &Served, bearer: Option<&str>, body: &str) -> (u16, Value) {
+    let mut roots = rustls::RootCertStore::empty();
+    for r in served.ca.issuer().trust_bundle() {
+        roots.add(r.clone()).expect("root");
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .expect("TLS 1.3")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = TcpStream::connect(served.addr).await.expect("connect");
+    let name = ServerName::try_from("remora-operator.remora-system.svc").expect("name");
+    let mut tls = connector
+        .connect(name, tcp)
+        .await
+        .expect("TLS handshake with the mesh-issued serving certificate");
+    assert_eq!(
+        tls.get_ref().1.protocol_version(),
+        Some(rustls::ProtocolVersion::TLSv1_3)
+    );
+    let auth = bearer
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    let req = format!(
+        "POST /v1/certify HTTP/1.1\r\nHost: remora-operator.remora-system.svc\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n{auth}\r\n{body}",
+        body.len()
+    );
+    tls.write_all(req.as_bytes()).await.expect("write");
+    let mut out = Vec::new();
+    tls.read_to_end(&mut out).await.expect("read");
+    let text = String::from_utf8(out).expect("utf-8 response");
+    let (head, body) = text.split_once("\r\n\r\n").expect("a complete response");
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("a status line");
+    let json = serde_json::from_str(body).unwrap_or_else(|e| panic!("JSON body {body:?}: {e}"));
+    (status, json)
+}
+
+fn certify_body(csr: &str, token: &str) -> String {
+    json!({"csr": csr, "token": token}).to_string()
+}
+
+/// A P-256 CSR that asks for names the CA must ignore.
+fn csr(key: &KeyPair) -> String {
+    let mut p = CertificateParams::new(vec!["evil.example".to_owned(), "localhost".to_owned()])
+        .expect("params");
+    p.subject_alt_names.push(SanType::URI(
+        "spiffe://cluster.local/ns/kube-system/sa/admin"
+            .try_into()
+            .expect("uri"),
+    ));
+    p.serialize_request(key).expect("csr").pem().expect("pem")
+}
+
+fn pem_certs(text: &str) -> Vec<CertificateDer<'static>> {
+    x509_parser::pem::Pem::iter_from_buffer(text.as_bytes())
+        .map(|p| CertificateDer::from(p.expect("PEM").contents))
+        .collect()
+}
+
+/// Checks a successful answer: only the expected URI SAN, the CSR's key, chained to the
+/// bundle.
+fn check_issued(resp: &Value, key: &KeyPair, want: &str) {
+    let resp: CertifyResponse = serde_json::from_value(resp.clone()).expect("certify response");
+    assert_eq!(resp.spiffe_id, want);
+    assert_eq!(
+        resp.not_after - resp.not_before,
+        24 * 3600 + 60,
+        "24 h (+1 min backdate)"
+    );
+    let chain = pem_certs(&resp.chain);
+    let (_, cert) = x509_parser::parse_x509_certificate(&chain[0]).expect("x509");
+    assert_eq!(&*cert.public_key().subject_public_key.data, key.der_bytes());
+    let names: Vec<_> = cert
+        .extensions()
+        .iter()
+        .filter_map(|e| match e.parsed_extension() {
+            ParsedExtension::SubjectAlternativeName(san) => Some(san.general_names.clone()),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    assert_eq!(names, vec![GeneralName::URI(want)], "exactly the SPIFFE ID");
+    assert!(cert.subject().iter().next().is_none(), "no subject names");
+
+    let mut roots = rustls::RootCertStore::empty();
+    for r in pem_certs(&resp.trust_bundle) {
+        roots.add(r).expect("root");
+    }
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        Arc::new(rustls::crypto::ring::default_provider()),
+    )
+    .build()
+    .expect("verifier");
+    let now = rustls::pki_types::UnixTime::since_unix_epoch(
+        SystemTime::now().duration_since(UNIX_EPOCH).expect("clock"),
+    );
+    verifier
+        .verify_client_cert(&chain[0], &chain[1..], now)
+        .expect("the chain verifies against the trust bundle");
+}
+
+fn refused(status: u16, body: &Value, want_status: u16, reason: Reason) {
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (want_status, Some(reason.as_str())),
+        "{body}"
+    );
+    assert!(
+        body["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{body}"
+    );
+}
+
+/// `token` re-signed with the cluster's service-account key after `edit` changed its
+/// claims (header, `kid` included, kept as is).
+fn resign(token: &str, sa_key_pem: &str, edit: impl FnOnce(&mut Value)) -> String {
+    let mut parts = token.split('.');
+    let (header, payload) = (
+        parts.next().expect("header"),
+        parts.next().expect("payload"),
+    );
+    let mut claims: Value =
+        serde_json::from_slice(&B64.decode(payload).expect("base64url claims")).expect("claims");
+    edit(&mut claims);
+    let signing_input = format!(
+        "{header}.{}",
+        B64.encode(serde_json::to_vec(&claims).expect("claims"))
+    );
+    let (_, pem) = x509_parser::pem::parse_x509_pem(sa_key_pem.as_bytes()).expect("SA key PEM");
+    let rng = SystemRandom::new();
+    let key = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &pem.contents, &rng)
+        .expect("the SA key is a P-256 PKCS #8 key");
+    let sig = key.sign(&rng, signing_input.as_bytes()).expect("signature");
+    format!("{signing_input}.{}", B64.encode(sig.as_ref()))
+}
+
+fn unix_now() -> i64 {
+    i64::try_from(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .expect("clock")
+            .as_secs(),
+    )
+    .expect("seconds")
+}
+
+#[tokio::test]
+async fn a_token_yields_exactly_its_spiffe_id_and_bad_requests_are_refused() {
+    let (cluster, client) = cluster().await;
+    namespace(&client, "shop").await;
+    service_account(&client, "shop", "a").await;
+    service_account(&client, "shop", "gone").await;
+    let served = serve(&client).await;
+    let metrics = served.ca.metrics().clone();
+    let want = "spiffe://cluster.local/ns/shop/sa/a";
+    let key = KeyPair::generate().expect("key");
+    let good = token(&client, "shop", "a", "remora").await;
+
+    // The token in the body, then in the Authorization header.
+    let (status, body) = post(&served, None, &certify_body(&csr(&key), &good)).await;
+    assert_eq!(status, 200, "{body}");
+    check_issued(&body, &key, want);
+    let (status, body) = post(&served, Some(&good), &json!({"csr": csr(&key)}).to_string()).await;
+    assert_eq!(status, 200, "{body}");
+    check_issued(&body, &key, want);
+    assert_eq!(metrics.issued_count(), 2);
+
+    // Tokens the apiserver does not accept for audience "remora".
+    let default_audience = token(
+        &client,
+        "shop",
+        "a",
+        "https://kubernetes.default.svc.cluster.local",
+    )
+    .await;
+    let (status, body) = post(&served, None, &certify_body(&csr(&key), &default_audience)).await;
+    refused(status, &body, 401, Reason::WrongAudience);
+
+    let (status, body) = post(&served, None, &certify_body(&csr(&key), "not-a-jwt")).await;
+    refused(status, &body, 401, Reason::InvalidToken);
+    let mut tampered = good.clone();
+    tampered.pop();
+    tampered.push(if good.ends_with('A') { 'B' } else { 'A' });
+    let (status, body) = post(&served, None, &certify_body(&csr(&key), &tampered)).await;
+    refused(status, &body, 401, Reason::InvalidToken);
+
+    // Expired: a real token's claims, re-signed with the cluster's service-account key
+    // with every time an hour or more in the past. The same claims re-signed with current
+    // times are accepted, so the refusal is the expiry and nothing else.
+    let sa_key = std::fs::read_to_string(&cluster.pki().sa_key).expect("SA key");
+    let now = unix_now();
+    let expired = resign(&good, &sa_key, |c| {
+        c["iat"] = json!(now - 7200);
+        c["nbf"] = json!(now - 7200);
+        c["exp"] = json!(now - 3600);
+    });
+    let (status, body) = post(&served, None, &certify_body(&csr(&key), &expired)).await;
+    refused(status, &body, 401, Reason::ExpiredToken);
+    let fresh = resign(&good, &sa_key, |c| {
+        c["iat"] = json!(now);
+        c["nbf"] = json!(now);
+        c["exp"] = json!(now + 600);
+    });
+    let (status, body) = post(&served, None, &certify_body(&csr(&key), &fresh)).await;
+    assert_eq!(status, 200, "control: the re-signed token is valid: {body}");
+    check_issued(&body, &key, want);
+
+    // Revoked: the service account was deleted after its token was issued.
+    let gone = token(&client, "shop", "gone", "remora").await;
+    Api::<ServiceAccount>::namespaced(client.clone(), "shop")
+        .delete("gone", &DeleteParams::default())
+        .await
+        .expect("service account deleted");
+    let (status, body) = post(&served, None, &certify_body(&csr(&key), &gone)).await;
+    refused(status, &body, 401, Reason::InvalidToken);
+
+    // Bad requests and bad CSRs, with a valid token.
+    let (status, body) = post(&served, None, "{not json").await;
+    refused(status, &body, 400, Reason::MalformedRequest);
+    let (status, body) = post(&served, None, &json!({"csr": csr(&key)}).to_string()).await;
+    refused(status, &body, 401, Reason::MissingToken);
+    let (status, body) = post(&served, None, &certify_body("-----BEGIN nonsense", &good)).await;
+    refused(status, &body, 400, Reason::MalformedCsr);
+    let p384 = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).expect("P-384 key");
+    let (status, body) = post(&served, None, &certify_body(&csr(&p384), &good)).await;
+    refused(status, &body, 400, Reason::UnsupportedKey);
+    let (_, pem) = x509_parser::pem::parse_x509_pem(csr(&key).as_bytes()).expect("pem");
+    let mut der = pem.contents.clone();
+    if let Some(last) = der.last_mut() {
+        *last ^= 0x01;
+    }
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    let tampered_csr =
+        format!("-----BEGIN CERTIFICATE REQUEST-----\n{b64}\n-----END CERTIFICATE REQUEST-----\n");
+    let (status, body) = post(&served, None, &certify_body(&tampered_csr, &good)).await;
+    refused(status, &body, 400, Reason::BadSignature);
+
+    // Nothing more was issued, and every refusal was counted by reason.
+    assert_eq!(metrics.issued_count(), 3);
+    for (reason, n) in [
+        (Reason::WrongAudience, 1),
+        (Reason::InvalidToken, 3),
+        (Reason::ExpiredToken, 1),
+        (Reason::MalformedRequest, 1),
+        (Reason::MissingToken, 1),
+        (Reason::MalformedCsr, 1),
+        (Reason::UnsupportedKey, 1),
+        (Reason::BadSignature, 1),
+        (Reason::NotServiceAccount, 0),
+    ] {
+        assert_eq!(metrics.refused_count(reason), n, "{}", reason.as_str());
+    }
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &served.registry).expect("encode");
+    assert!(
+        text.contains("remora_ca_certificates_issued_total 3"),
+        "{text}"
+    );
+    assert!(
+        text.contains("remora_ca_certificates_refused_total{reason=\"expired_token\"} 1"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn the_root_is_generated_once_and_reused() {
+    let (_cluster, client) = cluster().await;
+    let load = || async {
+        let mut registry = Registry::default();
+        Ca::load(client.clone(), options(), CaMetrics::new(&mut registry))
+            .await
+            .expect("CA loads")
+    };
+
+    // Two replicas starting at once: one creates the Secret, the other reads it.
+    let (a, b) = tokio::join!(load(), load());
+    let bundle = a.issuer().trust_bundle_pem().to_owned();
+    assert_eq!(
+        b.issuer().trust_bundle_pem(),
+        bundle,
+        "racing replicas share one root"
+    );
+    assert_eq!(a.issuer().trust_bundle().len(), 1);
+
+    let secret = Api::<Secret>::namespaced(client.clone(), OPERATOR_NS)
+        .get(SECRET)
+        .await
+        .expect("the CA Secret exists");
+    assert_eq!(secret.type_.as_deref(), Some("kubernetes.io/tls"));
+    let data = secret.data.as_ref().expect("data");
+    let mut keys: Vec<_> = data.keys().map(String::as_str).collect();
+    keys.sort_unstable();
+    assert_eq!(keys, ["ca.crt", "tls.crt", "tls.key"]);
+    assert_eq!(data["ca.crt"].0, bundle.as_bytes());
+    let version = secret.metadata.resource_version.clone();
+
+    // A restart reads the same root and leaves the Secret alone.
+    drop((a, b));
+    let c = load().await;
+    assert_eq!(
+        c.issuer().trust_bundle_pem(),
+        bundle,
+        "same root after a restart"
+    );
+    let again = Api::<Secret>::namespaced(client.clone(), OPERATOR_NS)
+        .get(SECRET)
+        .await
+        .expect("the CA Secret exists");
+    assert_eq!(again.metadata.resource_version, version, "not rewritten");
+
+    // A Secret the user supplies (here: cert-manager's layout with two roots in ca.crt
+    // during a rotation) is used as is.
+    let first = remora_operator::ca::CaMaterial::generate(
+        SystemTime::now(),
+        Duration::from_secs(86400 * 365),
+    )
+    .expect("root");
+    let second = remora_operator::ca::CaMaterial::generate(
+        SystemTime::now(),
+        Duration::from_secs(86400 * 365),
+    )
+    .expect("root");
+    let supplied = remora_operator::ca::CaMaterial {
+        bundle_pem: format!("{}{}", first.bundle_pem, second.bundle_pem),
+        ..second.clone()
+    };
+    namespace(&client, "user-ca").await;
+    Api::<Secret>::namespaced(client.clone(), "user-ca")
+        .create(
+            &PostParams::default(),
+            &supplied.to_secret("user-ca", SECRET),
+        )
+        .await
+        .expect("user Secret created");
+    let mut registry = Registry::default();
+    let user = Ca::load(
+        client.clone(),
+        CaOptions {
+            namespace: "user-ca".to_owned(),
+            ..options()
+        },
+        CaMetrics::new(&mut registry),
+    )
+    .await
+    .expect("CA loads the user's Secret");
+    assert_eq!(user.issuer().trust_bundle_pem(), supplied.bundle_pem);
+    assert_eq!(user.issuer().trust_bundle().len(), 2);
+
+    // A Secret that cannot issue is an error, not a silent regeneration.
+    namespace(&client, "broken-ca").await;
+    let broken = remora_operator::ca::CaMaterial {
+        key_pem: first.key_pem.clone(),
+        ..second
+    };
+    Api::<Secret>::namespaced(client.clone(), "broken-ca")
+        .create(
+            &PostParams::default(),
+            &broken.to_secret("broken-ca", SECRET),
+        )
+        .await
+        .expect("broken Secret created");
+    let err = Ca::load(
+        client.clone(),
+        CaOptions {
+            namespace: "broken-ca".to_owned(),
+            ..options()
+        },
+        CaMetrics::new(&mut registry),
+    )
+    .await
+    .expect_err("a key that does not match is refused");
+    assert!(err.to_string().contains("does not match"), "{err}");
+}
