@@ -198,6 +198,10 @@ impl TlsListener {
                 if tx.is_closed() {
                     return;
                 }
+                // Responses are small and latency-bound: no Nagle delay.
+                if let Err(e) = stream.set_nodelay(true) {
+                    tracing::debug!(%peer, error = %e, "cannot set TCP_NODELAY");
+                }
                 let acceptor = acceptor.clone();
                 let conn_tx = tx.clone();
                 tokio::spawn(async move {
