@@ -88,20 +88,24 @@ impl ServingCert {
             current: Mutex::new(current),
         })
     }
-}
 
-impl ResolvesServerCert for ServingCert {
-    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        let now = SystemTime::now();
+    /// The certificate to serve at `now`, reissued first once 70 % of the current one's
+    /// lifetime has passed (on failure the current one is served and the next call retries).
+    pub fn current_at(&self, now: SystemTime) -> Arc<CertifiedKey> {
         let mut cur = self.current.lock().unwrap_or_else(PoisonError::into_inner);
         if now >= cur.renew_at {
             match issue(&self.issuer, &self.names, now) {
                 Ok(c) => *cur = c,
-                // Serve on with the current one; the next handshake retries.
                 Err(e) => tracing::warn!("renewing the CA's serving certificate: {e}"),
             }
         }
-        Some(cur.key.clone())
+        cur.key.clone()
+    }
+}
+
+impl ResolvesServerCert for ServingCert {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current_at(SystemTime::now()))
     }
 }
 
@@ -175,5 +179,63 @@ impl Listener for TlsListener {
 
     fn local_addr(&self) -> std::io::Result<Self::Addr> {
         Ok(self.local)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use x509_parser::extensions::{GeneralName, ParsedExtension};
+
+    use super::*;
+    use crate::ca::{
+        issuer::tests::td,
+        root::{CaMaterial, ROOT_VALIDITY},
+    };
+
+    #[test]
+    fn the_serving_certificate_names_the_service_and_renews_at_70_percent() {
+        let t0 = SystemTime::now();
+        let root = CaMaterial::generate(t0, ROOT_VALIDITY).expect("root");
+        let issuer =
+            Arc::new(Issuer::new(&root, td(), Duration::from_secs(100), t0).expect("issuer"));
+        let cert = ServingCert::new(
+            issuer,
+            serving_names("remora-operator", "remora-system"),
+            t0,
+        )
+        .expect("serving certificate");
+        let first = cert.current_at(t0);
+        assert!(Arc::ptr_eq(
+            &first,
+            &cert.current_at(t0 + Duration::from_secs(69))
+        ));
+        let renewed = cert.current_at(t0 + Duration::from_secs(71));
+        assert!(
+            !Arc::ptr_eq(&first, &renewed),
+            "reissued after 70 s of 100 s"
+        );
+        assert!(Arc::ptr_eq(
+            &renewed,
+            &cert.current_at(t0 + Duration::from_secs(72))
+        ));
+
+        let (_, x509) = x509_parser::parse_x509_certificate(&first.cert[0]).expect("x509");
+        let names: Vec<_> = x509
+            .extensions()
+            .iter()
+            .filter_map(|e| match e.parsed_extension() {
+                ParsedExtension::SubjectAlternativeName(san) => Some(san.general_names.clone()),
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        assert_eq!(
+            names,
+            vec![
+                GeneralName::DNSName("remora-operator.remora-system.svc"),
+                GeneralName::DNSName("remora-operator.remora-system.svc.cluster.local"),
+            ]
+        );
+        assert!(server_config(cert).is_ok());
     }
 }
