@@ -103,20 +103,16 @@ pub async fn serve(
     let _ = stream.set_nodelay(true);
 
     let snap = ctx.config.load();
-    let (declared, upstream, strict) = match direction {
+    let (declared, upstream, mtls) = match direction {
         Direction::Inbound => {
             let policy = snap.config.inbound.for_port(orig_dst.0.port());
-            (
-                policy.protocol,
-                Upstream::Addr(orig_dst.0),
-                policy.mtls == MtlsMode::Strict,
-            )
+            (policy.protocol, Upstream::Addr(orig_dst.0), policy.mtls)
         }
         Direction::Outbound => match snap.routes.lookup(orig_dst.0) {
             Some(target) => (
                 target.service().protocol,
                 Upstream::Route(target.clone()),
-                false,
+                MtlsMode::Disabled,
             ),
             None => match snap.config.outbound.unknown_destinations {
                 UnknownDestinations::Passthrough => {
@@ -126,7 +122,11 @@ pub async fn serve(
                             reason: Static("passthrough"),
                         })
                         .inc();
-                    (ConfigProtocol::Detect, Upstream::Addr(orig_dst.0), false)
+                    (
+                        ConfigProtocol::Detect,
+                        Upstream::Addr(orig_dst.0),
+                        MtlsMode::Disabled,
+                    )
                 }
                 UnknownDestinations::Deny => {
                     ctx.metrics
@@ -144,7 +144,18 @@ pub async fn serve(
     };
     drop(snap);
 
-    let Ok(detection) = detect_unless_opaque(&ctx, direction, declared, &mut stream).await else {
+    // Inbound, even an opaque port may receive mesh mTLS: meshed clients send their
+    // ClientHello at once, so only plaintext clients of a server-speaks-first port wait
+    // (the detection timeout) unless its mTLS mode is Disabled.
+    let detect_as = if direction == Direction::Inbound
+        && declared == ConfigProtocol::Opaque
+        && mtls != MtlsMode::Disabled
+    {
+        ConfigProtocol::Detect
+    } else {
+        declared
+    };
+    let Ok(detection) = detect_unless_opaque(&ctx, direction, detect_as, &mut stream).await else {
         ctx.metrics.connection(direction, "detect_error");
         return;
     };
@@ -153,11 +164,14 @@ pub async fn serve(
         None => (None, Bytes::new()),
     };
 
-    if direction == Direction::Inbound && matches!(protocol, Some(Protocol::MeshTls(_))) {
+    if direction == Direction::Inbound
+        && mtls != MtlsMode::Disabled
+        && matches!(protocol, Some(Protocol::MeshTls(_)))
+    {
         mesh_inbound(ctx.clone(), conn, PrefixedIo::new(prefix, stream), declared).await;
         return;
     }
-    if strict {
+    if mtls == MtlsMode::Strict {
         ctx.metrics.connection(direction, "plaintext_refused");
         tracing::info!(%direction, %client, %orig_dst, "plaintext connection refused: mTLS is Strict on this port");
         return;
@@ -276,6 +290,8 @@ async fn proceed<I>(
         ConfigProtocol::Http | ConfigProtocol::Http2 | ConfigProtocol::Grpc
     );
     let http = match &protocol {
+        // An opaque port stays opaque whatever its bytes look like.
+        _ if declared == ConfigProtocol::Opaque => None,
         Some(Protocol::Http1) => Some(false),
         Some(Protocol::Http2) => Some(true),
         // A port declared HTTP gets HTTP even for garbage (hyper answers 400) ...

@@ -23,7 +23,12 @@ pub mod tcp;
 pub mod tls;
 pub mod trace;
 
-use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+use std::{
+    net::{Ipv6Addr, SocketAddr},
+    path::PathBuf,
+    sync::Arc,
+    time::Duration,
+};
 
 use remora_crds::proxy::ProxyConfig;
 use tokio::net::TcpListener;
@@ -54,9 +59,9 @@ pub struct Settings {
 impl Default for Settings {
     fn default() -> Self {
         Self {
-            outbound_listen: vec![SocketAddr::from(([0, 0, 0, 0], 15001))],
-            inbound_listen: vec![SocketAddr::from(([0, 0, 0, 0], 15006))],
-            admin_listen: Some(SocketAddr::from(([0, 0, 0, 0], 15020))),
+            outbound_listen: vec![SocketAddr::from((Ipv6Addr::UNSPECIFIED, 15001))],
+            inbound_listen: vec![SocketAddr::from((Ipv6Addr::UNSPECIFIED, 15006))],
+            admin_listen: Some(SocketAddr::from((Ipv6Addr::UNSPECIFIED, 15020))),
             orig_dst: OrigDstMode::Kernel,
             detect_timeout: detect::DEFAULT_TIMEOUT,
             connect_timeout: Duration::from_secs(1),
@@ -119,13 +124,28 @@ pub struct Proxy {
 async fn bind(addrs: &[SocketAddr], what: &'static str) -> Result<Vec<TcpListener>, StartError> {
     let mut out = Vec::with_capacity(addrs.len());
     for addr in addrs {
-        let l = TcpListener::bind(addr)
-            .await
-            .map_err(|source| StartError::Bind {
-                addr: *addr,
-                what,
-                source,
-            })?;
+        let l = match TcpListener::bind(addr).await {
+            Ok(l) => l,
+            // `[::]` is dual-stack; on a host without IPv6, serve IPv4 alone.
+            Err(e) if addr.is_ipv6() && addr.ip().is_unspecified() => {
+                let v4 = SocketAddr::from(([0, 0, 0, 0], addr.port()));
+                tracing::info!(%addr, error = %e, "IPv6 unavailable; listening on IPv4 only");
+                TcpListener::bind(v4)
+                    .await
+                    .map_err(|source| StartError::Bind {
+                        addr: v4,
+                        what,
+                        source,
+                    })?
+            }
+            Err(source) => {
+                return Err(StartError::Bind {
+                    addr: *addr,
+                    what,
+                    source,
+                });
+            }
+        };
         out.push(l);
     }
     Ok(out)

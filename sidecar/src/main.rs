@@ -22,28 +22,24 @@ struct Args {
     /// Standalone config file (YAML, the derived proxy config), watched for changes.
     #[arg(long, env = "REMORA_PROXY_CONFIG")]
     config: Option<PathBuf>,
-    /// Outbound capture listener(s).
+    /// Outbound capture listener(s); `[::]` is dual-stack (IPv4 alone where IPv6 is off).
     #[arg(
         long,
         env = "REMORA_PROXY_OUTBOUND_LISTEN",
         value_delimiter = ',',
-        default_value = "0.0.0.0:15001"
+        default_value = "[::]:15001"
     )]
     outbound_listen: Vec<SocketAddr>,
-    /// Inbound capture listener(s).
+    /// Inbound capture listener(s); `[::]` is dual-stack (IPv4 alone where IPv6 is off).
     #[arg(
         long,
         env = "REMORA_PROXY_INBOUND_LISTEN",
         value_delimiter = ',',
-        default_value = "0.0.0.0:15006"
+        default_value = "[::]:15006"
     )]
     inbound_listen: Vec<SocketAddr>,
     /// Admin listener (/ready, /live, /metrics, ...).
-    #[arg(
-        long,
-        env = "REMORA_PROXY_ADMIN_LISTEN",
-        default_value = "0.0.0.0:15020"
-    )]
+    #[arg(long, env = "REMORA_PROXY_ADMIN_LISTEN", default_value = "[::]:15020")]
     admin_listen: SocketAddr,
     /// How long protocol detection waits for the client's first bytes.
     #[arg(long, env = "REMORA_PROXY_DETECT_TIMEOUT", default_value = "300ms")]

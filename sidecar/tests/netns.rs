@@ -24,6 +24,8 @@ use common::pki::{Ca, IdentityPaths};
 
 const CLIENT_IP: &str = "10.77.0.1";
 const SERVER_IP: &str = "10.77.0.2";
+const CLIENT_IP6: &str = "fd77::1";
+const SERVER_IP6: &str = "fd77::2";
 const FRONTEND: &str = "spiffe://cluster.local/ns/shop/sa/frontend";
 const REVIEWS: &str = "spiffe://cluster.local/ns/shop/sa/reviews";
 
@@ -43,7 +45,7 @@ fn check_prerequisites() {
         Some("0"),
         "network-namespace tests need root (or set REMORA_SKIP_NETNS_TESTS=1)"
     );
-    for tool in ["ip", "iptables", "curl", "python3", "setpriv"] {
+    for tool in ["ip", "iptables", "ip6tables", "curl", "python3", "setpriv"] {
         let found = Command::new("sh")
             .args(["-c", &format!("command -v {tool}")])
             .output()
@@ -87,10 +89,10 @@ impl Netns {
         c
     }
 
-    fn iptables(&self, rules: &[&str]) {
+    fn rules(&self, tool: &str, rules: &[&str]) {
         for rule in rules {
             let args: Vec<&str> = rule.split_whitespace().collect();
-            let mut c = self.cmd(&["iptables", "-t", "nat"]);
+            let mut c = self.cmd(&[tool, "-t", "nat"]);
             c.args(args);
             run(&mut c);
         }
@@ -159,18 +161,41 @@ fn pods() -> Pods {
         "netns",
         &server.name,
     ]));
-    for (ns, dev, ip) in [(&client, &va, CLIENT_IP), (&server, &vb, SERVER_IP)] {
+    for (ns, dev, ip, ip6) in [
+        (&client, &va, CLIENT_IP, CLIENT_IP6),
+        (&server, &vb, SERVER_IP, SERVER_IP6),
+    ] {
         run(&mut ns.cmd(&["ip", "addr", "add", &format!("{ip}/24"), "dev", dev]));
+        run(&mut ns.cmd(&[
+            "ip",
+            "-6",
+            "addr",
+            "add",
+            &format!("{ip6}/64"),
+            "dev",
+            dev,
+            "nodad",
+        ]));
         run(&mut ns.cmd(&["ip", "link", "set", dev, "up"]));
     }
-    let outbound = [
-        "-A OUTPUT -p tcp -m owner --uid-owner 1337 -j RETURN",
-        "-A OUTPUT -p tcp -d 127.0.0.1/32 -j RETURN",
-        "-A OUTPUT -p tcp -j REDIRECT --to-ports 15001",
-    ];
-    client.iptables(&outbound);
-    server.iptables(&outbound);
-    server.iptables(&["-A PREROUTING -p tcp -j REDIRECT --to-ports 15006"]);
+    for (tool, lo) in [("iptables", "127.0.0.1/32"), ("ip6tables", "::1/128")] {
+        let outbound = [
+            "-A OUTPUT -p tcp -m owner --uid-owner 1337 -j RETURN".to_owned(),
+            format!("-A OUTPUT -p tcp -d {lo} -j RETURN"),
+            "-A OUTPUT -p tcp -j REDIRECT --to-ports 15001".to_owned(),
+        ];
+        let outbound: Vec<&str> = outbound.iter().map(String::as_str).collect();
+        client.rules(tool, &outbound);
+        server.rules(tool, &outbound);
+        // The admin port (probes) is not captured, as remora-init leaves it.
+        server.rules(
+            tool,
+            &[
+                "-A PREROUTING -p tcp --dport 15020 -j RETURN",
+                "-A PREROUTING -p tcp -j REDIRECT --to-ports 15006",
+            ],
+        );
+    }
     let dir = tempfile::tempdir().expect("tempdir");
     // The proxies run as UID 1337 and must read their files.
     fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).expect("chmod");
@@ -200,6 +225,33 @@ class S(socketserver.ThreadingMixIn, http.server.HTTPServer):
     daemon_threads = True
     allow_reuse_address = True
 S(("0.0.0.0", int(sys.argv[1])), H).serve_forever()
+"#;
+
+/// A server-speaks-first TCP server (like SMTP) on IPv6: greets, then echoes one line.
+const GREETER: &str = r#"
+import socket, sys, threading
+s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("::", int(sys.argv[1])))
+s.listen(16)
+def serve(c):
+    with c:
+        c.sendall(b"220 greeter ESMTP\r\n")
+        data = c.recv(1024)
+        c.sendall(data)
+while True:
+    c, _ = s.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+"#;
+
+/// A client that waits for the greeting before it says anything.
+const GREETER_CLIENT: &str = r#"
+import socket, sys
+c = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)
+greeting = c.recv(1024)
+c.sendall(b"EHLO client\r\n")
+echo = c.recv(1024)
+print(greeting.decode().strip() + "|" + echo.decode().strip())
 "#;
 
 impl Pods {
@@ -313,6 +365,12 @@ fn meshed_pods() -> (Pods, PathBuf) {
     ] {
         fs::set_permissions(p, fs::Permissions::from_mode(0o644)).expect("chmod");
     }
+    let greeter = pods.write("greeter.py", GREETER);
+    pods.spawn(
+        true,
+        "greeter",
+        &["python3", &greeter.display().to_string(), "2525"],
+    );
     let app = pods.write("app.py", APP);
     pods.spawn(
         true,
@@ -327,14 +385,14 @@ fn meshed_pods() -> (Pods, PathBuf) {
     let server_cfg = pods.write(
         "server.yaml",
         &format!(
-            "version: 1\n{}inbound:\n  default: {{mtls: Strict}}\n",
+            "version: 1\n{}inbound:\n  default: {{mtls: Strict}}\n  ports: {{\"2525\": {{protocol: opaque}}}}\n",
             server_id.yaml()
         ),
     );
     let client_cfg = pods.write(
         "client.yaml",
         &format!(
-            "version: 1\n{}outbound:\n  services:\n  - name: reviews.shop\n    addresses: [\"{SERVER_IP}:8080\"]\n    endpoints:\n    - {{address: \"{SERVER_IP}:8080\", identity: \"{REVIEWS}\", meshed: true}}\n",
+            "version: 1\n{}outbound:\n  services:\n  - name: reviews.shop\n    addresses: [\"{SERVER_IP}:8080\"]\n    endpoints:\n    - {{address: \"{SERVER_IP}:8080\", identity: \"{REVIEWS}\", meshed: true}}\n  - name: mail.shop\n    addresses: [\"[{SERVER_IP6}]:2525\"]\n    protocol: opaque\n    endpoints:\n    - {{address: \"[{SERVER_IP6}]:2525\", identity: \"{REVIEWS}\", meshed: true}}\n",
             client_id.yaml()
         ),
     );
@@ -515,5 +573,99 @@ fn sigterm_lets_in_flight_requests_finish_and_exits_zero() {
         pods.log("proxy-client").contains("drained"),
         "{}",
         pods.log("proxy-client")
+    );
+}
+
+#[test]
+fn server_speaks_first_over_ipv6_mtls_and_admin_is_local_only() {
+    if opted_out() {
+        return;
+    }
+    check_prerequisites();
+    let (pods, _) = meshed_pods();
+    let client = pods.write("greeter_client.py", GREETER_CLIENT);
+    let out =
+        run(&mut pods
+            .client
+            .cmd(&["python3", &client.display().to_string(), SERVER_IP6, "2525"]));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        text.trim(),
+        "220 greeter ESMTP|EHLO client",
+        "{}\n{}",
+        pods.log("proxy-client"),
+        pods.log("proxy-server")
+    );
+    // IPv6 original destinations (IP6T_SO_ORIGINAL_DST); an opaque service skips detection
+    // on the client side, and the server side terminates the mesh mTLS.
+    assert_eq!(
+        metric(
+            &pods.client,
+            r#"remora_proxy_detect_total{direction="outbound",outcome="skipped_opaque_port"}"#
+        ),
+        Some(1)
+    );
+    assert_eq!(
+        metric(
+            &pods.server,
+            r#"remora_proxy_detect_total{direction="inbound",outcome="mesh_tls"}"#
+        ),
+        Some(1)
+    );
+    assert_eq!(
+        metric(
+            &pods.server,
+            r#"remora_proxy_tls_handshakes_total{direction="inbound",outcome="ok"}"#
+        ),
+        Some(1)
+    );
+    // /shutdown and /log-level answer only to localhost.
+    for path in ["shutdown", "log-level"] {
+        let out = pods
+            .client
+            .cmd(&[
+                "curl",
+                "-sS",
+                "-m",
+                "5",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "-X",
+                "POST",
+                &format!("http://{SERVER_IP}:15020/{path}"),
+            ])
+            .output()
+            .expect("curl");
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            "403",
+            "/{path} from another pod"
+        );
+    }
+    let (code, _) = curl(&pods.server, "http://127.0.0.1:15020/ready").expect("curl");
+    assert_eq!(code, 200, "still serving");
+    let out = pods
+        .server
+        .cmd(&[
+            "curl",
+            "-sS",
+            "-m",
+            "5",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-X",
+            "POST",
+            "http://127.0.0.1:15020/shutdown",
+        ])
+        .output()
+        .expect("curl");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "200",
+        "/shutdown from localhost"
     );
 }

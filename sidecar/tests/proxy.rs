@@ -539,11 +539,12 @@ async fn server_speaks_first_is_not_stalled() {
         ),
         Some(1)
     );
-    // An opaque port skips detection: no wait at all.
+    // An opaque port without mTLS skips detection: no wait at all. (With mTLS enabled it
+    // still looks for a mesh ClientHello, which meshed clients send at once.)
     let port = server.port();
     let proxy = start(
         settings(server),
-        &format!("inbound: {{ports: {{\"{port}\": {{protocol: opaque}}}}}}"),
+        &format!("inbound: {{ports: {{\"{port}\": {{protocol: opaque, mtls: Disabled}}}}}}"),
     )
     .await;
     let mut s = TcpStream::connect(proxy.inbound_addrs[0])
