@@ -1,6 +1,5 @@
 //! The operations endpoints on `--metrics-listen`: `/metrics` (Prometheus text format),
-//! `/healthz` (the process serves) and `/readyz` (leader election has had its first
-//! answer and, while leading, the controllers' caches are synced).
+//! `/healthz` (the process serves) and `/readyz` (see [`Health`]).
 
 use std::sync::{
     Arc,
@@ -16,20 +15,26 @@ use axum::{
 };
 use prometheus_client::registry::Registry;
 
-/// Readiness, set by the operator as it comes up; once ready it stays ready (a standby
-/// replica is ready to serve).
+/// Readiness, set by the operator as it comes up: the discovery index has its first full
+/// view, and leader election has answered (a standby is ready; a leader once its
+/// controllers' caches are synced). Once ready it stays ready.
 #[derive(Debug, Default)]
 pub struct Health {
-    ready: AtomicBool,
+    controllers: AtomicBool,
+    index: AtomicBool,
 }
 
 impl Health {
-    pub fn set_ready(&self) {
-        self.ready.store(true, Ordering::Relaxed);
+    pub fn set_controllers_ready(&self) {
+        self.controllers.store(true, Ordering::Relaxed);
+    }
+
+    pub fn set_index_ready(&self) {
+        self.index.store(true, Ordering::Relaxed);
     }
 
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Relaxed)
+        self.controllers.load(Ordering::Relaxed) && self.index.load(Ordering::Relaxed)
     }
 }
 

@@ -42,6 +42,19 @@ pub struct Args {
     #[arg(long, env = "REMORA_LEASE_RENEW", default_value = "5s")]
     pub lease_renew: Duration,
 
+    /// SPIFFE trust domain of workload identities (`spiffe://<domain>/ns/<ns>/sa/<sa>`).
+    #[arg(long, env = "REMORA_TRUST_DOMAIN", default_value = "cluster.local")]
+    pub trust_domain: String,
+
+    /// The discovery index recomputes the derived config once no change arrived for this
+    /// long…
+    #[arg(long, env = "REMORA_INDEX_DEBOUNCE", default_value = "50ms")]
+    pub index_debounce: Duration,
+
+    /// …or at the latest this long after the first change of a burst.
+    #[arg(long, env = "REMORA_INDEX_MAX_DELAY", default_value = "250ms")]
+    pub index_max_delay: Duration,
+
     /// Kubeconfig file; without it, in-cluster configuration or the default kubeconfig
     /// (~/.kube/config) is used.
     #[arg(long, env = "KUBECONFIG")]

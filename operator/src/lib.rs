@@ -4,6 +4,8 @@
 //!   check what the schema cannot, resolve references and write `status.conditions`
 //!   with server-side apply, with Events on misconfiguration. The decisions are pure
 //!   functions in [`validate`], [`conflict`] and [`conditions`]; [`status`] writes.
+//! - [`index`]: the discovery index — watches → snapshot → derived proxy config pieces
+//!   with versions that only grow, debounced; every replica runs it.
 //! - [`leader`]: a Lease so only one replica writes status.
 //! - [`admin`]: `/metrics`, `/healthz`, `/readyz`.
 //!
@@ -35,8 +37,9 @@ pub use cli::Args;
 use crate::{
     admin::Health,
     context::Context,
+    index::watch::{IndexConfig, IndexHandle, IndexWriter},
     leader::{Elector, LeaseConfig},
-    metrics::Metrics,
+    metrics::{IndexMetrics, Metrics},
 };
 
 /// What can stop the operator.
@@ -59,6 +62,8 @@ pub struct Operator {
     args: Args,
     client: Client,
     listener: TcpListener,
+    index: IndexWriter,
+    index_handle: IndexHandle,
 }
 
 /// A future that completes once `rx` holds a value satisfying `pred` (or its sender is
@@ -82,6 +87,7 @@ impl std::fmt::Debug for Operator {
         f.debug_struct("Operator")
             .field("args", &self.args)
             .field("listener", &self.listener)
+            .field("index", &self.index)
             .finish_non_exhaustive()
     }
 }
@@ -95,11 +101,23 @@ impl Operator {
                 addr: args.metrics_listen,
                 source,
             })?;
+        let (index, index_handle) = index::watch::channel(IndexConfig {
+            trust_domain: args.trust_domain.clone(),
+            quiet: args.index_debounce.get(),
+            max_delay: args.index_max_delay.get(),
+        });
         Ok(Self {
             args,
             client,
             listener,
+            index,
+            index_handle,
         })
+    }
+
+    /// Read access to the discovery index (valid before and during [`Operator::run`]).
+    pub fn index(&self) -> IndexHandle {
+        self.index_handle.clone()
     }
 
     /// The bound admin address (useful with port 0).
@@ -117,9 +135,12 @@ impl Operator {
             args,
             client,
             listener,
+            index,
+            index_handle,
         } = self;
         let mut registry = Registry::default();
         let metrics = Metrics::new(&mut registry);
+        let index_metrics = IndexMetrics::new(&mut registry);
         let health = Arc::new(Health::default());
         let identity = args.identity();
         let ctx = Arc::new(Context::new(
@@ -145,6 +166,22 @@ impl Operator {
                     .map_err(Error::Serve)
             })
         };
+
+        let index_task = tokio::spawn(index::watch::run(
+            client.clone(),
+            index,
+            index_metrics,
+            when(stop_rx.clone(), |s| *s),
+        ));
+        {
+            let health = health.clone();
+            tokio::spawn(async move {
+                index_handle.wait_synced().await;
+                if index_handle.is_synced() {
+                    health.set_index_ready();
+                }
+            });
+        }
 
         // The Lease is released only after the controllers have stopped writing.
         let (released_tx, released_rx) = watch::channel(false);
@@ -177,7 +214,7 @@ impl Operator {
                 if let Ok(v) = lead.wait_for(Option::is_some).await
                     && *v == Some(false)
                 {
-                    health.set_ready();
+                    health.set_controllers_ready();
                 }
             });
         }
@@ -210,7 +247,7 @@ impl Operator {
                     if policies.wait_until_ready().await.is_ok()
                         && splits.wait_until_ready().await.is_ok()
                     {
-                        health.set_ready();
+                        health.set_controllers_ready();
                     }
                 }
             };
@@ -223,6 +260,7 @@ impl Operator {
 
         released_tx.send_replace(true);
         elector.await?;
+        index_task.await?;
         admin.await?
     }
 }

@@ -110,6 +110,69 @@ impl Metrics {
     }
 }
 
+/// Discovery index metrics.
+#[derive(Debug, Clone)]
+pub struct IndexMetrics {
+    version: Gauge,
+    recomputes: Counter,
+    change_to_version: Histogram,
+    watch_errors: Family<KindLabels, Counter>,
+}
+
+impl IndexMetrics {
+    /// Creates the metrics and registers them under `remora_operator_index`.
+    pub fn new(registry: &mut Registry) -> Self {
+        let m = Self {
+            version: Gauge::default(),
+            recomputes: Counter::default(),
+            change_to_version: Histogram::new([0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]),
+            watch_errors: Family::default(),
+        };
+        let r = registry.sub_registry_with_prefix("remora_operator_index");
+        r.register(
+            "version",
+            "The latest derived-config version",
+            m.version.clone(),
+        );
+        r.register(
+            "recomputes",
+            "Debounced recomputations of the derived config",
+            m.recomputes.clone(),
+        );
+        r.register(
+            "change_to_version_seconds",
+            "Time from the first Kubernetes change of a burst to the recomputed version",
+            m.change_to_version.clone(),
+        );
+        r.register(
+            "watch_errors",
+            "Watch failures (retried with backoff), by kind",
+            m.watch_errors.clone(),
+        );
+        m
+    }
+
+    pub fn set_version(&self, version: u64) {
+        self.version.set(i64::try_from(version).unwrap_or(i64::MAX));
+    }
+
+    /// Counts one recomputation and how long its burst waited.
+    pub fn recomputed(&self, waited: Option<Duration>) {
+        self.recomputes.inc();
+        if let Some(w) = waited {
+            self.change_to_version.observe(w.as_secs_f64());
+        }
+    }
+
+    pub fn watch_error(&self, kind: &str) {
+        self.watch_errors
+            .get_or_create(&KindLabels {
+                kind: kind.to_owned(),
+            })
+            .inc();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -36,6 +36,11 @@ impl Debouncer {
         Some((last + self.quiet).min(first + self.max_delay))
     }
 
+    /// When the first change of the pending burst arrived.
+    pub fn pending_since(&self) -> Option<Instant> {
+        self.first
+    }
+
     /// If a recomputation is due at `now`, clears the pending state and returns true.
     pub fn fire(&mut self, now: Instant) -> bool {
         match self.due_at() {

@@ -10,8 +10,10 @@
 pub mod api;
 pub mod debounce;
 pub mod derive;
+pub mod feed;
 pub mod model;
 pub mod version;
+pub mod watch;
 
 use std::{
     collections::{BTreeMap, HashMap},

@@ -47,6 +47,7 @@ pub async fn cluster() -> (Cluster, Client) {
 /// aborted when dropped.
 pub struct Running {
     pub addr: SocketAddr,
+    pub index: remora_operator::index::watch::IndexHandle,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<(), remora_operator::Error>>>,
 }
@@ -91,12 +92,14 @@ pub async fn operator(client: &Client, identity: &str) -> Running {
         .await
         .expect("operator binds");
     let addr = op.local_addr().expect("local addr");
+    let index = op.index();
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(op.run(async move {
         let _ = stopped.await;
     }));
     Running {
         addr,
+        index,
         stop: Some(stop),
         task: Some(task),
     }

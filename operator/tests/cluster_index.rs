@@ -1,0 +1,187 @@
+//! The discovery index against a real kube-apiserver 1.20: it detects that only
+//! `discovery.k8s.io/v1beta1` EndpointSlices are served, follows Services, slices, Pods
+//! and policies into the derived config, and its versions only grow — also across an
+//! operator restart.
+
+mod support;
+
+use std::{net::SocketAddr, time::Instant};
+
+use k8s_openapi::api::core::v1::{Pod, Service};
+use kube::{
+    Api, Client,
+    api::{DeleteParams, PostParams},
+};
+use remora_crds::proxy::OutboundService;
+use remora_e2e::apply::{apply, parse_documents};
+use remora_operator::index::{
+    api::SliceApi, derive::Destination, model::ObjKey, watch::IndexHandle,
+};
+use support::*;
+
+fn reviews() -> Destination {
+    Destination {
+        service: ObjKey::new("idx", "reviews"),
+        port: 9080,
+    }
+}
+
+fn piece(index: &IndexHandle) -> Option<(u64, OutboundService)> {
+    index
+        .read()
+        .outbound(&reviews())
+        .map(|v| (v.version, v.value.clone()))
+}
+
+async fn slice(client: &Client, ips: &[&str]) {
+    let endpoints: Vec<serde_json::Value> = ips
+        .iter()
+        .map(|ip| {
+            serde_json::json!({
+                "addresses": [ip], "conditions": {"ready": true},
+                "topology": {"topology.kubernetes.io/zone": "zone-a"},
+                "targetRef": {"kind": "Pod", "name": "reviews-1", "namespace": "idx"},
+            })
+        })
+        .collect();
+    let doc = serde_json::json!({
+        "apiVersion": "discovery.k8s.io/v1beta1", "kind": "EndpointSlice",
+        "metadata": {"name": "reviews-abc", "namespace": "idx",
+                     "labels": {"kubernetes.io/service-name": "reviews"}},
+        "addressType": "IPv4",
+        "ports": [{"name": "p9080", "port": 8080, "protocol": "TCP"}],
+        "endpoints": endpoints,
+    });
+    let objs = parse_documents(&doc.to_string(), "slice").expect("slice parses");
+    apply(client, &objs[0], false).await.expect("slice applied");
+}
+
+async fn wait_piece(
+    index: &IndexHandle,
+    what: &str,
+    after: u64,
+    check: impl Fn(&OutboundService) -> bool,
+) -> (u64, OutboundService) {
+    eventually(what, || async {
+        match piece(index) {
+            Some((v, p)) if v > after && check(&p) => Ok((v, p)),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn index_follows_the_cluster_and_versions_only_grow_across_a_restart() {
+    let (_cluster, client) = cluster().await;
+    let op = operator(&client, "op-index").await;
+    namespace(&client, "idx").await;
+    let svc: Service = service(&client, "idx", "reviews", &[9080]).await;
+    let vip: std::net::IpAddr = svc
+        .spec
+        .and_then(|s| s.cluster_ip)
+        .expect("cluster IP allocated")
+        .parse()
+        .expect("IP");
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "idx");
+    pods.create(
+        &PostParams::default(),
+        &from_json(serde_json::json!({
+            "metadata": {"name": "reviews-1", "annotations": {"remora.dev/injected": "test"}},
+            "spec": {"serviceAccountName": "reviews", "containers": [
+                {"name": "app", "image": "reviews", "ports": [{"containerPort": 8080}]}
+            ]},
+        })),
+    )
+    .await
+    .expect("pod created");
+    slice(&client, &["10.244.0.7"]).await;
+
+    op.index.wait_synced().await;
+    assert_eq!(
+        op.index.slice_api(),
+        Some(SliceApi::V1Beta1),
+        "Kubernetes 1.20 serves v1beta1 only"
+    );
+    let (v1, p) = wait_piece(&op.index, "reviews with its endpoint", 0, |p| {
+        p.endpoints.len() == 1
+    })
+    .await;
+    assert_eq!(p.name, "reviews.idx");
+    assert_eq!(p.addresses, vec![SocketAddr::new(vip, 9080)]);
+    let e = &p.endpoints[0];
+    assert_eq!(e.address.to_string(), "10.244.0.7:8080");
+    assert_eq!(
+        e.identity.as_deref(),
+        Some("spiffe://cluster.local/ns/idx/sa/reviews")
+    );
+    assert_eq!(e.zone.as_deref(), Some("zone-a"));
+    assert!(e.meshed && e.ready);
+    assert_eq!(
+        op.index.read().destination_of(SocketAddr::new(vip, 9080)),
+        Some(&reviews())
+    );
+
+    // An EndpointSlice change reaches the index with a newer version.
+    let changed_at = Instant::now();
+    slice(&client, &["10.244.0.7", "10.244.0.9"]).await;
+    let (v2, _) = wait_piece(&op.index, "second endpoint", v1, |p| p.endpoints.len() == 2).await;
+    eprintln!(
+        "EndpointSlice change → index version in {:?}",
+        changed_at.elapsed()
+    );
+
+    // A policy for the Service lands in its outbound piece.
+    let policies: Api<remora_crds::MeshPolicy> = Api::namespaced(client.clone(), "idx");
+    policies
+        .create(
+            &PostParams::default(),
+            &from_json(serde_json::json!({
+                "apiVersion": "remora.dev/v1alpha1", "kind": "MeshPolicy",
+                "metadata": {"name": "reviews"},
+                "spec": {"targetRef": {"kind": "Service", "name": "reviews"},
+                         "timeouts": {"request": "3s"}},
+            })),
+        )
+        .await
+        .expect("policy created");
+    let (v3, p) = wait_piece(&op.index, "the policy's timeout", v2, |p| {
+        p.policy.is_some()
+    })
+    .await;
+    assert_eq!(
+        p.policy
+            .and_then(|p| p.timeouts)
+            .and_then(|t| t.request)
+            .map(|d| d.to_string()),
+        Some("3s".to_owned())
+    );
+
+    let (_, metrics) = http_get(op.addr, "/metrics").await.expect("metrics");
+    assert!(
+        metrics.contains("remora_operator_index_version "),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("remora_operator_index_recomputes_total"),
+        "{metrics}"
+    );
+
+    // Restart: a new operator with no memory of the old one issues higher versions.
+    op.stop().await;
+    let op = operator(&client, "op-index-2").await;
+    op.index.wait_synced().await;
+    let (v4, p) = wait_piece(&op.index, "after restart", 0, |p| p.endpoints.len() == 2).await;
+    assert!(v4 > v3, "version {v4} after restart is not above {v3}");
+    assert!(p.policy.is_some());
+
+    // The slice goes: no endpoints, newer version still.
+    let gvk = kube::api::GroupVersionKind::gvk("discovery.k8s.io", "v1beta1", "EndpointSlice");
+    let ar = kube::api::ApiResource::from_gvk_with_plural(&gvk, "endpointslices");
+    let api: Api<kube::api::DynamicObject> = Api::namespaced_with(client.clone(), "idx", &ar);
+    api.delete("reviews-abc", &DeleteParams::default())
+        .await
+        .expect("slice deleted");
+    wait_piece(&op.index, "no endpoints", v4, |p| p.endpoints.is_empty()).await;
+    op.stop().await;
+}
