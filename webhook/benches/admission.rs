@@ -183,6 +183,7 @@ async fn main() {
             &format!("--tls-cert={}", dir.path().join("tls.crt").display()),
             &format!("--tls-key={}", dir.path().join("tls.key").display()),
             "--native-sidecar=true",
+            "--events=false",
         ])
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
