@@ -42,8 +42,27 @@ pub struct Args {
     #[arg(long, env = "REMORA_LEASE_RENEW", default_value = "5s")]
     pub lease_renew: Duration,
 
+    /// Address of the certificate authority's TLS 1.3 listener (`POST /v1/certify`), the
+    /// stream port.
+    #[arg(long, env = "REMORA_CA_LISTEN", default_value = "0.0.0.0:15012")]
+    pub ca_listen: SocketAddr,
+
+    /// Secret in --pod-namespace holding the mesh trust bundle and issuer (`ca.crt`,
+    /// `tls.crt`, `tls.key`; cert-manager's layout); generated on first start when absent.
+    #[arg(long, env = "REMORA_CA_SECRET", default_value = "remora-ca")]
+    pub ca_secret: String,
+
+    /// Lifetime of the workload certificates the CA issues.
+    #[arg(long, env = "REMORA_CERT_TTL", default_value = "24h")]
+    pub cert_ttl: Duration,
+
+    /// Name of the operator's Service: the CA's serving certificate is for
+    /// `<name>.<pod-namespace>.svc`.
+    #[arg(long, env = "REMORA_SERVICE_NAME", default_value = "remora-operator")]
+    pub service_name: String,
+
     /// SPIFFE trust domain of workload identities (`spiffe://<domain>/ns/<ns>/sa/<sa>`).
-    #[arg(long, env = "REMORA_TRUST_DOMAIN", default_value = "cluster.local")]
+    #[arg(long, env = "REMORA_TRUST_DOMAIN", default_value = "cluster.local", value_parser = crate::ca::identity::parse_trust_domain)]
     pub trust_domain: String,
 
     /// The discovery index recomputes the derived config once no change arrived for this

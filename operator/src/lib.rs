@@ -8,6 +8,8 @@
 //!   with versions that only grow, debounced; every replica runs it.
 //! - [`leader`]: a Lease so only one replica writes status.
 //! - [`admin`]: `/metrics`, `/healthz`, `/readyz`.
+//! - [`ca`]: the mesh certificate authority, `POST /v1/certify` on `--ca-listen` (TLS 1.3);
+//!   every replica runs it.
 //!
 //! [`Operator::bind`] then [`Operator::run`] is the whole process; `main.rs` only parses
 //! flags, builds the client and waits for SIGTERM.
@@ -140,6 +142,7 @@ impl Operator {
         } = self;
         let mut registry = Registry::default();
         let metrics = Metrics::new(&mut registry);
+        let ca_metrics = ca::metrics::CaMetrics::new(&mut registry);
         let index_metrics = IndexMetrics::new(&mut registry);
         let health = Arc::new(Health::default());
         let identity = args.identity();
@@ -155,6 +158,14 @@ impl Operator {
             tracing::info!("shutting down");
             stop_tx.send_replace(true);
         });
+
+        // Every replica serves certificates.
+        let ca = tokio::spawn(ca::server::run(
+            client.clone(),
+            args.clone(),
+            ca_metrics,
+            stop_rx.clone(),
+        ));
 
         let admin = {
             let router = admin::router(registry, health.clone());
@@ -261,6 +272,7 @@ impl Operator {
         released_tx.send_replace(true);
         elector.await?;
         index_task.await?;
+        ca.await?;
         admin.await?
     }
 }

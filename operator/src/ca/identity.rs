@@ -49,6 +49,11 @@ impl std::str::FromStr for TrustDomain {
     }
 }
 
+/// A clap value parser that checks the trust-domain grammar and keeps the string.
+pub fn parse_trust_domain(s: &str) -> Result<String, IdentityError> {
+    TrustDomain::new(s).map(|t| t.0)
+}
+
 impl fmt::Display for TrustDomain {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)

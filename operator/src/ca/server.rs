@@ -10,6 +10,7 @@
 
 use std::{
     future::Future,
+    net::SocketAddr,
     sync::Arc,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
@@ -24,10 +25,10 @@ use axum::{
 };
 use kube::Client;
 use serde::{Deserialize, Serialize};
-use tokio::net::TcpListener;
+use tokio::{net::TcpListener, sync::watch};
 
 use super::{
-    identity::TrustDomain,
+    identity::{IdentityError, TrustDomain},
     issuer::{CertifyError, Issued, Issuer, IssuerError},
     metrics::{CaMetrics, Reason},
     root::{self, RootError},
@@ -53,9 +54,28 @@ pub struct CaOptions {
     pub ttl: Duration,
 }
 
+impl CaOptions {
+    /// `--pod-namespace`, `--ca-secret`, `--service-name`, `--trust-domain`, `--cert-ttl`.
+    pub fn from_args(args: &crate::Args) -> Result<Self, IdentityError> {
+        Ok(Self {
+            namespace: args.pod_namespace.clone(),
+            secret: args.ca_secret.clone(),
+            service: args.service_name.clone(),
+            trust_domain: TrustDomain::new(&args.trust_domain)?,
+            ttl: args.cert_ttl.get(),
+        })
+    }
+}
+
 /// Why the CA could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum CaError {
+    #[error("binding the CA listener {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("the CA root: {0}")]
     Root(#[from] RootError),
     #[error("the CA Secret cannot issue: {0}")]
@@ -338,9 +358,120 @@ pub async fn serve(
         .map_err(CaError::Serve)
 }
 
+/// Longest wait between two attempts to start the CA.
+const MAX_RETRY: Duration = Duration::from_secs(30);
+
+/// The CA as part of the operator: binds `--ca-listen`, loads (or generates) the root and
+/// serves until `stop` turns true. Every replica runs it (no leader needed). While the
+/// apiserver is unreachable, the port is taken or the Secret cannot issue, it logs the
+/// reason and retries with backoff (1 s doubling to 30 s), so fixing the Secret needs no
+/// restart; the rest of the operator is unaffected.
+pub async fn run(
+    client: Client,
+    args: crate::Args,
+    metrics: CaMetrics,
+    mut stop: watch::Receiver<bool>,
+) {
+    let options = match CaOptions::from_args(&args) {
+        Ok(o) => o,
+        Err(e) => {
+            tracing::error!("certificate authority disabled: {e}");
+            return;
+        }
+    };
+    let listen = args.ca_listen;
+    let started = async {
+        let mut delay = Duration::from_secs(1);
+        loop {
+            let attempt = async {
+                let listener = TcpListener::bind(listen)
+                    .await
+                    .map_err(|source| CaError::Bind {
+                        addr: listen,
+                        source,
+                    })?;
+                let ca = Ca::load(client.clone(), options.clone(), metrics.clone()).await?;
+                Ok::<_, CaError>((listener, ca))
+            };
+            match attempt.await {
+                Ok(started) => return started,
+                Err(e) => {
+                    tracing::error!(
+                        "certificate authority not started (retrying in {delay:?}): {e}"
+                    );
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(MAX_RETRY);
+                }
+            }
+        }
+    };
+    let (listener, ca) = tokio::select! {
+        started = started => started,
+        _ = stop.wait_for(|s| *s) => return,
+    };
+    tracing::info!(%listen, "certificate authority listening");
+    let done = async move {
+        let _ = stop.wait_for(|s| *s).await;
+    };
+    if let Err(e) = serve(listener, Arc::new(ca), done).await {
+        tracing::error!("certificate authority stopped: {e}");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn flags_and_defaults() {
+        let args =
+            <crate::Args as clap::Parser>::try_parse_from(["remora-operator"]).expect("defaults");
+        assert_eq!(
+            args.ca_listen,
+            "0.0.0.0:15012".parse::<SocketAddr>().expect("addr")
+        );
+        let o = CaOptions::from_args(&args).expect("options");
+        assert_eq!(
+            (
+                o.namespace.as_str(),
+                o.secret.as_str(),
+                o.service.as_str(),
+                o.trust_domain.as_str()
+            ),
+            (
+                "remora-system",
+                "remora-ca",
+                "remora-operator",
+                "cluster.local"
+            )
+        );
+        assert_eq!(o.ttl, Duration::from_secs(24 * 3600));
+
+        let args = <crate::Args as clap::Parser>::try_parse_from([
+            "remora-operator",
+            "--ca-listen=127.0.0.1:0",
+            "--ca-secret=mesh-root",
+            "--cert-ttl=1h",
+            "--trust-domain=example.org",
+        ])
+        .expect("flags");
+        let o = CaOptions::from_args(&args).expect("options");
+        assert_eq!(
+            (o.secret.as_str(), o.ttl),
+            ("mesh-root", Duration::from_secs(3600))
+        );
+        assert_eq!(o.trust_domain.as_str(), "example.org");
+        for bad in [
+            "--trust-domain=Not/Valid",
+            "--cert-ttl=forever",
+            "--ca-listen=nowhere",
+        ] {
+            assert!(
+                <crate::Args as clap::Parser>::try_parse_from(["remora-operator", bad]).is_err(),
+                "{bad}"
+            );
+        }
+    }
 
     #[test]
     fn token_in_body_or_header_not_both() {
