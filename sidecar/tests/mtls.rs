@@ -17,7 +17,7 @@ const REVIEWS: &str = "spiffe://cluster.local/ns/shop/sa/reviews";
 const VIP: &str = "10.96.0.12:9080";
 
 struct Mesh {
-    dir: TempDir,
+    _dir: TempDir,
     ca: Ca,
     a: Proxy,
     b: Proxy,
@@ -75,7 +75,7 @@ async fn mesh(spec: MeshSpec<'_>) -> Mesh {
     );
     let a = start(fast(settings(VIP.parse().expect("vip"))), &a_yaml).await;
     Mesh {
-        dir,
+        _dir: dir,
         ca,
         a,
         b,
@@ -443,7 +443,6 @@ async fn certificate_rotation_under_load_fails_no_request() {
         !Arc::ptr_eq(&before, &after),
         "the new certificate was loaded"
     );
-    let _ = &m.dir;
     // A broken file never replaces the good identity.
     std::fs::write(&m.b_ids.cert, "not a certificate").expect("write");
     tokio::time::sleep(Duration::from_millis(200)).await;

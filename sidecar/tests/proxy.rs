@@ -8,7 +8,7 @@ use std::{net::SocketAddr, time::Duration};
 use bytes::Bytes;
 use common::*;
 use http::{Request, StatusCode};
-use http_body_util::{BodyExt, Full};
+use http_body_util::BodyExt;
 use remora_proxy::{admin::LogLevel, listen::OrigDstMode};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -777,5 +777,4 @@ async fn shutdown_lets_in_flight_requests_finish_and_sends_goaway() {
         TcpStream::connect(inbound).await.is_err(),
         "no new connections after shutdown"
     );
-    let _ = Full::<Bytes>::new(Bytes::new());
 }
