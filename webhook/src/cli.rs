@@ -311,10 +311,22 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         args.tls_reload_interval,
     ));
 
+    // On SIGTERM/SIGINT: report not ready, then let both servers finish their requests.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopping = Arc::clone(&ctx);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        tracing::info!("shutting down");
+        stopping.set_ready(false);
+        let _unobserved = stop_tx.send(true);
+    });
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _closed = rx.wait_for(|stop| *stop).await;
+    };
     let mutate = axum::serve(tls_listener, server::mutate_router(Arc::clone(&ctx)))
-        .with_graceful_shutdown(shutdown_signal());
+        .with_graceful_shutdown(stopped(stop_rx.clone()));
     let health = axum::serve(metrics_tcp, server::health_router(Arc::clone(&ctx)))
-        .with_graceful_shutdown(shutdown_signal());
+        .with_graceful_shutdown(stopped(stop_rx));
     ctx.set_ready(true);
     let (a, b) = tokio::join!(mutate.into_future(), health.into_future());
     a.context("webhook server")?;

@@ -1,6 +1,6 @@
 //! The `remora-webhook` binary as a real process on loopback: `/mutate` over TLS answers
 //! AdmissionReviews, malformed ones get 400 with a reason, the serving certificate is
-//! swapped on disk without a restart, `/metrics` counts the decisions; and
+//! swapped on disk without a restart, `/metrics` counts the decisions, SIGTERM exits 0; and
 //! `remora-webhook inject` rewrites a stream on stdout and fails cleanly on bad input.
 
 use std::io::Write as _;
@@ -148,7 +148,7 @@ async fn serves_reviews_over_tls_and_reloads_the_certificate() {
     let dir = tempfile::tempdir().expect("tempdir");
     let first_cert = write_pair(dir.path());
     let (port, metrics_port) = (free_port(), free_port());
-    let _webhook = Running(
+    let mut webhook = Running(
         Command::new(BIN)
             .args([
                 &format!("--listen=127.0.0.1:{port}"),
@@ -277,6 +277,25 @@ async fn serves_reviews_over_tls_and_reloads_the_certificate() {
     );
     let (status, body) = http(metrics_port, "/healthz").await.expect("healthz");
     assert_eq!((status, body.as_str()), (200, "ok"));
+
+    // SIGTERM: a clean exit with status 0.
+    let kill = Command::new("kill")
+        .args(["-TERM", &webhook.0.id().to_string()])
+        .status()
+        .expect("run kill");
+    assert!(kill.success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = webhook.0.try_wait().expect("try_wait") {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "remora-webhook did not exit on SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "exit status {status}");
 }
 
 #[test]
