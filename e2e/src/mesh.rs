@@ -27,13 +27,26 @@ use crate::{
     io_err,
 };
 
-/// Starts `remora-operator` against `cluster`; its admin server listens on the returned port.
-pub fn start_operator(cluster: &Cluster) -> Result<(Process, u16), HarnessError> {
-    let [admin] = free_ports::<1>()?;
+/// A running operator and its loopback ports.
+#[derive(Debug)]
+pub struct LocalOperator {
+    pub process: Process,
+    /// `/metrics`, `/healthz`, `/readyz`.
+    pub admin_port: u16,
+    /// The certificate authority (`/v1/certify`, TLS).
+    pub ca_port: u16,
+}
+
+/// Starts `remora-operator` against `cluster`, on free loopback ports.
+pub fn start_operator(cluster: &Cluster) -> Result<LocalOperator, HarnessError> {
+    let [admin_port, ca_port] = free_ports::<2>()?;
     let process = Process::start(
         "remora-operator",
         &workspace_binary("remora-operator")?,
-        &[format!("--metrics-listen=127.0.0.1:{admin}")],
+        &[
+            format!("--metrics-listen=127.0.0.1:{admin_port}"),
+            format!("--ca-listen=127.0.0.1:{ca_port}"),
+        ],
         &[
             ("KUBECONFIG", cluster.kubeconfig().display().to_string()),
             ("POD_NAMESPACE", "remora-system".to_owned()),
@@ -41,7 +54,11 @@ pub fn start_operator(cluster: &Cluster) -> Result<(Process, u16), HarnessError>
         ],
         cluster.dir()?,
     )?;
-    Ok((process, admin))
+    Ok(LocalOperator {
+        process,
+        admin_port,
+        ca_port,
+    })
 }
 
 /// A running webhook and where the apiserver reaches it.

@@ -76,11 +76,18 @@ async fn run(keep: bool) -> Result<(), HarnessError> {
     }
 
     step("starting remora-operator and remora-webhook as local processes");
-    let (mut operator, admin_port) = start_operator(&cluster)?;
-    wait_listening(&mut operator, admin_port, Duration::from_secs(30)).await?;
+    let mut operator = start_operator(&cluster)?;
+    wait_listening(
+        &mut operator.process,
+        operator.admin_port,
+        Duration::from_secs(30),
+    )
+    .await?;
     println!(
-        "remora-operator: admin on 127.0.0.1:{admin_port} (log {})",
-        operator.log().display()
+        "remora-operator: admin on 127.0.0.1:{}, certificate authority on 127.0.0.1:{} (log {})",
+        operator.admin_port,
+        operator.ca_port,
+        operator.process.log().display()
     );
     let webhook = start_webhook(&cluster, &[]).await?;
     register_webhook(&client, &webhook.url, &webhook.ca_pem).await?;
