@@ -7,6 +7,8 @@ use base64::Engine as _;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use serde::{Deserialize, Serialize};
+
+use crate::patch;
 use serde_json::Value;
 
 use crate::inject::{self, InjectConfig, Outcome, SkipReason};
@@ -263,7 +265,7 @@ pub fn review(body: &[u8], cfg: &InjectConfig) -> Reviewed {
     let Some(object) = req.object else {
         return error(subject, "AdmissionReview request has no object".to_owned());
     };
-    let pod: Pod = match serde_json::from_value(object) {
+    let pod: Pod = match Pod::deserialize(&object) {
         Ok(p) => p,
         Err(e) => return error(subject, format!("the object is not a valid Pod: {e}")),
     };
@@ -289,7 +291,9 @@ pub fn review(body: &[u8], cfg: &InjectConfig) -> Reviewed {
             decision: Decision::Skipped(reason),
             subject,
         },
-        Ok(Outcome::Injected(inj)) => match serde_json::to_vec(&inj.patch) {
+        Ok(Outcome::Injected(inj)) => match patch::verify(&object, &inj.patch)
+            .and_then(|()| serde_json::to_vec(&inj.patch).map_err(|e| e.to_string()))
+        {
             Ok(bytes) => Reviewed {
                 response: wrap(AdmissionResponse {
                     patch_type: Some("JSONPatch"),
@@ -302,7 +306,10 @@ pub fn review(body: &[u8], cfg: &InjectConfig) -> Reviewed {
                 },
                 subject,
             },
-            Err(e) => error(subject, format!("could not encode the patch: {e}")),
+            Err(e) => error(
+                subject,
+                format!("remora-webhook cannot patch this pod: {e}"),
+            ),
         },
         Err(e) => {
             let message = format!("remora-webhook refused the pod: {e}");
@@ -467,6 +474,56 @@ mod tests {
         );
         assert!(r.subject.dry_run);
         assert_eq!(r.subject.owner.map(|o| o.name), Some("web-1".to_owned()));
+    }
+
+    /// Every node of a realistic review replaced by values of every JSON type: always a
+    /// response, never a panic, and a pod is never admitted with a broken patch.
+    #[test]
+    fn mutated_reviews_never_panic() {
+        fn paths(v: &Value, at: String, out: &mut Vec<String>) {
+            out.push(at.clone());
+            match v {
+                Value::Object(m) => m
+                    .iter()
+                    .for_each(|(k, v)| paths(v, format!("{at}/{}", patch::escape(k)), out)),
+                Value::Array(a) => a
+                    .iter()
+                    .enumerate()
+                    .for_each(|(i, v)| paths(v, format!("{at}/{i}"), out)),
+                _ => {}
+            }
+        }
+        let mut object = pod(json!({"config.remora.dev/skip-outbound-cidrs": "10.0.0.0/8"}));
+        object["spec"]["containers"][0]["livenessProbe"] =
+            json!({"httpGet": {"path": "/h", "port": "http"}});
+        object["spec"]["containers"][0]["ports"][0]["name"] = json!("http");
+        let base: Value = serde_json::from_slice(&body(object, "Pod", "CREATE")).expect("json");
+        let mut all = Vec::new();
+        paths(&base, String::new(), &mut all);
+        let cfg = InjectConfig::default();
+        let replacements = [json!(null), json!(-1), json!("x"), json!([]), json!({})];
+        for path in all.iter().skip(1) {
+            for r in &replacements {
+                let mut mutated = base.clone();
+                if let Some(slot) = mutated.pointer_mut(path) {
+                    *slot = r.clone();
+                }
+                let bytes = serde_json::to_vec(&mutated).expect("json");
+                let out = review(&bytes, &cfg);
+                let resp = &out.response.response;
+                if let Some(p) = &resp.patch {
+                    let raw = base64::engine::general_purpose::STANDARD
+                        .decode(p)
+                        .expect("base64");
+                    let patch: json_patch::Patch = serde_json::from_slice(&raw).expect("RFC 6902");
+                    let mut object = mutated["request"]["object"].clone();
+                    json_patch::patch(&mut object, &patch)
+                        .unwrap_or_else(|e| panic!("{path} = {r}: patch does not apply: {e}"));
+                }
+                assert!(resp.allowed || resp.status.is_some(), "{path} = {r}");
+            }
+        }
+        assert!(all.len() > 30, "walked {} nodes", all.len());
     }
 
     #[test]

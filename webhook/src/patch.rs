@@ -146,6 +146,15 @@ fn diff_array(path: &str, a: &[Value], b: &[Value], ops: &mut Vec<PatchOp>) {
     }
 }
 
+/// Checks, with an independent RFC 6902 implementation (the `json-patch` crate), that the
+/// operations apply to `raw` — the object exactly as the API server will patch it.
+pub fn verify(raw: &Value, ops: &[PatchOp]) -> Result<(), String> {
+    let value = serde_json::to_value(ops).map_err(|e| e.to_string())?;
+    let patch: json_patch::Patch = serde_json::from_value(value).map_err(|e| e.to_string())?;
+    let mut doc = raw.clone();
+    json_patch::patch(&mut doc, &patch).map_err(|e| e.to_string())
+}
+
 /// A patch that does not fit the document it is applied to.
 #[derive(Debug, thiserror::Error)]
 pub enum PatchError {
