@@ -1,15 +1,16 @@
 //! The admin server (port 15020): `/live`, `/ready`, `/metrics`, `/config_dump`,
-//! `/endpoints`, and, from localhost only, `/shutdown` and `/log-level`.
+//! `/endpoints`, `/app-health/<container>/<probe>` (rewritten kubelet probes), and, from
+//! localhost only, `/shutdown` and `/log-level`.
 
 use std::{
-    net::SocketAddr,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     sync::{Arc, Mutex},
 };
 
 use axum::{
     Router,
     extract::{ConnectInfo, State},
-    http::{HeaderValue, StatusCode, header},
+    http::{HeaderValue, StatusCode, Uri, header},
     response::{IntoResponse, Response},
     routing::{get, post},
 };
@@ -66,6 +67,7 @@ pub fn router(ctx: Arc<Context>) -> Router {
         .route("/metrics", get(metrics))
         .route("/config_dump", get(config_dump))
         .route("/endpoints", get(endpoints))
+        .route("/app-health/{container}/{probe}", get(app_health))
         .route("/shutdown", post(shutdown))
         .route(
             "/log-level",
@@ -101,9 +103,7 @@ fn json(body: &serde_json::Value) -> Response {
 
 fn local_only(peer: SocketAddr) -> Result<(), Box<Response>> {
     let ip = match peer.ip() {
-        std::net::IpAddr::V6(v6) => v6
-            .to_ipv4_mapped()
-            .map_or(std::net::IpAddr::V6(v6), Into::into),
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), Into::into),
         v4 => v4,
     };
     if ip.is_loopback() {
@@ -161,6 +161,24 @@ async fn endpoints(State(ctx): State<Arc<Context>>) -> Response {
         .collect();
     services.sort_by(|a, b| a["service"].as_str().cmp(&b["service"].as_str()));
     json(&serde_json::json!({ "version": snap.version(), "services": services }))
+}
+
+async fn app_health(State(ctx): State<Arc<Context>>, uri: Uri) -> Response {
+    let Some(probe) = ctx.settings.app_probes.get(uri.path()) else {
+        return text(
+            StatusCode::NOT_FOUND,
+            format!("no app probe is registered for {}\n", uri.path()),
+        );
+    };
+    let host = ctx
+        .settings
+        .pod_ip
+        .unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST));
+    let outcome = crate::app_health::check(probe, host).await;
+    if outcome.status != StatusCode::OK {
+        tracing::debug!(probe = uri.path(), detail = %outcome.detail, "app probe failed");
+    }
+    text(outcome.status, format!("{}\n", outcome.detail))
 }
 
 async fn shutdown(

@@ -7,6 +7,7 @@
 
 pub mod addr;
 pub mod admin;
+pub mod app_health;
 pub mod authz;
 pub mod config;
 pub mod conn;
@@ -24,7 +25,7 @@ pub mod tls;
 pub mod trace;
 
 use std::{
-    net::{Ipv6Addr, SocketAddr},
+    net::{IpAddr, Ipv6Addr, SocketAddr},
     path::PathBuf,
     sync::Arc,
     time::Duration,
@@ -54,6 +55,10 @@ pub struct Settings {
     /// The standalone config file, watched for changes.
     pub config_path: Option<PathBuf>,
     pub config_poll_interval: Duration,
+    /// Original targets of the app probes rewritten to `/app-health/...`.
+    pub app_probes: Arc<app_health::AppProbes>,
+    /// The pod IP app probes go to (loopback when unset).
+    pub pod_ip: Option<IpAddr>,
 }
 
 impl Default for Settings {
@@ -70,6 +75,8 @@ impl Default for Settings {
             shutdown_grace: Duration::from_secs(30),
             config_path: None,
             config_poll_interval: Duration::from_secs(1),
+            app_probes: Arc::default(),
+            pod_ip: None,
         }
     }
 }

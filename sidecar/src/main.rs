@@ -1,6 +1,11 @@
 //! `remora-proxy`: flags, logging and signals around [`remora_proxy::Proxy`].
 
-use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    process::ExitCode,
+    sync::Arc,
+};
 
 use clap::{Parser, ValueEnum};
 use remora_crds::{duration::Duration, proxy::ProxyConfig};
@@ -73,6 +78,12 @@ struct Args {
         default_value = "text"
     )]
     log_format: LogFormat,
+    /// Original targets of the app probes the webhook rewrote to /app-health/... (JSON).
+    #[arg(long, env = "REMORA_PROXY_APP_PROBES")]
+    app_probes: Option<String>,
+    /// The pod IP that app probes are sent to (loopback when unset).
+    #[arg(long, env = "REMORA_PROXY_POD_IP")]
+    pod_ip: Option<IpAddr>,
     /// Runtime worker threads.
     #[arg(long, env = "REMORA_PROXY_WORKER_THREADS", default_value_t = 2)]
     worker_threads: usize,
@@ -101,7 +112,14 @@ async fn run(args: Args, log: LogLevel) -> anyhow::Result<()> {
             .map_err(|e| anyhow::anyhow!("config {}: {e}", path.display()))?,
         None => ProxyConfig::default(),
     };
+    let app_probes = match &args.app_probes {
+        Some(json) => remora_proxy::app_health::parse(json)
+            .map_err(|e| anyhow::anyhow!("REMORA_PROXY_APP_PROBES is not valid probe JSON: {e}"))?,
+        None => Default::default(),
+    };
     let settings = Settings {
+        app_probes: Arc::new(app_probes),
+        pod_ip: args.pod_ip,
         outbound_listen: args.outbound_listen,
         inbound_listen: args.inbound_listen,
         admin_listen: Some(args.admin_listen),

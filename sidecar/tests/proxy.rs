@@ -778,3 +778,49 @@ async fn shutdown_lets_in_flight_requests_finish_and_sends_goaway() {
         "no new connections after shutdown"
     );
 }
+
+#[tokio::test]
+async fn app_health_runs_the_original_probes() {
+    let (web, tcp) = (http_echo().await, tcp_echo().await);
+    let dead = closed_port().await;
+    let json = format!(
+        r#"{{
+        "/app-health/web/livez": {{"httpGet": {{"path": "/status/204", "port": {w}, "httpHeaders": [{{"name": "x-probe", "value": "1"}}]}}}},
+        "/app-health/web/readyz": {{"httpGet": {{"path": "/status/500", "port": {w}}}}},
+        "/app-health/db/livez": {{"tcpSocket": {{"port": {t}}}}},
+        "/app-health/db/readyz": {{"tcpSocket": {{"port": {d}}}}},
+        "/app-health/api/startupz": {{"grpc": {{"port": {w}, "service": "api"}}, "timeoutSeconds": 2}}
+    }}"#,
+        w = web.port(),
+        t = tcp.port(),
+        d = dead.port()
+    );
+    let mut s = settings(web);
+    s.app_probes = std::sync::Arc::new(remora_proxy::app_health::parse(&json).expect("probe JSON"));
+    let proxy = start(s, "{}").await;
+    let admin = proxy.admin_addr.expect("admin");
+    assert_eq!(
+        admin_get(admin, "/app-health/web/livez").await.0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        admin_get(admin, "/app-health/web/readyz").await.0,
+        StatusCode::INTERNAL_SERVER_ERROR
+    );
+    assert_eq!(
+        admin_get(admin, "/app-health/db/livez").await.0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        admin_get(admin, "/app-health/db/readyz").await.0,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    assert_eq!(
+        admin_get(admin, "/app-health/api/startupz").await,
+        (StatusCode::OK, "SERVING\n".into())
+    );
+    assert_eq!(
+        admin_get(admin, "/app-health/nope/livez").await.0,
+        StatusCode::NOT_FOUND
+    );
+}

@@ -128,6 +128,16 @@ async fn echo(mut req: Request<Incoming>) -> Result<Response<Body>, Infallible> 
         .and_then(|c| StatusCode::from_u16(c).ok())
         .unwrap_or(StatusCode::OK);
     let body = req.into_body();
+    if path == "/grpc.health.v1.Health/Check" {
+        // HealthCheckResponse { status: SERVING }, then grpc-status 0.
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("grpc-status", HeaderValue::from_static("0"));
+        let msg = full(Bytes::from_static(&[0, 0, 0, 0, 2, 0x08, 0x01]));
+        let mut resp = Response::new(msg.with_trailers(async move { Some(Ok(trailers)) }).boxed());
+        resp.headers_mut()
+            .insert("content-type", HeaderValue::from_static("application/grpc"));
+        return Ok(resp);
+    }
     let body: Body = if path == "/trailers" {
         let mut trailers = http::HeaderMap::new();
         trailers.insert("grpc-status", HeaderValue::from_static("0"));
