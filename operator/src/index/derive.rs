@@ -15,7 +15,7 @@
 //! ports, which the TrafficSplit controller checks).
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::SocketAddr,
 };
 
@@ -27,7 +27,7 @@ use remora_crds::{
     },
 };
 
-use super::model::{ObjKey, ServiceState, Snapshot, app_protocol};
+use super::model::{ObjKey, ServiceState, SliceState, Snapshot, app_protocol};
 use crate::{conditions::policy_target, conflict, validate};
 
 /// A destination clients connect to: one port of one Service.
@@ -58,80 +58,319 @@ fn valid_oldest<'a>(
     conflict::oldest(candidates).filter(|p| validate::mesh_policy_spec(&p.spec).is_empty())
 }
 
-/// The per-Service policy in effect for `svc`, if any.
-pub fn service_policy<'a>(snap: &'a Snapshot, svc: &ObjKey) -> Option<&'a MeshPolicy> {
-    valid_oldest(
-        snap.policies
-            .iter()
-            .filter(|(k, p)| {
-                k.namespace == svc.namespace && policy_target(p) == Some(svc.name.as_str())
-            })
-            .map(|(_, p)| p),
-    )
+/// namespace → name → value, borrowed from the snapshot; looked up with any `&str`.
+type Nested<'a, V> = HashMap<&'a str, HashMap<&'a str, V>>;
+
+fn get2<'m, V>(map: &'m Nested<'_, V>, namespace: &str, name: &str) -> Option<&'m V> {
+    map.get(namespace)?.get(name)
 }
 
-/// The namespace-wide policy in effect in `namespace`, if any.
-pub fn namespace_policy<'a>(snap: &'a Snapshot, namespace: &str) -> Option<&'a MeshPolicy> {
-    valid_oldest(
-        snap.policies
-            .iter()
-            .filter(|(k, p)| k.namespace == namespace && policy_target(p).is_none())
-            .map(|(_, p)| p),
-    )
+/// The snapshot with the relations derivation follows indexed once, so deriving every
+/// piece costs time linear in the cluster's size.
+#[derive(Debug)]
+pub struct Lookup<'a> {
+    snap: &'a Snapshot,
+    /// Slices by `(namespace, service)`.
+    slices_by_service: Nested<'a, Vec<&'a SliceState>>,
+    /// Slices listing a Pod, by `(namespace, pod)`.
+    slices_by_pod: Nested<'a, Vec<&'a SliceState>>,
+    /// Per-Service policy in effect, by `(namespace, service)`.
+    service_policy: Nested<'a, &'a MeshPolicy>,
+    /// Namespace-wide policy in effect, by namespace.
+    namespace_policy: HashMap<&'a str, &'a MeshPolicy>,
+    /// Split in effect, by `(namespace, root service)`.
+    split: Nested<'a, &'a TrafficSplit>,
 }
 
-fn split_in_effect<'a>(snap: &'a Snapshot, svc: &ObjKey) -> Option<&'a TrafficSplit> {
-    conflict::oldest(
-        snap.splits
-            .iter()
-            .filter(|(k, s)| k.namespace == svc.namespace && s.spec.service == svc.name)
-            .map(|(_, s)| s),
-    )
-    .filter(|s| validate::traffic_split_spec(&s.spec).is_empty())
-}
-
-fn split(snap: &Snapshot, svc: &ObjKey) -> Option<Split> {
-    let ts = split_in_effect(snap, svc)?;
-    let exists = |name: &str| {
-        snap.services
-            .contains_key(&ObjKey::new(svc.namespace.clone(), name))
-    };
-    let name = |s: &str| mesh_name(&ObjKey::new(svc.namespace.clone(), s));
-    let backends: Vec<WeightedBackend> = ts
-        .spec
-        .backends
-        .iter()
-        .filter(|b| exists(&b.service))
-        .map(|b| WeightedBackend {
-            service: name(&b.service),
-            weight: b.weight,
-        })
-        .collect();
-    if backends.iter().all(|b| b.weight == 0) {
-        return None;
+impl<'a> Lookup<'a> {
+    pub fn new(snap: &'a Snapshot) -> Self {
+        let mut slices_by_service: Nested<'a, Vec<&'a SliceState>> = HashMap::new();
+        let mut slices_by_pod: Nested<'a, Vec<&'a SliceState>> = HashMap::new();
+        for (key, slice) in &snap.slices {
+            slices_by_service
+                .entry(key.namespace.as_str())
+                .or_default()
+                .entry(slice.service.as_str())
+                .or_default()
+                .push(slice);
+            let pods: BTreeSet<&str> = slice
+                .endpoints
+                .iter()
+                .filter_map(|e| e.pod.as_deref())
+                .collect();
+            for pod in pods {
+                slices_by_pod
+                    .entry(key.namespace.as_str())
+                    .or_default()
+                    .entry(pod)
+                    .or_default()
+                    .push(slice);
+            }
+        }
+        let mut per_service: Nested<'a, Vec<&'a MeshPolicy>> = HashMap::new();
+        let mut per_namespace: HashMap<&'a str, Vec<&'a MeshPolicy>> = HashMap::new();
+        for (key, p) in &snap.policies {
+            match policy_target(p) {
+                Some(target) => per_service
+                    .entry(key.namespace.as_str())
+                    .or_default()
+                    .entry(target)
+                    .or_default()
+                    .push(p),
+                None => per_namespace
+                    .entry(key.namespace.as_str())
+                    .or_default()
+                    .push(p),
+            }
+        }
+        let mut splits: Nested<'a, Vec<&'a TrafficSplit>> = HashMap::new();
+        for (key, ts) in &snap.splits {
+            splits
+                .entry(key.namespace.as_str())
+                .or_default()
+                .entry(ts.spec.service.as_str())
+                .or_default()
+                .push(ts);
+        }
+        Self {
+            snap,
+            slices_by_service,
+            slices_by_pod,
+            service_policy: per_service
+                .into_iter()
+                .map(|(ns, by_name)| {
+                    let winners = by_name
+                        .into_iter()
+                        .filter_map(|(name, ps)| valid_oldest(ps).map(|p| (name, p)))
+                        .collect();
+                    (ns, winners)
+                })
+                .collect(),
+            namespace_policy: per_namespace
+                .into_iter()
+                .filter_map(|(k, ps)| valid_oldest(ps).map(|p| (k, p)))
+                .collect(),
+            split: splits
+                .into_iter()
+                .map(|(ns, by_root)| {
+                    let winners = by_root
+                        .into_iter()
+                        .filter_map(|(root, ss)| {
+                            conflict::oldest(ss)
+                                .filter(|s| validate::traffic_split_spec(&s.spec).is_empty())
+                                .map(|s| (root, s))
+                        })
+                        .collect();
+                    (ns, winners)
+                })
+                .collect(),
+        }
     }
-    Some(Split {
-        matches: ts
+
+    /// The per-Service policy in effect for `svc`, if any.
+    pub fn service_policy(&self, svc: &ObjKey) -> Option<&'a MeshPolicy> {
+        get2(&self.service_policy, &svc.namespace, &svc.name).copied()
+    }
+
+    /// The namespace-wide policy in effect in `namespace`, if any.
+    pub fn namespace_policy(&self, namespace: &str) -> Option<&'a MeshPolicy> {
+        self.namespace_policy.get(namespace).copied()
+    }
+
+    fn slices_of(&self, svc: &ObjKey) -> &[&'a SliceState] {
+        get2(&self.slices_by_service, &svc.namespace, &svc.name).map_or(&[], Vec::as_slice)
+    }
+
+    fn split(&self, svc: &ObjKey) -> Option<Split> {
+        let ts = get2(&self.split, &svc.namespace, &svc.name)?;
+        let exists = |name: &str| {
+            self.snap
+                .services
+                .contains_key(&ObjKey::new(svc.namespace.clone(), name))
+        };
+        let name = |s: &str| mesh_name(&ObjKey::new(svc.namespace.clone(), s));
+        let backends: Vec<WeightedBackend> = ts
             .spec
-            .matches
+            .backends
             .iter()
-            .filter(|m| exists(&m.backend))
-            .map(|m| HeaderRoute {
-                headers: m.headers.clone(),
-                backend: name(&m.backend),
+            .filter(|b| exists(&b.service))
+            .map(|b| WeightedBackend {
+                service: name(&b.service),
+                weight: b.weight,
             })
-            .collect(),
-        mirror: ts
-            .spec
-            .mirror
-            .as_ref()
-            .filter(|m| exists(&m.service))
-            .map(|m| Mirror {
-                service: name(&m.service),
-                percent: m.percent,
-            }),
-        backends,
-    })
+            .collect();
+        if backends.iter().all(|b| b.weight == 0) {
+            return None;
+        }
+        Some(Split {
+            matches: ts
+                .spec
+                .matches
+                .iter()
+                .filter(|m| exists(&m.backend))
+                .map(|m| HeaderRoute {
+                    headers: m.headers.clone(),
+                    backend: name(&m.backend),
+                })
+                .collect(),
+            mirror: ts
+                .spec
+                .mirror
+                .as_ref()
+                .filter(|m| exists(&m.service))
+                .map(|m| Mirror {
+                    service: name(&m.service),
+                    percent: m.percent,
+                }),
+            backends,
+        })
+    }
+
+    /// The endpoints of `dest`: every address of every slice of the Service, on the
+    /// slice's port for the Service port's name, sorted by address.
+    pub fn endpoints(&self, dest: &Destination) -> Vec<Endpoint> {
+        let snap = self.snap;
+        let Some(svc_port) = snap
+            .services
+            .get(&dest.service)
+            .and_then(|s| s.port(dest.port))
+        else {
+            return Vec::new();
+        };
+        let mut out: BTreeMap<SocketAddr, Endpoint> = BTreeMap::new();
+        for slice in self.slices_of(&dest.service) {
+            let Some(target) = slice
+                .ports
+                .iter()
+                .find(|p| p.name == svc_port.name && p.protocol == svc_port.protocol)
+            else {
+                continue;
+            };
+            for e in &slice.endpoints {
+                let pod = e.pod.as_ref().and_then(|name| {
+                    snap.pods
+                        .get(&ObjKey::new(dest.service.namespace.clone(), name.clone()))
+                });
+                let meshed = pod.is_some_and(|p| p.meshed);
+                let identity = pod
+                    .filter(|p| p.meshed)
+                    .map(|p| snap.spiffe_id(&dest.service.namespace, &p.service_account));
+                for ip in &e.addresses {
+                    let address = SocketAddr::new(*ip, target.port);
+                    out.entry(address).or_insert_with(|| Endpoint {
+                        address,
+                        identity: identity.clone(),
+                        zone: e.zone.clone(),
+                        ready: e.ready,
+                        serving: e.serving,
+                        terminating: e.terminating,
+                        meshed,
+                    });
+                }
+            }
+        }
+        out.into_values().collect()
+    }
+
+    /// The outbound piece of `dest`; `None` when the Service or port does not exist.
+    pub fn outbound(&self, dest: &Destination) -> Option<OutboundService> {
+        let svc = self.snap.services.get(&dest.service)?;
+        svc.port(dest.port)?;
+        let endpoints = self.endpoints(dest);
+        let addresses: BTreeSet<SocketAddr> = if svc.is_headless() {
+            endpoints.iter().map(|e| e.address).collect()
+        } else {
+            svc.cluster_ips
+                .iter()
+                .map(|ip| SocketAddr::new(*ip, dest.port))
+                .collect()
+        };
+        let policy = self
+            .service_policy(&dest.service)
+            .or_else(|| self.namespace_policy(&dest.service.namespace))
+            .map(|p| p.spec.traffic_policy());
+        Some(OutboundService {
+            name: mesh_name(&dest.service),
+            addresses: addresses.into_iter().collect(),
+            protocol: protocol(svc, dest.port),
+            policy,
+            split: self.split(&dest.service),
+            endpoints,
+        })
+    }
+
+    /// The inbound piece of a Pod; `None` when the Pod is unknown.
+    ///
+    /// `default` is the workload default overlaid with the namespace-wide policy; a port
+    /// gets an entry when a Service exposing it has a policy in effect (the oldest such
+    /// policy wins if several Services expose the port) or when it is opaque.
+    pub fn inbound(&self, pod_key: &ObjKey) -> Option<InboundConfig> {
+        let snap = self.snap;
+        let pod = snap.pods.get(pod_key)?;
+        let mut default = InboundPolicy::workload_default();
+        if let Some(ns_policy) = self.namespace_policy(&pod_key.namespace) {
+            let p = inbound_policy(ns_policy, None);
+            default.mtls = p.mtls.or(default.mtls);
+            default.authorization = p.authorization.or(default.authorization);
+            default.rate_limit = p.rate_limit.or(default.rate_limit);
+        }
+
+        // Pod port → (policy, protocol hint) from the Services whose slices list it.
+        let mut by_port: BTreeMap<u16, (Option<&MeshPolicy>, Option<Protocol>)> = BTreeMap::new();
+        let slices = get2(&self.slices_by_pod, &pod_key.namespace, &pod_key.name)
+            .map_or(&[][..], Vec::as_slice);
+        for slice in slices {
+            let svc_key = ObjKey::new(pod_key.namespace.clone(), slice.service.clone());
+            let Some(svc) = snap.services.get(&svc_key) else {
+                continue;
+            };
+            let policy = self.service_policy(&svc_key);
+            for sp in &slice.ports {
+                let Some(svc_port) = svc.ports.iter().find(|p| {
+                    p.name == sp.name && p.protocol == sp.protocol && sp.protocol == "TCP"
+                }) else {
+                    continue;
+                };
+                let hint = if svc.opaque_ports.contains(&svc_port.port) {
+                    Some(Protocol::Opaque)
+                } else {
+                    app_protocol(svc_port.app_protocol.as_deref())
+                };
+                let entry = by_port.entry(sp.port).or_insert((None, None));
+                entry.0 = match (entry.0, policy) {
+                    (Some(a), Some(b)) => conflict::oldest([a, b]),
+                    (a, b) => a.or(b),
+                };
+                entry.1 = entry.1.or(hint);
+            }
+        }
+        for port in &pod.opaque_ports {
+            by_port.entry(*port).or_insert((None, None)).1 = Some(Protocol::Opaque);
+        }
+
+        let ports = by_port
+            .into_iter()
+            .filter_map(|(port, (policy, hint))| {
+                let hint = if pod.opaque_ports.contains(&port) {
+                    Some(Protocol::Opaque)
+                } else {
+                    hint
+                };
+                match (policy, hint) {
+                    (None, None) => None,
+                    (Some(p), hint) => Some((port, inbound_policy(p, hint))),
+                    (None, hint) => Some((
+                        port,
+                        InboundPolicy {
+                            protocol: hint,
+                            ..InboundPolicy::default()
+                        },
+                    )),
+                }
+            })
+            .collect();
+        Some(InboundConfig { default, ports })
+    }
 }
 
 fn protocol(svc: &ServiceState, port: u16) -> Protocol {
@@ -143,49 +382,13 @@ fn protocol(svc: &ServiceState, port: u16) -> Protocol {
         .unwrap_or_default()
 }
 
-/// The endpoints of `dest`: every address of every slice of the Service, on the
-/// slice's port for the Service port's name, sorted by address.
-pub fn endpoints(snap: &Snapshot, dest: &Destination) -> Vec<Endpoint> {
-    let Some(svc_port) = snap
-        .services
-        .get(&dest.service)
-        .and_then(|s| s.port(dest.port))
-    else {
-        return Vec::new();
-    };
-    let mut out: BTreeMap<SocketAddr, Endpoint> = BTreeMap::new();
-    for slice in snap.slices_of(&dest.service) {
-        let Some(target) = slice
-            .ports
-            .iter()
-            .find(|p| p.name == svc_port.name && p.protocol == svc_port.protocol)
-        else {
-            continue;
-        };
-        for e in &slice.endpoints {
-            let pod = e.pod.as_ref().and_then(|name| {
-                snap.pods
-                    .get(&ObjKey::new(dest.service.namespace.clone(), name.clone()))
-            });
-            let meshed = pod.is_some_and(|p| p.meshed);
-            let identity = pod
-                .filter(|p| p.meshed)
-                .map(|p| snap.spiffe_id(&dest.service.namespace, &p.service_account));
-            for ip in &e.addresses {
-                let address = SocketAddr::new(*ip, target.port);
-                out.entry(address).or_insert_with(|| Endpoint {
-                    address,
-                    identity: identity.clone(),
-                    zone: e.zone.clone(),
-                    ready: e.ready,
-                    serving: e.serving,
-                    terminating: e.terminating,
-                    meshed,
-                });
-            }
-        }
+fn inbound_policy(p: &MeshPolicy, protocol: Option<Protocol>) -> InboundPolicy {
+    InboundPolicy {
+        protocol,
+        mtls: p.spec.mtls.as_ref().map(|m| m.mode),
+        authorization: p.spec.authorization.clone(),
+        rate_limit: p.spec.rate_limit.clone(),
     }
-    out.into_values().collect()
 }
 
 /// Every destination of the snapshot (TCP ports of every Service).
@@ -204,123 +407,15 @@ pub fn destinations(snap: &Snapshot) -> Vec<Destination> {
         .collect()
 }
 
-/// The outbound piece of `dest`; `None` when the Service or port does not exist.
+/// The outbound piece of one destination (builds a [`Lookup`]; use one [`Lookup`] for
+/// many pieces).
 pub fn outbound(snap: &Snapshot, dest: &Destination) -> Option<OutboundService> {
-    let svc = snap.services.get(&dest.service)?;
-    svc.port(dest.port)?;
-    let endpoints = endpoints(snap, dest);
-    let addresses: BTreeSet<SocketAddr> = if svc.is_headless() {
-        endpoints.iter().map(|e| e.address).collect()
-    } else {
-        svc.cluster_ips
-            .iter()
-            .map(|ip| SocketAddr::new(*ip, dest.port))
-            .collect()
-    };
-    let policy = service_policy(snap, &dest.service)
-        .or_else(|| namespace_policy(snap, &dest.service.namespace))
-        .map(|p| p.spec.traffic_policy());
-    Some(OutboundService {
-        name: mesh_name(&dest.service),
-        addresses: addresses.into_iter().collect(),
-        protocol: protocol(svc, dest.port),
-        policy,
-        split: split(snap, &dest.service),
-        endpoints,
-    })
+    Lookup::new(snap).outbound(dest)
 }
 
-fn inbound_policy(p: &MeshPolicy, protocol: Option<Protocol>) -> InboundPolicy {
-    InboundPolicy {
-        protocol,
-        mtls: p.spec.mtls.as_ref().map(|m| m.mode),
-        authorization: p.spec.authorization.clone(),
-        rate_limit: p.spec.rate_limit.clone(),
-    }
-}
-
-/// The inbound piece of a Pod; `None` when the Pod is unknown.
-///
-/// `default` is the workload default overlaid with the namespace-wide policy; a port
-/// gets an entry when a Service exposing it has a policy in effect (the oldest such
-/// policy wins if several Services expose the port) or when it is opaque.
+/// The inbound piece of one Pod (builds a [`Lookup`]; use one [`Lookup`] for many).
 pub fn inbound(snap: &Snapshot, pod_key: &ObjKey) -> Option<InboundConfig> {
-    let pod = snap.pods.get(pod_key)?;
-    let mut default = InboundPolicy::workload_default();
-    if let Some(ns_policy) = namespace_policy(snap, &pod_key.namespace) {
-        let p = inbound_policy(ns_policy, None);
-        default.mtls = p.mtls.or(default.mtls);
-        default.authorization = p.authorization.or(default.authorization);
-        default.rate_limit = p.rate_limit.or(default.rate_limit);
-    }
-
-    // Pod port → (policy, protocol hint) from the Services whose slices list this pod.
-    let mut by_port: BTreeMap<u16, (Option<&MeshPolicy>, Option<Protocol>)> = BTreeMap::new();
-    let ns_start = ObjKey::new(pod_key.namespace.clone(), String::new());
-    for (_, slice) in snap
-        .slices
-        .range(ns_start..)
-        .take_while(|(k, _)| k.namespace == pod_key.namespace)
-    {
-        if !slice
-            .endpoints
-            .iter()
-            .any(|e| e.pod.as_deref() == Some(pod_key.name.as_str()))
-        {
-            continue;
-        }
-        let svc_key = ObjKey::new(pod_key.namespace.clone(), slice.service.clone());
-        let Some(svc) = snap.services.get(&svc_key) else {
-            continue;
-        };
-        let policy = service_policy(snap, &svc_key);
-        for sp in &slice.ports {
-            let Some(svc_port) = svc
-                .ports
-                .iter()
-                .find(|p| p.name == sp.name && p.protocol == sp.protocol && sp.protocol == "TCP")
-            else {
-                continue;
-            };
-            let hint = if svc.opaque_ports.contains(&svc_port.port) {
-                Some(Protocol::Opaque)
-            } else {
-                app_protocol(svc_port.app_protocol.as_deref())
-            };
-            let entry = by_port.entry(sp.port).or_insert((None, None));
-            entry.0 = match (entry.0, policy) {
-                (Some(a), Some(b)) => conflict::oldest([a, b]),
-                (a, b) => a.or(b),
-            };
-            entry.1 = entry.1.or(hint);
-        }
-    }
-    for port in &pod.opaque_ports {
-        by_port.entry(*port).or_insert((None, None)).1 = Some(Protocol::Opaque);
-    }
-
-    let ports = by_port
-        .into_iter()
-        .filter_map(|(port, (policy, hint))| {
-            let hint = if pod.opaque_ports.contains(&port) {
-                Some(Protocol::Opaque)
-            } else {
-                hint
-            };
-            match (policy, hint) {
-                (None, None) => None,
-                (Some(p), hint) => Some((port, inbound_policy(p, hint))),
-                (None, hint) => Some((
-                    port,
-                    InboundPolicy {
-                        protocol: hint,
-                        ..InboundPolicy::default()
-                    },
-                )),
-            }
-        })
-        .collect();
-    Some(InboundConfig { default, ports })
+    Lookup::new(snap).inbound(pod_key)
 }
 
 #[cfg(test)]

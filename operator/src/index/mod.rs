@@ -118,14 +118,15 @@ impl Index {
     /// pieces get one new version, unchanged ones keep theirs.
     pub fn recompute(&mut self, now_micros: u64) -> Changes {
         let snap = &self.snapshot;
+        let lookup = derive::Lookup::new(snap);
         let outbound: BTreeMap<Destination, OutboundService> = derive::destinations(snap)
             .into_iter()
-            .filter_map(|d| derive::outbound(snap, &d).map(|o| (d, o)))
+            .filter_map(|d| lookup.outbound(&d).map(|o| (d, o)))
             .collect();
         let inbound: BTreeMap<ObjKey, InboundConfig> = snap
             .pods
             .keys()
-            .filter_map(|k| derive::inbound(snap, k).map(|i| (k.clone(), i)))
+            .filter_map(|k| lookup.inbound(k).map(|i| (k.clone(), i)))
             .collect();
         let (out_changed, out_removed) = diff(&self.outbound, &outbound);
         let (in_changed, in_removed) = diff(&self.inbound, &inbound);
