@@ -145,8 +145,17 @@ async fn serve(client: &Client) -> Served {
 /// One HTTP/1.1 request over TLS 1.3, trusting only the mesh bundle and checking the
 /// serving certificate for `remora-operator.remora-system.svc`.
 async fn post(served: &Served, bearer: Option<&str>, body: &str) -> (u16, Value) {
+    post_to(served.addr, served.ca.issuer().trust_bundle(), bearer, body).await
+}
+
+async fn post_to(
+    addr: std::net::SocketAddr,
+    bundle: &[CertificateDer<'static>],
+    bearer: Option<&str>,
+    body: &str,
+) -> (u16, Value) {
     let mut roots = rustls::RootCertStore::empty();
-    for r in served.ca.issuer().trust_bundle() {
+    for r in bundle {
         roots.add(r.clone()).expect("root");
     }
     let config = rustls::ClientConfig::builder_with_provider(Arc::new(
@@ -157,7 +166,7 @@ async fn post(served: &Served, bearer: Option<&str>, body: &str) -> (u16, Value)
     .with_root_certificates(roots)
     .with_no_client_auth();
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-    let tcp = TcpStream::connect(served.addr).await.expect("connect");
+    let tcp = TcpStream::connect(addr).await.expect("connect");
     let name = ServerName::try_from("remora-operator.remora-system.svc").expect("name");
     let mut tls = connector
         .connect(name, tcp)
@@ -527,4 +536,87 @@ async fn the_root_is_generated_once_and_reused() {
     .await
     .expect_err("a key that does not match is refused");
     assert!(err.to_string().contains("does not match"), "{err}");
+}
+
+/// The CA as the operator runs it: `Operator::run` serves certify on `--ca-listen` with the
+/// root it generated into the Secret, and exports the CA metrics on `/metrics`.
+#[tokio::test]
+async fn the_operator_serves_certify_on_ca_listen() {
+    let (_cluster, client) = cluster().await;
+    remora_e2e::apply::install_crds(&client)
+        .await
+        .expect("CRDs installed");
+    namespace(&client, "shop").await;
+    service_account(&client, "shop", "a").await;
+    let [port] = remora_e2e::cluster::free_ports::<1>().expect("a free port");
+    let args = <remora_operator::Args as clap::Parser>::try_parse_from([
+        "remora-operator".to_owned(),
+        "--metrics-listen=127.0.0.1:0".to_owned(),
+        "--leader-elect=false".to_owned(),
+        "--pod-name=op-ca".to_owned(),
+        format!("--ca-listen=127.0.0.1:{port}"),
+    ])
+    .expect("flags");
+    let operator = remora_operator::Operator::bind(args, client.clone())
+        .await
+        .expect("operator binds");
+    let admin = operator.local_addr().expect("admin address");
+    let (stop, stopped) = oneshot::channel::<()>();
+    let running = tokio::spawn(operator.run(async move {
+        let _ = stopped.await;
+    }));
+
+    // The trust bundle as a proxy gets it: from the Secret the operator generated.
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), OPERATOR_NS);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let bundle = loop {
+        if let Some(s) = secrets.get_opt(SECRET).await.expect("get Secret")
+            && let Some(b) = s.data.as_ref().and_then(|d| d.get("ca.crt"))
+        {
+            break pem_certs(std::str::from_utf8(&b.0).expect("PEM"));
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the operator created no CA Secret"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    while TcpStream::connect(addr).await.is_err() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the CA never listened"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let key = KeyPair::generate().expect("key");
+    let good = token(&client, "shop", "a", "remora").await;
+    let (status, body) = post_to(addr, &bundle, None, &certify_body(&csr(&key), &good)).await;
+    assert_eq!(status, 200, "{body}");
+    check_issued(&body, &key, "spiffe://cluster.local/ns/shop/sa/a");
+    let (status, body) = post_to(addr, &bundle, None, &certify_body(&csr(&key), "bad")).await;
+    refused(status, &body, 401, Reason::InvalidToken);
+
+    let mut conn = TcpStream::connect(admin).await.expect("admin connect");
+    conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("write");
+    let mut text = String::new();
+    conn.read_to_string(&mut text).await.expect("read");
+    assert!(
+        text.contains("remora_ca_certificates_issued_total 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("remora_ca_certificates_refused_total{reason=\"invalid_token\"} 1"),
+        "{text}"
+    );
+
+    let _ = stop.send(());
+    tokio::time::timeout(Duration::from_secs(30), running)
+        .await
+        .expect("the operator stops")
+        .expect("no panic")
+        .expect("the operator ran without error");
 }
