@@ -245,9 +245,17 @@ fn check_issued(resp: &Value, key: &KeyPair, want: &str) {
     assert_eq!(names, vec![GeneralName::URI(want)], "exactly the SPIFFE ID");
     assert!(cert.subject().iter().next().is_none(), "no subject names");
 
+    assert!(
+        accepts(&pem_certs(&resp.trust_bundle), &chain),
+        "the chain verifies against the trust bundle"
+    );
+}
+
+/// Whether a proxy trusting `bundle` accepts `chain` from a peer.
+fn accepts(bundle: &[CertificateDer<'static>], chain: &[CertificateDer<'static>]) -> bool {
     let mut roots = rustls::RootCertStore::empty();
-    for r in pem_certs(&resp.trust_bundle) {
-        roots.add(r).expect("root");
+    for r in bundle {
+        roots.add(r.clone()).expect("root");
     }
     let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
         Arc::new(roots),
@@ -260,7 +268,7 @@ fn check_issued(resp: &Value, key: &KeyPair, want: &str) {
     );
     verifier
         .verify_client_cert(&chain[0], &chain[1..], now)
-        .expect("the chain verifies against the trust bundle");
+        .is_ok()
 }
 
 fn refused(status: u16, body: &Value, want_status: u16, reason: Reason) {
@@ -619,4 +627,106 @@ async fn the_operator_serves_certify_on_ca_listen() {
         .expect("the operator stops")
         .expect("no panic")
         .expect("the operator ran without error");
+}
+
+/// The rotation procedure of docs/ca.md, step by step, against a running CA that re-reads
+/// its Secret (no restart): proxies holding only the old root keep reaching the CA while
+/// the bundle grows; after the switch, certificates and the serving certificate come from
+/// the new root; a broken edit keeps the current issuer; finally the old root goes.
+#[tokio::test]
+async fn a_root_rotation_needs_no_restart() {
+    use remora_operator::ca::CaMaterial;
+
+    let (_cluster, client) = cluster().await;
+    namespace(&client, "shop").await;
+    service_account(&client, "shop", "a").await;
+    let served = serve(&client).await;
+    let key = KeyPair::generate().expect("key");
+    let good = token(&client, "shop", "a", "remora").await;
+    let body = certify_body(&csr(&key), &good);
+    let want = "spiffe://cluster.local/ns/shop/sa/a";
+
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), OPERATOR_NS);
+    let old = CaMaterial::from_secret(&secrets.get(SECRET).await.expect("Secret"))
+        .expect("generated material");
+    let new = CaMaterial::generate(SystemTime::now(), Duration::from_secs(86400 * 365))
+        .expect("new root");
+    let (old_only, new_only) = (pem_certs(&old.bundle_pem), pem_certs(&new.bundle_pem));
+    let both = format!("{}{}", old.bundle_pem, new.bundle_pem);
+    let write = |m: CaMaterial| {
+        let secrets = secrets.clone();
+        async move {
+            let current = secrets.get(SECRET).await.expect("Secret");
+            let mut next = m.to_secret(OPERATOR_NS, SECRET);
+            next.metadata.resource_version = current.metadata.resource_version;
+            secrets
+                .replace(SECRET, &PostParams::default(), &next)
+                .await
+                .expect("Secret updated");
+        }
+    };
+    let issued = |v: &Value| -> (CertifyResponse, Vec<CertificateDer<'static>>) {
+        let r: CertifyResponse = serde_json::from_value(v.clone()).expect("response");
+        let chain = pem_certs(&r.chain);
+        (r, chain)
+    };
+
+    // 1. Add the new root to the bundle; the old root still issues.
+    write(CaMaterial {
+        bundle_pem: both.clone(),
+        ..old.clone()
+    })
+    .await;
+    assert!(served.ca.reload().await.expect("reload"), "switched");
+    let (status, v) = post_to(served.addr, &old_only, None, &body).await;
+    assert_eq!(status, 200, "an old-only proxy still reaches the CA: {v}");
+    check_issued(&v, &key, want);
+    let (r, chain) = issued(&v);
+    assert_eq!(r.trust_bundle, both, "proxies now receive both roots");
+    assert!(accepts(&old_only, &chain) && !accepts(&new_only, &chain));
+
+    // 3. Switch the issuer to the new root.
+    write(CaMaterial {
+        bundle_pem: both.clone(),
+        ..new.clone()
+    })
+    .await;
+    assert!(served.ca.reload().await.expect("reload"));
+    let (status, v) = post_to(served.addr, &new_only, None, &body).await;
+    assert_eq!(
+        status, 200,
+        "the serving certificate is from the new root: {v}"
+    );
+    check_issued(&v, &key, want);
+    let (r, chain) = issued(&v);
+    assert_eq!(r.trust_bundle, both);
+    assert!(accepts(&new_only, &chain) && !accepts(&old_only, &chain));
+    assert!(accepts(&pem_certs(&both), &chain));
+
+    // A broken edit (key of another root) is refused; the new issuer stays in use.
+    write(CaMaterial {
+        bundle_pem: both.clone(),
+        key_pem: old.key_pem.clone(),
+        ..new.clone()
+    })
+    .await;
+    let err = served
+        .ca
+        .reload()
+        .await
+        .expect_err("a key that does not match");
+    assert!(err.to_string().contains("does not match"), "{err}");
+    let (status, v) = post_to(served.addr, &new_only, None, &body).await;
+    assert_eq!(status, 200, "{v}");
+    assert!(accepts(&new_only, &issued(&v).1));
+
+    // 4. Remove the old root.
+    write(new.clone()).await;
+    assert!(served.ca.reload().await.expect("reload"));
+    assert!(!served.ca.reload().await.expect("reload"), "unchanged");
+    let (status, v) = post_to(served.addr, &new_only, None, &body).await;
+    assert_eq!(status, 200, "{v}");
+    let (r, chain) = issued(&v);
+    assert_eq!(r.trust_bundle, new.bundle_pem, "only the new root is left");
+    assert!(accepts(&new_only, &chain));
 }

@@ -8,12 +8,14 @@
 //! - [`identity`]: service account ↔ SPIFFE ID (pure);
 //! - [`issuer`]: CSR + identity → certificate, and the trust bundle (pure);
 //! - [`root`]: the trust root and issuer kept in a Secret, generated on first start;
+//!   [`current`]: the issuer in use, switched when that Secret changes;
 //! - [`token`]: the TokenReview;
 //! - [`metrics`]: certificates issued and refused, by reason;
 //! - [`server`]: `POST /v1/certify`; [`tls`]: its TLS 1.3 listener.
 //!
 //! The procedure for rotating the root is in `docs/ca.md`.
 
+pub mod current;
 pub mod identity;
 pub mod issuer;
 pub mod metrics;

@@ -23,15 +23,17 @@ use axum::{
     response::{IntoResponse, Response},
     routing::post,
 };
-use kube::Client;
+use k8s_openapi::api::core::v1::Secret;
+use kube::{Api, Client};
 use serde::{Deserialize, Serialize};
 use tokio::{net::TcpListener, sync::watch};
 
 use super::{
+    current::CurrentIssuer,
     identity::{IdentityError, TrustDomain},
     issuer::{CertifyError, Issued, Issuer, IssuerError},
     metrics::{CaMetrics, Reason},
-    root::{self, RootError},
+    root::{self, CaMaterial, RootError},
     tls::{self, ServingCert, TlsError, TlsListener},
     token::{TokenError, TokenReviewer},
 };
@@ -89,7 +91,8 @@ pub enum CaError {
 /// The running CA: the issuer, the TokenReview client and the metrics.
 #[derive(Debug)]
 pub struct Ca {
-    issuer: Arc<Issuer>,
+    issuer: Arc<CurrentIssuer>,
+    secrets: Api<Secret>,
     reviewer: TokenReviewer,
     metrics: CaMetrics,
     options: CaOptions,
@@ -247,15 +250,50 @@ impl Ca {
             "certificate authority ready"
         );
         Ok(Self {
-            issuer: Arc::new(issuer),
+            issuer: Arc::new(CurrentIssuer::new(material, issuer)),
+            secrets: Api::namespaced(client.clone(), &options.namespace),
             reviewer: TokenReviewer::new(client),
             metrics,
             options,
         })
     }
 
-    pub fn issuer(&self) -> &Arc<Issuer> {
-        &self.issuer
+    /// The issuer in use now.
+    pub fn issuer(&self) -> Arc<Issuer> {
+        self.issuer.get()
+    }
+
+    /// Re-reads the CA Secret and switches to its contents when they changed and can issue
+    /// (`Ok(true)`). A Secret that was deleted or cannot issue is an error and the current
+    /// issuer stays: a root is never regenerated behind the proxies' backs.
+    pub async fn reload(&self) -> Result<bool, CaError> {
+        let (namespace, name) = (&self.options.namespace, &self.options.secret);
+        let secret = self
+            .secrets
+            .get(name)
+            .await
+            .map_err(|source| RootError::Kube {
+                action: "re-reading",
+                namespace: namespace.clone(),
+                name: name.clone(),
+                source: Box::new(source),
+            })?;
+        let material = CaMaterial::from_secret(&secret)?;
+        let switched = self.issuer.update(material, |m| {
+            Issuer::new(
+                m,
+                self.options.trust_domain.clone(),
+                self.options.ttl,
+                SystemTime::now(),
+            )
+        })?;
+        if switched {
+            tracing::info!(
+                roots = self.issuer.get().trust_bundle().len(),
+                "the CA Secret changed: new trust bundle and issuer in use"
+            );
+        }
+        Ok(switched)
     }
 
     pub fn metrics(&self) -> &CaMetrics {
@@ -293,7 +331,7 @@ impl Ca {
         self.metrics.observe_review(started.elapsed().as_secs_f64());
         let id = reviewed?;
         let started = Instant::now();
-        let issued = self.issuer.certify(&csr, &id, SystemTime::now());
+        let issued = self.issuer.get().certify(&csr, &id, SystemTime::now());
         self.metrics.observe_sign(started.elapsed().as_secs_f64());
         Ok(issued?)
     }
@@ -361,11 +399,15 @@ pub async fn serve(
 /// Longest wait between two attempts to start the CA.
 const MAX_RETRY: Duration = Duration::from_secs(30);
 
+/// How often a running CA re-reads its Secret (root rotation steps need no restart).
+pub const RELOAD_EVERY: Duration = Duration::from_secs(30);
+
 /// The CA as part of the operator: binds `--ca-listen`, loads (or generates) the root and
 /// serves until `stop` turns true. Every replica runs it (no leader needed). While the
 /// apiserver is unreachable, the port is taken or the Secret cannot issue, it logs the
 /// reason and retries with backoff (1 s doubling to 30 s), so fixing the Secret needs no
-/// restart; the rest of the operator is unaffected.
+/// restart; the rest of the operator is unaffected. Once serving, it re-reads the Secret
+/// every [`RELOAD_EVERY`] and switches to a changed bundle or issuer.
 pub async fn run(
     client: Client,
     args: crate::Args,
@@ -410,12 +452,29 @@ pub async fn run(
         _ = stop.wait_for(|s| *s) => return,
     };
     tracing::info!(%listen, "certificate authority listening");
+    let ca = Arc::new(ca);
+    let reload = {
+        let ca = ca.clone();
+        let mut stop = stop.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(RELOAD_EVERY) => {}
+                    _ = stop.wait_for(|s| *s) => return,
+                }
+                if let Err(e) = ca.reload().await {
+                    tracing::error!("keeping the current CA issuer: {e}");
+                }
+            }
+        })
+    };
     let done = async move {
         let _ = stop.wait_for(|s| *s).await;
     };
-    if let Err(e) = serve(listener, Arc::new(ca), done).await {
+    if let Err(e) = serve(listener, ca, done).await {
         tracing::error!("certificate authority stopped: {e}");
     }
+    let _ = reload.await;
 }
 
 #[cfg(test)]

@@ -22,7 +22,10 @@ use tokio::{
 };
 use tokio_rustls::{TlsAcceptor, server::TlsStream};
 
-use super::issuer::{CertifyError, Issuer};
+use super::{
+    current::CurrentIssuer,
+    issuer::{CertifyError, Issuer},
+};
 
 /// A client that has not finished its handshake by then is dropped.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -50,12 +53,14 @@ pub fn serving_names(service: &str, namespace: &str) -> Vec<String> {
 struct Current {
     key: Arc<CertifiedKey>,
     renew_at: SystemTime,
+    /// The issuer that signed it: a new issuer (root rotation) means a new certificate.
+    from: Arc<Issuer>,
 }
 
 /// Resolves to a certificate for `names` from the mesh issuer, reissued when 70 % of its
-/// lifetime has passed.
+/// lifetime has passed or the issuer changed.
 pub struct ServingCert {
-    issuer: Arc<Issuer>,
+    issuer: Arc<CurrentIssuer>,
     names: Vec<String>,
     current: Mutex<Current>,
 }
@@ -68,7 +73,7 @@ impl std::fmt::Debug for ServingCert {
     }
 }
 
-fn issue(issuer: &Issuer, names: &[String], now: SystemTime) -> Result<Current, TlsError> {
+fn issue(issuer: Arc<Issuer>, names: &[String], now: SystemTime) -> Result<Current, TlsError> {
     let (chain, key, not_after) = issuer.serving(names, now)?;
     let signer = rustls::crypto::ring::sign::any_ecdsa_type(&PrivateKeyDer::Pkcs8(key))
         .map_err(TlsError::Key)?;
@@ -76,12 +81,17 @@ fn issue(issuer: &Issuer, names: &[String], now: SystemTime) -> Result<Current, 
     Ok(Current {
         key: Arc::new(CertifiedKey::new(chain, signer)),
         renew_at: now + life.mul_f64(0.7),
+        from: issuer,
     })
 }
 
 impl ServingCert {
-    pub fn new(issuer: Arc<Issuer>, names: Vec<String>, now: SystemTime) -> Result<Self, TlsError> {
-        let current = issue(&issuer, &names, now)?;
+    pub fn new(
+        issuer: Arc<CurrentIssuer>,
+        names: Vec<String>,
+        now: SystemTime,
+    ) -> Result<Self, TlsError> {
+        let current = issue(issuer.get(), &names, now)?;
         Ok(Self {
             issuer,
             names,
@@ -90,11 +100,13 @@ impl ServingCert {
     }
 
     /// The certificate to serve at `now`, reissued first once 70 % of the current one's
-    /// lifetime has passed (on failure the current one is served and the next call retries).
+    /// lifetime has passed or the issuer changed (on failure the current one is served and
+    /// the next call retries).
     pub fn current_at(&self, now: SystemTime) -> Arc<CertifiedKey> {
+        let issuer = self.issuer.get();
         let mut cur = self.current.lock().unwrap_or_else(PoisonError::into_inner);
-        if now >= cur.renew_at {
-            match issue(&self.issuer, &self.names, now) {
+        if now >= cur.renew_at || !Arc::ptr_eq(&issuer, &cur.from) {
+            match issue(issuer, &self.names, now) {
                 Ok(c) => *cur = c,
                 Err(e) => tracing::warn!("renewing the CA's serving certificate: {e}"),
             }
@@ -196,10 +208,13 @@ mod tests {
     fn the_serving_certificate_names_the_service_and_renews_at_70_percent() {
         let t0 = SystemTime::now();
         let root = CaMaterial::generate(t0, ROOT_VALIDITY).expect("root");
-        let issuer =
-            Arc::new(Issuer::new(&root, td(), Duration::from_secs(100), t0).expect("issuer"));
+        let build = |m: &CaMaterial| Issuer::new(m, td(), Duration::from_secs(100), t0);
+        let issuer = Arc::new(CurrentIssuer::new(
+            root.clone(),
+            build(&root).expect("issuer"),
+        ));
         let cert = ServingCert::new(
-            issuer,
+            issuer.clone(),
             serving_names("remora-operator", "remora-system"),
             t0,
         )
@@ -236,6 +251,18 @@ mod tests {
                 GeneralName::DNSName("remora-operator.remora-system.svc.cluster.local"),
             ]
         );
+
+        // A new issuer (rotation): the next handshake gets a certificate from it.
+        let next = CaMaterial::generate(t0, ROOT_VALIDITY).expect("next root");
+        assert!(issuer.update(next, build).expect("switched"));
+        let rotated = cert.current_at(t0 + Duration::from_secs(73));
+        assert!(!Arc::ptr_eq(&renewed, &rotated));
+        let (_, leaf) = x509_parser::parse_x509_certificate(&rotated.cert[0]).expect("x509");
+        let now_issuing = issuer.get();
+        let (_, new_root) =
+            x509_parser::parse_x509_certificate(&now_issuing.trust_bundle()[0]).expect("x509");
+        assert_eq!(leaf.issuer(), new_root.subject());
+
         assert!(server_config(cert).is_ok());
     }
 }
