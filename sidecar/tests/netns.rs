@@ -45,7 +45,14 @@ fn check_prerequisites() {
         Some("0"),
         "network-namespace tests need root (or set REMORA_SKIP_NETNS_TESTS=1)"
     );
-    for tool in ["ip", "iptables", "ip6tables", "curl", "python3", "setpriv"] {
+    for tool in [
+        "ip",
+        "iptables",
+        "ip6tables",
+        "curl",
+        "/usr/bin/python3",
+        "setpriv",
+    ] {
         let found = Command::new("sh")
             .args(["-c", &format!("command -v {tool}")])
             .output()
@@ -195,6 +202,32 @@ fn pods() -> Pods {
             ],
         );
     }
+    // Wait until both families route across the veth (IPv6 neighbour discovery takes a
+    // moment): a refused connection (nothing listens yet) proves reachability. As UID 1337,
+    // so the client's own capture rules stay out of the way.
+    for ip in [SERVER_IP, SERVER_IP6] {
+        let probe = format!(
+            "import socket,sys\ntry:\n  socket.create_connection(('{ip}', 9), timeout=1)\nexcept ConnectionRefusedError:\n  sys.exit(0)\nexcept OSError:\n  sys.exit(1)\nsys.exit(0)"
+        );
+        wait_for(
+            &format!("{ip} reachable"),
+            || {
+                client
+                    .cmd(&[
+                        "setpriv",
+                        "--reuid=1337",
+                        "--regid=1337",
+                        "--clear-groups",
+                        "/usr/bin/python3",
+                        "-c",
+                        &probe,
+                    ])
+                    .output()
+                    .is_ok_and(|o| o.status.success())
+            },
+            String::new,
+        );
+    }
     let dir = tempfile::tempdir().expect("tempdir");
     // The proxies run as UID 1337 and must read their files.
     fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).expect("chmod");
@@ -337,7 +370,7 @@ fn curl(ns: &Netns, url: &str) -> Option<(u16, String)> {
 }
 
 fn wait_for(what: &str, mut ok: impl FnMut() -> bool, logs: impl Fn() -> String) {
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let deadline = Instant::now() + Duration::from_secs(30);
     while !ok() {
         assert!(
             Instant::now() < deadline,
@@ -368,13 +401,13 @@ fn meshed_pods() -> (Pods, PathBuf) {
     pods.spawn(
         true,
         "greeter",
-        &["python3", &greeter.display().to_string(), "2525"],
+        &["/usr/bin/python3", &greeter.display().to_string(), "2525"],
     );
     let app = pods.write("app.py", APP);
     pods.spawn(
         true,
         "app",
-        &["python3", &app.display().to_string(), "8080"],
+        &["/usr/bin/python3", &app.display().to_string(), "8080"],
     );
     wait_for(
         "app listening",
@@ -583,10 +616,12 @@ fn server_speaks_first_over_ipv6_mtls_and_admin_is_local_only() {
     check_prerequisites();
     let (pods, _) = meshed_pods();
     let client = pods.write("greeter_client.py", GREETER_CLIENT);
-    let out =
-        run(&mut pods
-            .client
-            .cmd(&["python3", &client.display().to_string(), SERVER_IP6, "2525"]));
+    let out = run(&mut pods.client.cmd(&[
+        "/usr/bin/python3",
+        &client.display().to_string(),
+        SERVER_IP6,
+        "2525",
+    ]));
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(
         text.trim(),
