@@ -710,6 +710,55 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn two_services_on_one_pod_port_the_oldest_policy_wins() {
+        let mut s = shop();
+        // "reviews-alias" selects the same pods on the same target port.
+        s.services.insert(
+            k("shop", "reviews-alias"),
+            svc("10.96.0.20", &[("http", 80)]),
+        );
+        s.slices.insert(
+            k("shop", "reviews-alias-1"),
+            slice(
+                "reviews-alias",
+                &[("http", 8080)],
+                &[("10.244.0.7", "reviews-1", true)],
+            ),
+        );
+        let rate = |rps| MeshPolicySpec {
+            rate_limit: Some(RateLimit {
+                requests_per_second: rps,
+                burst: None,
+            }),
+            ..MeshPolicySpec::default()
+        };
+        s.policies.insert(
+            k("shop", "young"),
+            policy("shop", "young", 50, Some("reviews"), rate(1)),
+        );
+        s.policies.insert(
+            k("shop", "old"),
+            policy("shop", "old", 5, Some("reviews-alias"), rate(2)),
+        );
+        let got = inbound(&s, &k("shop", "reviews-1")).expect("pod");
+        assert_eq!(
+            got.ports[&8080]
+                .rate_limit
+                .as_ref()
+                .map(|r| r.requests_per_second),
+            Some(2)
+        );
+        // The policy of "reviews" still governs its other port.
+        assert_eq!(
+            got.ports[&9091]
+                .rate_limit
+                .as_ref()
+                .map(|r| r.requests_per_second),
+            Some(1)
+        );
+    }
+
+    #[test]
     fn inbound_from_policies_and_opaque_ports() {
         let mut s = shop();
         assert_eq!(
