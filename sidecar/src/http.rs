@@ -6,7 +6,12 @@
 //! start a new span in the trace headers, forward, and answer failures with a status and
 //! an `x-remora-proxy-error` reason header instead of hanging.
 
-use std::{convert::Infallible, error::Error as _, sync::Arc, time::Instant};
+use std::{
+    collections::HashMap, convert::Infallible, error::Error as _, net::SocketAddr, sync::Arc,
+    time::Instant,
+};
+
+use arc_swap::ArcSwap;
 
 use bytes::Bytes;
 use http::{
@@ -30,7 +35,7 @@ use crate::{
     authz::{self, Access},
     config::ConfigStore,
     metrics::{DirLabels, Metrics, OutcomeLabels, Peer, RequestLabels, Static},
-    tls::{IdentityStore, MeshConnector},
+    tls::{EndpointConnector, IdentityStore},
     trace,
 };
 
@@ -44,11 +49,24 @@ pub static PROXY_ERROR: HeaderName = HeaderName::from_static("x-remora-proxy-err
 /// removes it and talks HTTP/1 to its application.
 pub static ORIG_PROTO: HeaderName = HeaderName::from_static("remora-orig-proto");
 
-/// The pooled upstream clients.
+type Pool = Client<EndpointConnector, Incoming>;
+
+/// The HTTP/1 and HTTP/2 pools of one upstream endpoint.
 #[derive(Debug, Clone)]
+struct EndpointPools {
+    h1: Pool,
+    h2: Pool,
+}
+
+/// Pooled upstream clients, one pair per endpoint (and plain/mTLS), created on first use
+/// and read without locks. Pools outlive config versions, so a reload keeps connections.
+#[derive(Debug)]
 pub struct Clients {
-    h1: Client<MeshConnector, Incoming>,
-    h2: Client<MeshConnector, Incoming>,
+    connect_timeout: std::time::Duration,
+    config: Arc<ConfigStore>,
+    identity: Arc<IdentityStore>,
+    metrics: Arc<Metrics>,
+    pools: ArcSwap<HashMap<(SocketAddr, bool), EndpointPools>>,
 }
 
 impl Clients {
@@ -58,17 +76,48 @@ impl Clients {
         identity: Arc<IdentityStore>,
         metrics: Arc<Metrics>,
     ) -> Self {
-        let connector = MeshConnector::new(connect_timeout, config, identity, metrics);
-        let h1 = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(std::time::Duration::from_secs(90))
-            .build(connector.clone());
-        let h2 = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .http2_only(true)
-            .build(connector);
-        Self { h1, h2 }
+        Self {
+            connect_timeout,
+            config,
+            identity,
+            metrics,
+            pools: ArcSwap::default(),
+        }
+    }
+
+    /// The client for `addr` (over mesh mTLS when `mtls`), HTTP/2 or HTTP/1.
+    fn get(&self, addr: SocketAddr, mtls: bool, h2: bool) -> Pool {
+        let key = (addr, mtls);
+        let pick = |p: &EndpointPools| if h2 { p.h2.clone() } else { p.h1.clone() };
+        if let Some(p) = self.pools.load().get(&key) {
+            return pick(p);
+        }
+        let connector = EndpointConnector::new(
+            addr,
+            mtls,
+            self.connect_timeout,
+            self.config.clone(),
+            self.identity.clone(),
+            self.metrics.clone(),
+        );
+        let pools = EndpointPools {
+            h1: Client::builder(TokioExecutor::new())
+                .pool_timer(TokioTimer::new())
+                .pool_idle_timeout(std::time::Duration::from_secs(90))
+                .build(connector.clone()),
+            h2: Client::builder(TokioExecutor::new())
+                .pool_timer(TokioTimer::new())
+                .timer(TokioTimer::new())
+                .http2_only(true)
+                .build(connector),
+        };
+        let mut chosen = pools.clone();
+        self.pools.rcu(|current| {
+            let mut next = HashMap::clone(current);
+            chosen = next.entry(key).or_insert_with(|| pools.clone()).clone();
+            next
+        });
+        pick(&chosen)
     }
 }
 
@@ -277,10 +326,11 @@ async fn forward(
 ) -> Result<(Response<ProxyBody>, Peer), ProxyError> {
     let downstream_h2 = req.version() == Version::HTTP_2;
     let upgrade = !downstream_h2 && is_upgrade(req.headers());
-    let mut scheme = Scheme::HTTP;
+    let mut mtls = false;
     // An HTTP/1 request that rode HTTP/2 between two proxies goes on as HTTP/1.
     let mut orig_h1 = false;
-    let (authority, upstream_h2, timeout, peer) = match meta.direction {
+    // `authority` names the endpoint (in errors); `addr` is where the connection goes.
+    let (authority, addr, upstream_h2, timeout, peer) = match meta.direction {
         Direction::Inbound => {
             authorize(ctx, meta, &req)?;
             // Only a mesh peer may ask for the downgrade; strip the header from anyone.
@@ -291,6 +341,7 @@ async fn forward(
             let h1 = marked && meta.peer.0.is_some();
             (
                 meta.orig_authority.clone(),
+                meta.orig_dst.0,
                 downstream_h2 && !h1,
                 None,
                 meta.peer.clone(),
@@ -307,7 +358,7 @@ async fn forward(
                     let mut h2 =
                         downstream_h2 || matches!(svc.protocol, Protocol::Http2 | Protocol::Grpc);
                     if ep.meshed && ep.identity.is_some() && ctx.identity.current().is_some() {
-                        scheme = Scheme::HTTPS;
+                        mtls = true;
                         // Between proxies, HTTP/1 requests share one multiplexed HTTP/2
                         // mTLS connection (upgrades keep their own HTTP/1 connection).
                         if !h2 && !upgrade {
@@ -317,6 +368,7 @@ async fn forward(
                     }
                     (
                         ep.authority.clone(),
+                        ep.addr,
                         h2,
                         svc.request_timeout,
                         Peer(ep.identity.clone()),
@@ -328,6 +380,7 @@ async fn forward(
                     }
                     UnknownDestinations::Passthrough => (
                         meta.orig_authority.clone(),
+                        meta.orig_dst.0,
                         downstream_h2,
                         None,
                         Peer::default(),
@@ -358,9 +411,16 @@ async fn forward(
         .path_and_query()
         .cloned()
         .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    // The request keeps its own authority (HTTP/2 `:authority`, pool key); the pool of
+    // `addr` decides where the connection goes.
+    let request_authority = req.uri().authority().cloned().or_else(|| {
+        req.headers()
+            .get(header::HOST)
+            .and_then(|h| Authority::try_from(h.as_bytes()).ok())
+    });
     let mut parts = http::uri::Parts::default();
-    parts.scheme = Some(scheme);
-    parts.authority = Some(authority.clone());
+    parts.scheme = Some(Scheme::HTTP);
+    parts.authority = Some(request_authority.unwrap_or_else(|| authority.clone()));
     parts.path_and_query = Some(path);
     *req.uri_mut() = Uri::from_parts(parts)
         .map_err(|e| ProxyError::Upstream(authority.clone(), e.to_string()))?;
@@ -371,12 +431,7 @@ async fn forward(
     };
 
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-    let client = if upstream_h2 {
-        &ctx.clients.h2
-    } else {
-        &ctx.clients.h1
-    };
-    let fut = client.request(req);
+    let fut = ctx.clients.get(addr, mtls, upstream_h2).request(req);
     let result = match timeout {
         Some(t) => tokio::time::timeout(t, fut)
             .await

@@ -317,18 +317,25 @@ impl Connection for UpstreamIo {
     }
 }
 
-/// Dials upstreams for the pooled HTTP clients: `http://ip:port` in plain TCP,
-/// `https://ip:port` over mesh mTLS to the identity the config lists for that endpoint.
+/// Dials one upstream endpoint for a pooled HTTP client, whatever the request URI says
+/// (the URI keeps the request's own authority, so HTTP/2 `:authority` and pool keys follow
+/// the application, while the connection goes to the balanced endpoint). With `mtls`, the
+/// connection is mesh mTLS to the identity the config lists for that endpoint.
 #[derive(Clone, Debug)]
-pub struct MeshConnector {
+pub struct EndpointConnector {
     http: HttpConnector,
+    dial: Uri,
+    addr: SocketAddr,
+    mtls: bool,
     config: Arc<ConfigStore>,
     identity: Arc<IdentityStore>,
     metrics: Arc<Metrics>,
 }
 
-impl MeshConnector {
+impl EndpointConnector {
     pub fn new(
+        addr: SocketAddr,
+        mtls: bool,
         connect_timeout: Duration,
         config: Arc<ConfigStore>,
         identity: Arc<IdentityStore>,
@@ -337,9 +344,16 @@ impl MeshConnector {
         let mut http = HttpConnector::new();
         http.set_nodelay(true);
         http.set_connect_timeout(Some(connect_timeout));
-        http.enforce_http(false);
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(Scheme::HTTP);
+        parts.authority = Some(crate::route::authority_of(addr));
+        parts.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
+        let dial = Uri::from_parts(parts).unwrap_or_default();
         Self {
             http,
+            dial,
+            addr,
+            mtls,
             config,
             identity,
             metrics,
@@ -349,7 +363,7 @@ impl MeshConnector {
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-impl tower::Service<Uri> for MeshConnector {
+impl tower::Service<Uri> for EndpointConnector {
     type Response = UpstreamIo;
     type Error = BoxError;
     type Future = Pin<Box<dyn Future<Output = Result<UpstreamIo, BoxError>> + Send>>;
@@ -358,22 +372,15 @@ impl tower::Service<Uri> for MeshConnector {
         self.http.poll_ready(cx).map_err(Into::into)
     }
 
-    fn call(&mut self, uri: Uri) -> Self::Future {
+    fn call(&mut self, _uri: Uri) -> Self::Future {
         let this = self.clone();
         let mut http = self.http.clone();
         Box::pin(async move {
-            let mtls = uri.scheme() == Some(&Scheme::HTTPS);
-            let addr: Option<SocketAddr> = uri.authority().and_then(|a| a.as_str().parse().ok());
-            let plain_uri = {
-                let mut parts = uri.into_parts();
-                parts.scheme = Some(Scheme::HTTP);
-                Uri::from_parts(parts)?
-            };
-            let tcp = http.call(plain_uri).await?;
-            if !mtls {
+            let tcp = http.call(this.dial.clone()).await?;
+            if !this.mtls {
                 return Ok(UpstreamIo::Plain(tcp));
             }
-            let addr = addr.ok_or("mesh upstream authority is not ip:port")?;
+            let addr = this.addr;
             let expected = this
                 .config
                 .load()

@@ -131,6 +131,11 @@ async fn http1_and_http2_ride_mtls_with_peer_identities() {
         .expect("req");
     let resp = c2.send_request(req).await.expect("h2 response");
     assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(
+        resp.headers().get("echo-authority").expect(":authority"),
+        "app.test",
+        "HTTP/2 :authority survives both proxies"
+    );
     let collected = resp.into_body().collect().await.expect("body");
     assert_eq!(
         collected

@@ -239,6 +239,11 @@ async fn http2_bidirectional_streaming_and_trailers() {
     assert_eq!(resp.status(), StatusCode::OK);
     assert_eq!(header(&resp, "echo-version"), Some("HTTP/2.0"));
     assert_eq!(
+        header(&resp, "echo-authority"),
+        Some("app.test"),
+        ":authority is kept"
+    );
+    assert_eq!(
         header(&resp, "echo-te"),
         Some("trailers"),
         "te: trailers survives for gRPC"

@@ -91,6 +91,9 @@ async fn echo(mut req: Request<Incoming>) -> Result<Response<Body>, Infallible> 
     };
     put(&mut headers, "echo-method", req.method().to_string());
     put(&mut headers, "echo-path", req.uri().path().to_owned());
+    if let Some(a) = req.uri().authority() {
+        put(&mut headers, "echo-authority", a.to_string());
+    }
     put(&mut headers, "echo-version", format!("{:?}", req.version()));
     let path = req.uri().path().to_owned();
     if let Some(ms) = path.strip_prefix("/slow/") {
