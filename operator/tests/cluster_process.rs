@@ -207,7 +207,18 @@ async fn only_the_leader_writes_and_a_standby_takes_over() {
         ("True", "ResolvedRefs"),
     )
     .await;
-    let (_, leader_metrics) = http_get(first.addr, "/metrics").await.expect("metrics");
+    // The counter moves just after the write the test observed: poll for it.
+    let leader_metrics = eventually("the leader counted its status write", || async {
+        match http_get(first.addr, "/metrics").await? {
+            (200, body)
+                if body.contains("remora_operator_status_writes_total{kind=\"MeshPolicy\"}") =>
+            {
+                Ok(body)
+            }
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
     let (_, standby_metrics) = http_get(second.addr, "/metrics").await.expect("metrics");
     assert!(
         leader_metrics.contains("remora_operator_leader 1"),
@@ -247,4 +258,47 @@ async fn only_the_leader_writes_and_a_standby_takes_over() {
     let (_, metrics) = http_get(second.addr, "/metrics").await.expect("metrics");
     assert!(metrics.contains("remora_operator_leader 1"), "{metrics}");
     second.stop().await;
+}
+
+#[tokio::test]
+async fn a_lease_left_by_a_dead_holder_is_taken_over_after_it_expires() {
+    let (_cluster, client) = cluster().await;
+    // A holder that never renews (a crashed replica), with a 2 s Lease.
+    let leases: Api<Lease> = Api::namespaced(client.clone(), "remora-system");
+    leases
+        .create(
+            &kube::api::PostParams::default(),
+            &from_json(serde_json::json!({
+                "metadata": {"name": "remora-operator"},
+                "spec": {"holderIdentity": "ghost", "leaseDurationSeconds": 2,
+                         "leaseTransitions": 0},
+            })),
+        )
+        .await
+        .expect("stale Lease created");
+    let op = operator(&client, "survivor").await;
+    let (_, metrics) = eventually("the survivor reports itself a standby first", || async {
+        match http_get(op.addr, "/metrics").await? {
+            (200, body) if body.contains("remora_operator_leader 0") => Ok(((), body)),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    assert!(metrics.contains("remora_operator_leader 0"));
+    eventually("the survivor takes the expired Lease", || async {
+        match lease_holder(&client).await? {
+            Some(h) if h == "survivor" => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    let lease = leases.get("remora-operator").await.expect("lease");
+    let spec = lease.spec.expect("spec");
+    assert_eq!(spec.lease_transitions, Some(1));
+    assert_eq!(
+        spec.lease_duration_seconds,
+        Some(4),
+        "the new holder's duration"
+    );
+    op.stop().await;
 }
