@@ -147,7 +147,6 @@ pub struct ServiceRoute {
     pub name: Arc<str>,
     pub protocol: Protocol,
     pub request_timeout: Option<Duration>,
-    pub connect_timeout: Option<Duration>,
     backends: Backends,
 }
 
@@ -269,7 +268,6 @@ impl RouteTable {
                 name: Arc::from(svc.name.as_str()),
                 protocol: svc.protocol,
                 request_timeout: timeouts.and_then(|t| t.request.as_ref()).map(|d| d.get()),
-                connect_timeout: timeouts.and_then(|t| t.connect.as_ref()).map(|d| d.get()),
                 backends,
             });
             for addr in &svc.addresses {

@@ -514,3 +514,61 @@ async fn websocket_upgrade_rides_mtls_on_its_own_connection() {
         Some(1)
     );
 }
+
+#[tokio::test]
+async fn expired_server_certificate_is_refused_and_counted() {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = Ca::new("remora test CA");
+    // A server that presents an expired certificate for the expected identity. (A Remora
+    // proxy would refuse to load it; this one is a bare TLS server.)
+    let (cert, key) = ca.issue(REVIEWS, true);
+    let server = rustls::ServerConfig::builder_with_provider(remora_proxy::identity::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("TLS 1.3")
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![CertificateDer::from_pem_slice(cert.as_bytes()).expect("cert")],
+            PrivateKeyDer::from_pem_slice(key.as_bytes()).expect("key"),
+        )
+        .expect("server config");
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let fake = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            let _ = acceptor.accept(s).await;
+        }
+    });
+    let a_ids = IdentityPaths::write(dir.path(), "frontend", FRONTEND, &ca, &ca);
+    let a_yaml = format!(
+        "version: 1\n{}outbound:\n  services:\n  - name: reviews.shop\n    addresses: [\"{VIP}\"]\n    endpoints:\n    - {{address: \"{fake}\", identity: \"{REVIEWS}\", meshed: true}}\n",
+        a_ids.yaml()
+    );
+    let a = start(fast(settings(VIP.parse().expect("vip"))), &a_yaml).await;
+    let mut c = h1(a.outbound_addrs[0]).await;
+    let resp = c.send_request(get("/")).await.expect("response");
+    assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
+    assert_eq!(
+        metric(
+            &a,
+            r#"remora_proxy_tls_handshakes_total{direction="outbound",outcome="expired"}"#
+        ),
+        Some(1),
+        "{}",
+        a.context().metrics.encode()
+    );
+    // The proxy's own loader refuses an expired certificate outright.
+    let (cert, key) = ca.issue(FRONTEND, true);
+    a_ids.replace(&cert, &key);
+    let err = remora_proxy::identity::Identity::load(&remora_crds::proxy::IdentityFiles {
+        spiffe_id: FRONTEND.into(),
+        cert_chain: a_ids.cert.clone(),
+        private_key: a_ids.key.clone(),
+        trust_bundle: a_ids.bundle.clone(),
+    })
+    .expect_err("expired");
+    assert_eq!(err.label(), "expired", "{err}");
+}
