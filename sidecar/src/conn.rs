@@ -366,17 +366,30 @@ async fn proceed<I>(
         }
     };
     let _ = upstream.set_nodelay(true);
+    let idle = ctx.settings.tcp_idle_timeout;
     let result = match (mesh_identity, ctx.identity.current()) {
         (Some(expected), Some(identity)) => {
             match tls::connect(&identity, &expected, addr, upstream, &ctx.metrics).await {
-                Ok(mut tls) => tcp::proxy(&ctx.metrics, direction, &mut io, prefix, &mut tls).await,
+                Ok(mut tls) => {
+                    tcp::proxy(&ctx.metrics, direction, &mut io, prefix, &mut tls, idle).await
+                }
                 Err(_) => {
                     ctx.metrics.connection(direction, "tls_handshake_failed");
                     return;
                 }
             }
         }
-        _ => tcp::proxy(&ctx.metrics, direction, &mut io, prefix, &mut upstream).await,
+        _ => {
+            tcp::proxy(
+                &ctx.metrics,
+                direction,
+                &mut io,
+                prefix,
+                &mut upstream,
+                idle,
+            )
+            .await
+        }
     };
     if let Err(e) = result {
         tracing::debug!(%direction, %client, upstream = %addr, error = %e, "TCP connection ended with an error");

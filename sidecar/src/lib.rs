@@ -52,6 +52,8 @@ pub struct Settings {
     /// Largest request head (HTTP/1 buffer, HTTP/2 header list) before 431.
     pub max_header_bytes: usize,
     pub shutdown_grace: Duration,
+    /// An opaque TCP connection with no traffic either way for this long is closed.
+    pub tcp_idle_timeout: Duration,
     /// The standalone config file, watched for changes.
     pub config_path: Option<PathBuf>,
     pub config_poll_interval: Duration,
@@ -73,6 +75,7 @@ impl Default for Settings {
             header_read_timeout: Duration::from_secs(10),
             max_header_bytes: 64 * 1024,
             shutdown_grace: Duration::from_secs(30),
+            tcp_idle_timeout: Duration::from_secs(3600),
             config_path: None,
             config_poll_interval: Duration::from_secs(1),
             app_probes: Arc::default(),

@@ -65,6 +65,9 @@ struct Args {
         default_value = "30s"
     )]
     shutdown_grace_period: Duration,
+    /// Opaque TCP connections with no traffic either way for this long are closed.
+    #[arg(long, env = "REMORA_PROXY_TCP_IDLE_TIMEOUT", default_value = "1h")]
+    tcp_idle_timeout: Duration,
     /// How often the config file is checked for changes.
     #[arg(long, env = "REMORA_PROXY_CONFIG_POLL_INTERVAL", default_value = "1s")]
     config_poll_interval: Duration,
@@ -129,6 +132,7 @@ async fn run(args: Args, log: LogLevel) -> anyhow::Result<()> {
         header_read_timeout: args.header_read_timeout.get(),
         max_header_bytes: args.max_header_bytes,
         shutdown_grace: args.shutdown_grace_period.get(),
+        tcp_idle_timeout: args.tcp_idle_timeout.get(),
         config_path: args.config,
         config_poll_interval: args.config_poll_interval.get(),
     };
