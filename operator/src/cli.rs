@@ -65,6 +65,43 @@ pub struct Args {
     #[arg(long, env = "REMORA_TRUST_DOMAIN", default_value = "cluster.local", value_parser = crate::ca::identity::parse_trust_domain)]
     pub trust_domain: String,
 
+    /// Name of the trust bundle ConfigMap (key `ca.crt`) the leader publishes in every
+    /// namespace labelled `remora.dev/inject=enabled`; the injector's
+    /// `--trust-bundle-configmap`.
+    #[arg(
+        long,
+        env = "REMORA_TRUST_BUNDLE_CONFIGMAP",
+        default_value = "remora-trust-bundle"
+    )]
+    pub trust_bundle_configmap: String,
+
+    /// Issue and renew the injector's serving certificate (Secret --webhook-secret in
+    /// --pod-namespace) with the mesh issuer and set the caBundle of its
+    /// MutatingWebhookConfiguration (the leader only). `false` when cert-manager does it.
+    #[arg(long, env = "REMORA_MANAGE_WEBHOOK_CERTIFICATE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub manage_webhook_certificate: bool,
+
+    /// The injector's Service in --pod-namespace: its certificate is for
+    /// `<name>.<pod-namespace>.svc` and `<name>.<pod-namespace>.svc.cluster.local`.
+    #[arg(long, env = "REMORA_WEBHOOK_SERVICE", default_value = "remora-webhook")]
+    pub webhook_service: String,
+
+    /// The `kubernetes.io/tls` Secret in --pod-namespace the injector serves from.
+    #[arg(
+        long,
+        env = "REMORA_WEBHOOK_SECRET",
+        default_value = "remora-webhook-tls"
+    )]
+    pub webhook_secret: String,
+
+    /// The MutatingWebhookConfiguration whose caBundle is set to the mesh trust bundle.
+    #[arg(
+        long,
+        env = "REMORA_WEBHOOK_CONFIGURATION",
+        default_value = "remora-webhook"
+    )]
+    pub webhook_configuration: String,
+
     /// The discovery index recomputes the derived config once no change arrived for this
     /// long…
     #[arg(long, env = "REMORA_INDEX_DEBOUNCE", default_value = "50ms")]

@@ -10,11 +10,14 @@
 //! - [`admin`]: `/metrics`, `/healthz`, `/readyz`.
 //! - [`ca`]: the mesh certificate authority, `POST /v1/certify` on `--ca-listen` (TLS 1.3);
 //!   every replica runs it.
+//! - [`bootstrap`]: the leader publishes the trust bundle ConfigMap into meshed namespaces
+//!   and the injector's serving certificate and caBundle.
 //!
 //! [`Operator::bind`] then [`Operator::run`] is the whole process; `main.rs` only parses
 //! flags, builds the client and waits for SIGTERM.
 
 pub mod admin;
+pub mod bootstrap;
 pub mod ca;
 pub mod cli;
 pub mod conditions;
@@ -159,13 +162,16 @@ impl Operator {
             stop_tx.send_replace(true);
         });
 
-        // Every replica serves certificates.
+        // Every replica serves certificates; the leader publishes the CA's material.
+        let (ca_material_tx, ca_material) = watch::channel(None);
         let ca = tokio::spawn(ca::server::run(
             client.clone(),
             args.clone(),
             ca_metrics,
+            ca_material_tx,
             stop_rx.clone(),
         ));
+        let bootstrap_settings = bootstrap::Settings::from_args(&args);
 
         let admin = {
             let router = admin::router(registry, health.clone());
@@ -262,7 +268,13 @@ impl Operator {
                     }
                 }
             };
-            futures::join!(run_policies, run_splits, synced);
+            let publish = bootstrap::run(
+                ctx.client.clone(),
+                bootstrap_settings.clone(),
+                ca_material.clone(),
+                stopped(),
+            );
+            futures::join!(run_policies, run_splits, synced, publish);
             tracing::info!("controllers stopped");
             if *stop_rx.borrow() {
                 break;

@@ -39,6 +39,11 @@ impl CurrentIssuer {
         self.entry().issuer.clone()
     }
 
+    /// The Secret contents the current issuer was built from (checked: they can issue).
+    pub fn material(&self) -> CaMaterial {
+        self.entry().material.clone()
+    }
+
     /// Switches to `material` if it differs from the current one and `build` accepts it.
     /// `Ok(true)` when switched, `Ok(false)` when unchanged; on error nothing changes.
     pub fn update(

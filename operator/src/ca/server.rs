@@ -263,6 +263,11 @@ impl Ca {
         self.issuer.get()
     }
 
+    /// The CA Secret contents in use now (they passed the issuer's checks).
+    pub fn material(&self) -> CaMaterial {
+        self.issuer.material()
+    }
+
     /// Re-reads the CA Secret and switches to its contents when they changed and can issue
     /// (`Ok(true)`). A Secret that was deleted or cannot issue is an error and the current
     /// issuer stays: a root is never regenerated behind the proxies' backs.
@@ -407,11 +412,14 @@ pub const RELOAD_EVERY: Duration = Duration::from_secs(30);
 /// apiserver is unreachable, the port is taken or the Secret cannot issue, it logs the
 /// reason and retries with backoff (1 s doubling to 30 s), so fixing the Secret needs no
 /// restart; the rest of the operator is unaffected. Once serving, it re-reads the Secret
-/// every [`RELOAD_EVERY`] and switches to a changed bundle or issuer.
+/// every [`RELOAD_EVERY`] and switches to a changed bundle or issuer. The material in use
+/// is published on `material` once loaded and after every switch (for the trust bundle
+/// and webhook certificate publishers in `bootstrap`).
 pub async fn run(
     client: Client,
     args: crate::Args,
     metrics: CaMetrics,
+    material: watch::Sender<Option<CaMaterial>>,
     mut stop: watch::Receiver<bool>,
 ) {
     let options = match CaOptions::from_args(&args) {
@@ -453,6 +461,7 @@ pub async fn run(
     };
     tracing::info!(%listen, "certificate authority listening");
     let ca = Arc::new(ca);
+    material.send_replace(Some(ca.material()));
     let reload = {
         let ca = ca.clone();
         let mut stop = stop.clone();
@@ -462,8 +471,12 @@ pub async fn run(
                     _ = tokio::time::sleep(RELOAD_EVERY) => {}
                     _ = stop.wait_for(|s| *s) => return,
                 }
-                if let Err(e) = ca.reload().await {
-                    tracing::error!("keeping the current CA issuer: {e}");
+                match ca.reload().await {
+                    Ok(true) => {
+                        material.send_replace(Some(ca.material()));
+                    }
+                    Ok(false) => {}
+                    Err(e) => tracing::error!("keeping the current CA issuer: {e}"),
                 }
             }
         })
