@@ -15,6 +15,7 @@ pub mod detect;
 pub mod http;
 pub mod identity;
 pub mod io;
+pub mod lifecycle;
 pub mod listen;
 pub mod metrics;
 pub mod orig_dst;

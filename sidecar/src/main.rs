@@ -1,4 +1,6 @@
-//! `remora-proxy`: flags, logging and signals around [`remora_proxy::Proxy`].
+//! `remora-proxy`: flags, logging and signals around [`remora_proxy::Proxy`], and the
+//! classic-sidecar lifecycle hooks (`wait-ready`, `drain`) that kubelet runs in the
+//! proxy container.
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -7,9 +9,15 @@ use std::{
     sync::Arc,
 };
 
-use clap::{Parser, ValueEnum};
+use clap::{Parser, Subcommand, ValueEnum};
 use remora_crds::{duration::Duration, proxy::ProxyConfig};
-use remora_proxy::{Proxy, Settings, admin::LogLevel, config, listen::OrigDstMode};
+use remora_proxy::{
+    Proxy, Settings,
+    admin::LogLevel,
+    config,
+    lifecycle::{self, Drained},
+    listen::OrigDstMode,
+};
 use tracing_subscriber::{
     EnvFilter, Layer as _, layer::SubscriberExt as _, util::SubscriberInitExt as _,
 };
@@ -20,9 +28,44 @@ enum LogFormat {
     Json,
 }
 
-/// The Remora sidecar proxy.
+/// The Remora sidecar proxy. Without a subcommand it runs the proxy with the flags below.
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(version, about, args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    args: Args,
+}
+
+/// Lifecycle hooks for a classic (non-native) sidecar, run inside the proxy container.
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// postStart hook: wait until the running proxy's `/ready` answers 200; exits non-zero
+    /// after the timeout. Kubelet starts the app container only once this returns.
+    WaitReady {
+        /// How long to wait.
+        #[arg(long, default_value = "120s")]
+        timeout: Duration,
+        /// The proxy's admin address.
+        #[arg(long, default_value = "127.0.0.1:15020")]
+        admin: SocketAddr,
+    },
+    /// preStop hook: start the proxy's graceful shutdown (`POST /shutdown`, the same path
+    /// as SIGTERM: stop accepting, HTTP/2 GOAWAY, in-flight requests finish), then wait
+    /// until the proxy has stopped or the grace period has passed. Exits 0.
+    Drain {
+        /// How long to wait for the proxy to stop.
+        #[arg(long, default_value = "30s")]
+        grace_period: Duration,
+        /// The proxy's admin address.
+        #[arg(long, default_value = "127.0.0.1:15020")]
+        admin: SocketAddr,
+    },
+}
+
+/// Flags of the proxy itself (the default mode).
+#[derive(Debug, clap::Args)]
 struct Args {
     /// Standalone config file (YAML, the derived proxy config), watched for changes.
     #[arg(long, env = "REMORA_PROXY_CONFIG")]
@@ -157,8 +200,59 @@ async fn run(args: Args, log: LogLevel) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Runs a lifecycle hook on a small single-threaded runtime; messages go to stderr.
+fn hook(command: Command) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("remora-proxy: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match command {
+        Command::WaitReady { timeout, admin } => {
+            match runtime.block_on(lifecycle::wait_ready(admin, timeout.get())) {
+                Ok(()) => {
+                    eprintln!("remora-proxy wait-ready: the proxy at {admin} is ready");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("remora-proxy wait-ready: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Drain {
+            grace_period,
+            admin,
+        } => match runtime.block_on(lifecycle::drain(admin, grace_period.get())) {
+            Ok(outcome) => {
+                let what = match outcome {
+                    Drained::Stopped => "drained; the proxy has stopped",
+                    Drained::NotRunning => "no proxy listens there; nothing to drain",
+                    Drained::GracePeriodOver => "grace period over with the proxy still draining",
+                };
+                eprintln!("remora-proxy drain: {admin}: {what}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                // Kubelet reports the failed hook and still sends SIGTERM, which drains.
+                eprintln!("remora-proxy drain: {e}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}
+
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let cli = Cli::parse();
+    if let Some(command) = cli.command {
+        return hook(command);
+    }
+    let args = cli.args;
     let log = match init_logging(&args) {
         Ok(l) => l,
         Err(e) => {

@@ -609,6 +609,64 @@ fn sigterm_lets_in_flight_requests_finish_and_exits_zero() {
 }
 
 #[test]
+fn drain_hook_lets_in_flight_requests_finish_and_the_proxy_exits_zero() {
+    if opted_out() {
+        return;
+    }
+    check_prerequisites();
+    let (mut pods, _) = meshed_pods();
+    let bin = env!("CARGO_BIN_EXE_remora-proxy");
+    // The postStart hook, as kubelet runs it in the proxy container.
+    let out = run(&mut pods.client.cmd(&[bin, "wait-ready", "--timeout=10s"]));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is ready"));
+    let url = format!("http://{SERVER_IP}:8080/slow/1500");
+    let in_flight = pods
+        .client
+        .cmd(&["curl", "-sS", "-m", "10", "-w", "\n%{http_code}", &url])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("curl");
+    std::thread::sleep(Duration::from_millis(500));
+    // The preStop hook: returns once the proxy has drained and exited.
+    let drain = run(&mut pods.client.cmd(&[bin, "drain", "--grace-period=10s"]));
+    let drain_err = String::from_utf8_lossy(&drain.stderr).into_owned();
+    assert!(
+        drain_err.contains("drained; the proxy has stopped"),
+        "{drain_err}\n{}",
+        pods.log("proxy-client")
+    );
+    let out = in_flight.wait_with_output().expect("curl finishes");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.ends_with("\n200"),
+        "the in-flight request completed: {text}\n{}",
+        pods.log("proxy-client")
+    );
+    let proxy = pods
+        .procs
+        .iter()
+        .position(|p| p.what == "proxy-client")
+        .expect("client proxy");
+    let status = pods.procs[proxy]
+        .child
+        .try_wait()
+        .expect("try_wait")
+        .expect("the proxy has exited when drain returns");
+    assert!(
+        status.success(),
+        "exit code 0 after drain: {status:?}\n{}",
+        pods.log("proxy-client")
+    );
+    assert!(
+        pods.log("proxy-client")
+            .contains("shutdown requested on the admin port"),
+        "{}",
+        pods.log("proxy-client")
+    );
+}
+
+#[test]
 fn server_speaks_first_over_ipv6_mtls_and_admin_is_local_only() {
     if opted_out() {
         return;
