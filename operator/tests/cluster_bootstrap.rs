@@ -2,8 +2,9 @@
 //! kube-apiserver with the operator in-process: the trust bundle ConfigMap in labelled
 //! namespaces only (also one labelled later, and following a root rotation step), the
 //! injector's serving certificate (its Service names, verifying against the bundle), the
-//! caBundle of the MutatingWebhookConfiguration from `config/webhook/`, and
-//! `--manage-webhook-certificate=false`.
+//! caBundle of the MutatingWebhookConfiguration from `config/webhook/`,
+//! `--manage-webhook-certificate=false`, and all of it under the RBAC of
+//! `config/rbac/operator.yaml` alone.
 
 mod support;
 
@@ -51,17 +52,20 @@ impl Running {
     }
 }
 
-/// The operator as the only replica, its CA on a free loopback port.
+/// The operator (the only replica; no election unless `extra` asks), its CA on a free
+/// loopback port.
 async fn operator(client: &Client, extra: &[&str]) -> Running {
     let [port] = remora_e2e::cluster::free_ports::<1>().expect("a free port");
     let mut flags = vec![
         "remora-operator".to_owned(),
         "--metrics-listen=127.0.0.1:0".to_owned(),
-        "--leader-elect=false".to_owned(),
         "--pod-name=op-bootstrap".to_owned(),
         format!("--pod-namespace={OPERATOR_NS}"),
         format!("--ca-listen=127.0.0.1:{port}"),
     ];
+    if !extra.iter().any(|f| f.starts_with("--leader-elect")) {
+        flags.push("--leader-elect=false".to_owned());
+    }
     flags.extend(extra.iter().map(|f| (*f).to_owned()));
     let args = <Args as clap::Parser>::try_parse_from(flags).expect("flags");
     let op = Operator::bind(args, client.clone())
@@ -103,14 +107,17 @@ async fn set_inject_label(client: &Client, name: &str, value: Option<&str>) {
 
 /// The injector's registration, as `kubectl apply -k config/default` creates it.
 async fn apply_webhook_configuration(client: &Client) {
-    let path =
-        remora_e2e::apply::repo_root().join("config/webhook/mutatingwebhookconfiguration.yaml");
+    apply_manifest(client, "config/webhook/mutatingwebhookconfiguration.yaml").await;
+}
+
+async fn apply_manifest(client: &Client, relative: &str) {
+    // This checkout's manifests (the e2e crate may have been built from another one).
+    let path = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/..")).join(relative);
     let yaml = std::fs::read_to_string(&path).expect("the manifest is readable");
-    let docs = remora_e2e::apply::parse_documents(&yaml, "mutatingwebhookconfiguration.yaml")
-        .expect("the manifest parses");
+    let docs = remora_e2e::apply::parse_documents(&yaml, relative).expect("the manifest parses");
     remora_e2e::apply::apply_all(client, &docs, false)
         .await
-        .expect("the configuration is applied");
+        .expect("the manifest is applied");
 }
 
 async fn config_map_bundle(client: &Client, ns: &str) -> Option<String> {
@@ -361,5 +368,52 @@ async fn cert_manager_users_turn_the_webhook_certificate_off() {
         ca_bundles(&client).await.iter().all(Option::is_none),
         "the caBundle is left to cert-manager"
     );
+    running.stop().await;
+}
+
+/// The operator running as its service account, with only `config/rbac/operator.yaml`:
+/// the ConfigMaps, the webhook Secret and the caBundle are all within its grants.
+#[tokio::test]
+async fn the_rbac_of_config_rbac_is_enough() {
+    let (cluster, admin) = support::cluster().await;
+    apply_manifest(&admin, "config/rbac/operator.yaml").await;
+    apply_webhook_configuration(&admin).await;
+    labelled_namespace(&admin, "meshed", Some("enabled")).await;
+
+    let kubeconfig = kube::config::Kubeconfig::read_from(cluster.kubeconfig()).expect("kubeconfig");
+    let mut config = kube::Config::from_custom_kubeconfig(
+        kubeconfig,
+        &kube::config::KubeConfigOptions::default(),
+    )
+    .await
+    .expect("client config");
+    config.auth_info.impersonate = Some(format!(
+        "system:serviceaccount:{OPERATOR_NS}:remora-operator"
+    ));
+    config.auth_info.impersonate_groups = Some(vec![
+        "system:serviceaccounts".to_owned(),
+        format!("system:serviceaccounts:{OPERATOR_NS}"),
+        "system:authenticated".to_owned(),
+    ]);
+    let as_operator = Client::try_from(config).expect("impersonating client");
+    let running = operator(
+        &as_operator,
+        &[
+            "--leader-elect=true",
+            "--lease-duration=4s",
+            "--lease-renew=1s",
+        ],
+    )
+    .await;
+
+    let bundle = ca_material(&admin).await.bundle_pem;
+    wait_bundle(&admin, "meshed", &bundle, support::DEADLINE).await;
+    let (chain, _) = webhook_chain(&admin).await;
+    assert!(verifies(
+        &bundle,
+        &chain,
+        "remora-webhook.remora-system.svc"
+    ));
+    wait_ca_bundle(&admin, &bundle, support::DEADLINE).await;
     running.stop().await;
 }
