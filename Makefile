@@ -13,7 +13,7 @@ SKIP_FILTER := $(strip \
   $(if $(REMORA_SKIP_NETNS),not binary(/^netns/)))
 NEXTEST_FILTER := $(if $(SKIP_FILTER),-E '$(SKIP_FILTER)')
 
-.PHONY: help test prereqs test-unit test-cluster test-netns crds crds-check fmt fmt-check lint demo
+.PHONY: help test prereqs test-unit test-cluster test-netns crds crds-check fmt fmt-check lint demo bench
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -58,3 +58,6 @@ lint: fmt-check ## clippy with warnings as errors, and the proxy-side model with
 demo: prereqs ## Remora's main job today: a local control plane with the mesh installed (ARGS=--keep to stay up)
 	$(CARGO) build --locked -q --workspace --bins
 	$(CARGO) run --locked -q -p remora-e2e --bin remora-demo -- $(ARGS)
+
+bench: ## benchmarks (not part of make test; root): the proxy pair against a direct connection
+	$(CARGO) bench --locked -p remora-proxy --bench pair

@@ -1,0 +1,733 @@
+//! The proxy-pair benchmark (issue 4 item 10; `make bench`, root): two "pods" in network
+//! namespaces this program creates and removes, joined by a veth pair, with the
+//! interception rules of `tests/netns.rs` (outbound TCP → 15001 except UID 1337 and
+//! loopback; inbound TCP → 15006). Two paths in the same run, to the same server:
+//!
+//! - **direct**: client → server port 9090 (left out of both pods' capture rules);
+//! - **remora**: client → server port 8080, captured: proxy A (outbound) → mTLS, HTTP/2 →
+//!   proxy B (inbound) → server.
+//!
+//! The load generator and the server are this program, re-executed inside the namespaces
+//! (`--load ...`, `--serve`). Phases per path: max throughput (HTTP/1.1 keep-alive,
+//! `POST` with a 1 KiB body answered by 1 KiB, 32 connections), an open-loop fixed rate
+//! (2,000 rps; latency measured from each request's *intended* send time, so a stall
+//! counts against every request it delays — coordinated-omission correction), and new
+//! connections per second (one request per connection, `connection: close`). Proxy RSS
+//! comes from `/proc/<pid>/status` (VmRSS), CPU from `/proc/<pid>/stat` (utime+stime).
+//!
+//! Every namespace (and with it the veths) and process is removed by a guard's `Drop`.
+
+#[path = "../tests/common/pki.rs"]
+mod pki;
+
+use std::{
+    convert::Infallible,
+    fs,
+    net::SocketAddr,
+    os::unix::fs::PermissionsExt,
+    process::{Child, Command, ExitCode, Output, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{Request, Response, body::Incoming, service::service_fn};
+use hyper_util::rt::TokioIo;
+use pki::{Ca, IdentityPaths};
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::{Mutex, mpsc},
+};
+
+const CLIENT_IP: &str = "10.78.0.1";
+const SERVER_IP: &str = "10.78.0.2";
+/// Captured by the proxies.
+const MESH_PORT: u16 = 8080;
+/// Left out of the capture rules: the direct path.
+const DIRECT_PORT: u16 = 9090;
+const FRONTEND: &str = "spiffe://cluster.local/ns/bench/sa/client";
+const BACKEND: &str = "spiffe://cluster.local/ns/bench/sa/server";
+const BODY: usize = 1024;
+const CONNS: usize = 32;
+const RATE: u64 = 2000;
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("--serve") => serve(),
+        Some("--load") => load(&args[1..]),
+        _ => bench(),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("pair bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?)
+}
+
+// ---------------------------------------------------------------------------------------
+// The server (in the server namespace): answers every request with 1 KiB.
+
+fn serve() -> anyhow::Result<()> {
+    runtime()?.block_on(async {
+        for port in [MESH_PORT, DIRECT_PORT] {
+            let l = TcpListener::bind(("0.0.0.0", port)).await?;
+            tokio::spawn(async move {
+                loop {
+                    let Ok((s, _)) = l.accept().await else {
+                        continue;
+                    };
+                    let _ = s.set_nodelay(true);
+                    tokio::spawn(async move {
+                        let svc = service_fn(|req: Request<Incoming>| async move {
+                            let _ = req.into_body().collect().await;
+                            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(
+                                &[b'x'; BODY],
+                            ))))
+                        });
+                        let _ = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(TokioIo::new(s), svc)
+                            .await;
+                    });
+                }
+            });
+        }
+        // Serves until the bench kills it.
+        std::future::pending::<anyhow::Result<()>>().await
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// The load generator (in the client namespace); prints one `key=value ...` line.
+
+type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
+
+async fn connect(addr: SocketAddr) -> anyhow::Result<Sender> {
+    let s = TcpStream::connect(addr).await?;
+    s.set_nodelay(true)?;
+    let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s)).await?;
+    tokio::spawn(conn);
+    Ok(send)
+}
+
+fn request(addr: SocketAddr, close: bool) -> anyhow::Result<Request<Full<Bytes>>> {
+    let mut b = Request::post("/bench").header("host", addr.to_string());
+    if close {
+        b = b.header("connection", "close");
+    }
+    Ok(b.body(Full::new(Bytes::from_static(&[b'y'; BODY])))?)
+}
+
+async fn exchange(send: &mut Sender, addr: SocketAddr, close: bool) -> anyhow::Result<()> {
+    send.ready().await?;
+    let resp = send.send_request(request(addr, close)?).await?;
+    let ok = resp.status().is_success();
+    let body = resp.into_body().collect().await?.to_bytes();
+    anyhow::ensure!(ok && body.len() == BODY, "bad response");
+    Ok(())
+}
+
+fn load(args: &[String]) -> anyhow::Result<()> {
+    let [mode, addr, secs] = args else {
+        anyhow::bail!("usage: --load max|rate|connect ADDR SECONDS");
+    };
+    let addr: SocketAddr = addr.parse()?;
+    let dur = Duration::from_secs_f64(secs.parse()?);
+    let rt = runtime()?;
+    let line = match mode.as_str() {
+        "max" => rt.block_on(load_max(addr, dur))?,
+        "rate" => rt.block_on(load_rate(addr, dur))?,
+        "connect" => rt.block_on(load_connect(addr, dur))?,
+        other => anyhow::bail!("unknown load mode {other}"),
+    };
+    println!("{line}");
+    Ok(())
+}
+
+async fn load_max(addr: SocketAddr, dur: Duration) -> anyhow::Result<String> {
+    let done = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut workers = Vec::new();
+    for _ in 0..CONNS {
+        let mut send = connect(addr).await?;
+        let (done, errors, stop) = (done.clone(), errors.clone(), stop.clone());
+        workers.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                if exchange(&mut send, addr, false).await.is_ok() {
+                    done.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    errors.fetch_add(1, Ordering::Relaxed);
+                    match connect(addr).await {
+                        Ok(s) => send = s,
+                        Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+                    }
+                }
+            }
+        }));
+    }
+    // Warm up, then count.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (d0, start) = (done.load(Ordering::Relaxed), Instant::now());
+    tokio::time::sleep(dur).await;
+    let (d1, secs) = (done.load(Ordering::Relaxed), start.elapsed().as_secs_f64());
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        let _ = w.await;
+    }
+    Ok(format!(
+        "requests={} secs={secs:.3} errors={}",
+        d1 - d0,
+        errors.load(Ordering::Relaxed)
+    ))
+}
+
+async fn load_rate(addr: SocketAddr, dur: Duration) -> anyhow::Result<String> {
+    let total = (RATE as f64 * dur.as_secs_f64()) as u64;
+    let (tx, rx) = mpsc::unbounded_channel::<Instant>();
+    let rx = Arc::new(Mutex::new(rx));
+    let errors = Arc::new(AtomicU64::new(0));
+    let mut workers = Vec::new();
+    for _ in 0..CONNS {
+        let mut send = connect(addr).await?;
+        // One warm-up request per connection.
+        exchange(&mut send, addr, false).await?;
+        let (rx, errors) = (rx.clone(), errors.clone());
+        workers.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            loop {
+                let Some(intended) = rx.lock().await.recv().await else {
+                    return lat;
+                };
+                if exchange(&mut send, addr, false).await.is_ok() {
+                    lat.push(intended.elapsed().as_micros() as u64);
+                } else {
+                    errors.fetch_add(1, Ordering::Relaxed);
+                    if let Ok(s) = connect(addr).await {
+                        send = s;
+                    }
+                }
+            }
+        }));
+    }
+    // The schedule runs on its own thread with std sleeps (~50 µs slack): open loop, the
+    // latency of each request counts from when it should have been sent.
+    let start = Instant::now();
+    let ticker = std::thread::spawn(move || {
+        let interval = Duration::from_secs_f64(1.0 / RATE as f64);
+        for i in 0..total {
+            let intended = start + interval * i as u32;
+            let now = Instant::now();
+            if intended > now {
+                std::thread::sleep(intended - now);
+            }
+            if tx.send(intended).is_err() {
+                return;
+            }
+        }
+    });
+    let _ = ticker.join();
+    let mut lat = Vec::new();
+    for w in workers {
+        lat.extend(w.await?);
+    }
+    let secs = start.elapsed().as_secs_f64();
+    lat.sort_unstable();
+    let pct = |p: f64| {
+        lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0)
+    };
+    Ok(format!(
+        "requests={} secs={secs:.3} errors={} p50={} p90={} p99={} max={}",
+        lat.len(),
+        errors.load(Ordering::Relaxed),
+        pct(0.50),
+        pct(0.90),
+        pct(0.99),
+        lat.last().copied().unwrap_or(0)
+    ))
+}
+
+async fn load_connect(addr: SocketAddr, dur: Duration) -> anyhow::Result<String> {
+    let done = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut workers = Vec::new();
+    for _ in 0..CONNS {
+        let (done, errors, stop) = (done.clone(), errors.clone(), stop.clone());
+        workers.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let one = async {
+                    let mut send = connect(addr).await?;
+                    exchange(&mut send, addr, true).await
+                };
+                if one.await.is_ok() {
+                    done.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    errors.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    let start = Instant::now();
+    tokio::time::sleep(dur).await;
+    let (d, secs) = (done.load(Ordering::Relaxed), start.elapsed().as_secs_f64());
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        let _ = w.await;
+    }
+    Ok(format!(
+        "requests={d} secs={secs:.3} errors={}",
+        errors.load(Ordering::Relaxed)
+    ))
+}
+
+// ---------------------------------------------------------------------------------------
+// The orchestration (root namespace).
+
+fn run(cmd: &mut Command) -> anyhow::Result<Output> {
+    let out = cmd
+        .output()
+        .map_err(|e| anyhow::anyhow!("cannot run {cmd:?}: {e}"))?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(out)
+}
+
+/// A network namespace, deleted on drop (with the veth end inside it, and so its peer).
+struct Netns {
+    name: String,
+}
+
+impl Netns {
+    fn new(name: String) -> anyhow::Result<Self> {
+        let _ = Command::new("ip").args(["netns", "del", &name]).output();
+        run(Command::new("ip").args(["netns", "add", &name]))?;
+        let ns = Self { name };
+        run(&mut ns.cmd(&["ip", "link", "set", "lo", "up"]))?;
+        Ok(ns)
+    }
+
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name]).args(args);
+        c
+    }
+
+    fn nat(&self, rules: &[&str]) -> anyhow::Result<()> {
+        for rule in rules {
+            let mut c = self.cmd(&["iptables", "-t", "nat"]);
+            c.args(rule.split_whitespace());
+            run(&mut c)?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
+}
+
+/// A process killed on drop.
+struct Proc(Child);
+
+impl Proc {
+    fn pid(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+struct Pods {
+    // Field order is drop order: processes before namespaces.
+    procs: Vec<Proc>,
+    client: Netns,
+    server: Netns,
+    dir: tempfile::TempDir,
+}
+
+fn pods() -> anyhow::Result<Pods> {
+    let tag = std::process::id() % 100_000;
+    let client = Netns::new(format!("rbc{tag}"))?;
+    let server = Netns::new(format!("rbs{tag}"))?;
+    let (va, vb) = (format!("rba{tag}"), format!("rbb{tag}"));
+    run(Command::new("ip").args([
+        "link",
+        "add",
+        &va,
+        "netns",
+        &client.name,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        &vb,
+        "netns",
+        &server.name,
+    ]))?;
+    for (ns, dev, ip) in [(&client, &va, CLIENT_IP), (&server, &vb, SERVER_IP)] {
+        run(&mut ns.cmd(&["ip", "addr", "add", &format!("{ip}/24"), "dev", dev]))?;
+        run(&mut ns.cmd(&["ip", "link", "set", dev, "up"]))?;
+        // Room for the new-connection phase's TIME_WAIT sockets.
+        run(&mut ns.cmd(&[
+            "sysctl",
+            "-q",
+            "-w",
+            "net.ipv4.ip_local_port_range=1024 65000",
+        ]))?;
+        run(&mut ns.cmd(&["sysctl", "-q", "-w", "net.ipv4.tcp_tw_reuse=1"]))?;
+    }
+    let direct = format!("-A OUTPUT -p tcp --dport {DIRECT_PORT} -j RETURN");
+    let outbound = [
+        "-A OUTPUT -p tcp -m owner --uid-owner 1337 -j RETURN",
+        "-A OUTPUT -p tcp -d 127.0.0.1/32 -j RETURN",
+        &direct,
+        "-A OUTPUT -p tcp -j REDIRECT --to-ports 15001",
+    ];
+    client.nat(&outbound)?;
+    server.nat(&outbound)?;
+    let direct_in = format!("-A PREROUTING -p tcp --dport {DIRECT_PORT} -j RETURN");
+    server.nat(&[
+        "-A PREROUTING -p tcp --dport 15020 -j RETURN",
+        &direct_in,
+        "-A PREROUTING -p tcp -j REDIRECT --to-ports 15006",
+    ])?;
+    let dir = tempfile::tempdir()?;
+    // The proxies run as UID 1337 and must read their files.
+    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755))?;
+    Ok(Pods {
+        procs: Vec::new(),
+        client,
+        server,
+        dir,
+    })
+}
+
+fn spawn(ns: &Netns, args: &[&str], log: &std::path::Path) -> anyhow::Result<Proc> {
+    let log = fs::File::create(log)?;
+    let child = ns
+        .cmd(args)
+        .stdout(Stdio::from(log.try_clone()?))
+        .stderr(Stdio::from(log))
+        .spawn()?;
+    Ok(Proc(child))
+}
+
+fn wait_for(what: &str, mut ok: impl FnMut() -> bool) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !ok() {
+        anyhow::ensure!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+fn rss_kib(pid: u32) -> anyhow::Result<u64> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no VmRSS for {pid}"))
+}
+
+/// utime + stime in clock ticks.
+fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the `(comm)`, which may contain spaces.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .ok_or_else(|| anyhow::anyhow!("bad /proc/{pid}/stat"))?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // rest[0] is field 3 (state); utime is field 14, stime 15.
+    let get = |i: usize| -> anyhow::Result<u64> {
+        f.get(i - 3)
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| anyhow::anyhow!("bad /proc/{pid}/stat field {i}"))
+    };
+    Ok(get(14)? + get(15)?)
+}
+
+fn clk_tck() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+#[derive(Debug, Default, Clone)]
+struct Load {
+    requests: f64,
+    secs: f64,
+    errors: f64,
+    p50: f64,
+    p90: f64,
+    p99: f64,
+}
+
+impl Load {
+    fn rate(&self) -> f64 {
+        self.requests / self.secs.max(1e-9)
+    }
+}
+
+fn load_in(ns: &Netns, mode: &str, addr: &str, secs: u64) -> anyhow::Result<Load> {
+    let me = std::env::current_exe()?;
+    let me = me.display().to_string();
+    let out = run(&mut ns.cmd(&[&me, "--load", mode, addr, &secs.to_string()]))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut l = Load::default();
+    for kv in text.split_whitespace() {
+        let Some((k, v)) = kv.split_once('=') else {
+            continue;
+        };
+        let v: f64 = v.parse().unwrap_or(f64::NAN);
+        match k {
+            "requests" => l.requests = v,
+            "secs" => l.secs = v,
+            "errors" => l.errors = v,
+            "p50" => l.p50 = v,
+            "p90" => l.p90 = v,
+            "p99" => l.p99 = v,
+            _ => {}
+        }
+    }
+    anyhow::ensure!(
+        l.requests > 0.0,
+        "{mode} {addr}: no requests completed: {text}"
+    );
+    Ok(l)
+}
+
+fn bench() -> anyhow::Result<()> {
+    let proxy_bin = env!("CARGO_BIN_EXE_remora-proxy");
+    let me = std::env::current_exe()?.display().to_string();
+    let mut pods = pods()?;
+    let ca = Ca::new("remora bench CA");
+    let server_id = IdentityPaths::write(pods.dir.path(), "server", BACKEND, &ca, &ca);
+    let client_id = IdentityPaths::write(pods.dir.path(), "client", FRONTEND, &ca, &ca);
+    for p in [
+        &server_id.cert,
+        &server_id.key,
+        &server_id.bundle,
+        &client_id.cert,
+        &client_id.key,
+        &client_id.bundle,
+    ] {
+        fs::set_permissions(p, fs::Permissions::from_mode(0o644))?;
+    }
+    let server_cfg = pods.dir.path().join("server.yaml");
+    fs::write(
+        &server_cfg,
+        format!(
+            "version: 1\n{}inbound:\n  default: {{mtls: Strict}}\n",
+            server_id.yaml()
+        ),
+    )?;
+    let client_cfg = pods.dir.path().join("client.yaml");
+    fs::write(
+        &client_cfg,
+        format!(
+            "version: 1\n{}outbound:\n  services:\n  - name: server.bench\n    addresses: [\"{SERVER_IP}:{MESH_PORT}\"]\n    endpoints:\n    - {{address: \"{SERVER_IP}:{MESH_PORT}\", identity: \"{BACKEND}\", meshed: true}}\n",
+            client_id.yaml()
+        ),
+    )?;
+    for p in [&server_cfg, &client_cfg] {
+        fs::set_permissions(p, fs::Permissions::from_mode(0o644))?;
+    }
+    let log = |n: &str| pods.dir.path().join(format!("{n}.log"));
+    let server = spawn(&pods.server, &[&me, "--serve"], &log("server"))?;
+    pods.procs.push(server);
+    let mut proxy_pids = Vec::new();
+    for (ns, cfg, name) in [
+        (&pods.server, &server_cfg, "proxy-b"),
+        (&pods.client, &client_cfg, "proxy-a"),
+    ] {
+        let cfg = cfg.display().to_string();
+        let p = spawn(
+            ns,
+            &[
+                "setpriv",
+                "--reuid=1337",
+                "--regid=1337",
+                "--clear-groups",
+                proxy_bin,
+                "--config",
+                &cfg,
+                "--log-level",
+                "warn",
+            ],
+            &log(name),
+        )?;
+        proxy_pids.push(p.pid());
+        pods.procs.push(p);
+        let ready = || {
+            ns.cmd(&[proxy_bin, "wait-ready", "--timeout=20s"])
+                .output()
+                .is_ok_and(|o| o.status.success())
+        };
+        wait_for(&format!("{name} ready"), ready)?;
+    }
+    let (pid_b, pid_a) = (proxy_pids[0], proxy_pids[1]);
+    let direct = format!("{SERVER_IP}:{DIRECT_PORT}");
+    let mesh = format!("{SERVER_IP}:{MESH_PORT}");
+    // Server up on both paths, through the proxies too.
+    wait_for("server reachable directly", || {
+        load_in(&pods.client, "connect", &direct, 1).is_ok()
+    })?;
+    load_in(&pods.client, "connect", &mesh, 1).map_err(|e| {
+        let logs: String = ["proxy-a", "proxy-b"]
+            .iter()
+            .map(|n| fs::read_to_string(log(n)).unwrap_or_default())
+            .collect();
+        anyhow::anyhow!("mesh path: {e}\n{logs}")
+    })?;
+    let rss_idle = (rss_kib(pid_a)?, rss_kib(pid_b)?);
+
+    let secs = std::env::var("REMORA_BENCH_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(5u64);
+    eprintln!("pair bench: {secs} s per phase; direct = {direct}, remora = {mesh}");
+    let max_direct = load_in(&pods.client, "max", &direct, secs)?;
+    let cpu0 = (cpu_ticks(pid_a)?, cpu_ticks(pid_b)?);
+    let max_mesh = load_in(&pods.client, "max", &mesh, secs)?;
+    let cpu1 = (cpu_ticks(pid_a)?, cpu_ticks(pid_b)?);
+    let rate_direct = load_in(&pods.client, "rate", &direct, secs)?;
+    let cpu2 = (cpu_ticks(pid_a)?, cpu_ticks(pid_b)?);
+    let rate_mesh = load_in(&pods.client, "rate", &mesh, secs)?;
+    let cpu3 = (cpu_ticks(pid_a)?, cpu_ticks(pid_b)?);
+    let conn_direct = load_in(&pods.client, "connect", &direct, secs)?;
+    let conn_mesh = load_in(&pods.client, "connect", &mesh, secs)?;
+    let rss_after = (rss_kib(pid_a)?, rss_kib(pid_b)?);
+
+    let tck = clk_tck();
+    // CPU seconds of the pair per 1,000 requests (= vCPU per 1,000 rps).
+    let per_k = |c0: (u64, u64), c1: (u64, u64), l: &Load| {
+        let ticks = (c1.0 - c0.0) + (c1.1 - c0.1);
+        ticks as f64 / tck / (l.requests / 1000.0)
+    };
+    // The load phases run for longer than `requests` counts (warm-up); close enough at
+    // the fixed rate, where every scheduled request is counted.
+    let cpu_rate = per_k(cpu2, cpu3, &rate_mesh);
+    let cpu_max = per_k(cpu0, cpu1, &max_mesh);
+    let mb = |k: u64| k as f64 / 1024.0;
+
+    println!();
+    println!(
+        "remora-proxy pair benchmark (release; client ns -> proxy A -> mTLS/HTTP2 -> proxy B -> server ns)"
+    );
+    println!(
+        "{:<44} {:>12} {:>12} {:>14}   target",
+        "metric", "direct", "remora pair", "ratio/delta"
+    );
+    let row = |m: &str, d: String, r: String, x: String, t: &str| {
+        println!("{m:<44} {d:>12} {r:>12} {x:>14}   {t}");
+    };
+    row(
+        "throughput, 32 conns keep-alive (rps)",
+        format!("{:.0}", max_direct.rate()),
+        format!("{:.0}", max_mesh.rate()),
+        format!("{:.2}x", max_mesh.rate() / max_direct.rate()),
+        ">= 0.30x",
+    );
+    for (name, d, r, t) in [
+        ("p50", rate_direct.p50, rate_mesh.p50, "<= +150 us"),
+        ("p90", rate_direct.p90, rate_mesh.p90, ""),
+        ("p99", rate_direct.p99, rate_mesh.p99, "<= +500 us"),
+    ] {
+        row(
+            &format!("latency {name} at {RATE} rps, CO-corrected (us)"),
+            format!("{d:.0}"),
+            format!("{r:.0}"),
+            format!("{:+.0} us", r - d),
+            t,
+        );
+    }
+    row(
+        &format!("achieved rate at {RATE} rps (rps)"),
+        format!("{:.0}", rate_direct.rate()),
+        format!("{:.0}", rate_mesh.rate()),
+        String::new(),
+        "",
+    );
+    row(
+        "new connections per second",
+        format!("{:.0}", conn_direct.rate()),
+        format!("{:.0}", conn_mesh.rate()),
+        format!("{:.2}x", conn_mesh.rate() / conn_direct.rate()),
+        ">= 0.7x",
+    );
+    row(
+        &format!("pair CPU s per 1000 req at {RATE} rps"),
+        "-".into(),
+        format!("{cpu_rate:.3}"),
+        String::new(),
+        "<= 0.08",
+    );
+    row(
+        "pair CPU s per 1000 req at max throughput",
+        "-".into(),
+        format!("{cpu_max:.3}"),
+        String::new(),
+        "",
+    );
+    row(
+        "RSS idle, proxy A / B (MB)",
+        "-".into(),
+        format!("{:.1}/{:.1}", mb(rss_idle.0), mb(rss_idle.1)),
+        String::new(),
+        "<= 8",
+    );
+    row(
+        "RSS after load, proxy A / B (MB)",
+        "-".into(),
+        format!("{:.1}/{:.1}", mb(rss_after.0), mb(rss_after.1)),
+        String::new(),
+        "<= 15",
+    );
+    let errors: f64 = [
+        &max_direct,
+        &max_mesh,
+        &rate_direct,
+        &rate_mesh,
+        &conn_direct,
+        &conn_mesh,
+    ]
+    .iter()
+    .map(|l| l.errors)
+    .sum();
+    println!("failed requests across all phases: {errors:.0}");
+    Ok(())
+}
