@@ -615,38 +615,61 @@ fn bench() -> anyhow::Result<()> {
     })?;
     let rss_idle = (rss_kib(pid_a)?, rss_kib(pid_b)?);
 
-    let secs = std::env::var("REMORA_BENCH_SECS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(5u64);
-    eprintln!("pair bench: {secs} s per phase; direct = {direct}, remora = {mesh}");
-    let max_direct = load_in(&pods.client, "max", &direct, secs)?;
-    let cpu0 = (cpu_ticks(pid_a)?, cpu_ticks(pid_b)?);
-    let max_mesh = load_in(&pods.client, "max", &mesh, secs)?;
-    let cpu1 = (cpu_ticks(pid_a)?, cpu_ticks(pid_b)?);
-    let rate_direct = load_in(&pods.client, "rate", &direct, secs)?;
-    let cpu2 = (cpu_ticks(pid_a)?, cpu_ticks(pid_b)?);
-    let rate_mesh = load_in(&pods.client, "rate", &mesh, secs)?;
-    let cpu3 = (cpu_ticks(pid_a)?, cpu_ticks(pid_b)?);
-    let conn_direct = load_in(&pods.client, "connect", &direct, secs)?;
-    let conn_mesh = load_in(&pods.client, "connect", &mesh, secs)?;
-    let rss_after = (rss_kib(pid_a)?, rss_kib(pid_b)?);
-
-    let tck = clk_tck();
-    // CPU seconds of the pair per 1,000 requests (= vCPU per 1,000 rps).
-    let per_k = |c0: (u64, u64), c1: (u64, u64), l: &Load| {
-        let ticks = (c1.0 - c0.0) + (c1.1 - c0.1);
-        ticks as f64 / tck / (l.requests / 1000.0)
+    let env = |k: &str, d: u64| {
+        std::env::var(k)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(d)
     };
-    // The load phases run for longer than `requests` counts (warm-up); close enough at
-    // the fixed rate, where every scheduled request is counted.
-    let cpu_rate = per_k(cpu2, cpu3, &rate_mesh);
-    let cpu_max = per_k(cpu0, cpu1, &max_mesh);
+    let (secs, rounds) = (
+        env("REMORA_BENCH_SECS", 3),
+        env("REMORA_BENCH_ROUNDS", 3).max(1),
+    );
+    eprintln!(
+        "pair bench: {rounds} rounds of {secs} s phases, direct and remora alternating; direct = {direct}, remora = {mesh}"
+    );
+    let load_before = loadavg();
+    let tck = clk_tck();
+    let cpu = || -> anyhow::Result<u64> { Ok(cpu_ticks(pid_a)? + cpu_ticks(pid_b)?) };
+    // CPU seconds of the pair per 1,000 requests (= vCPU per 1,000 rps). The counted
+    // requests exclude each phase's short warm-up, so this errs slightly high.
+    let per_k = |ticks: u64, l: &Load| ticks as f64 / tck / (l.requests / 1000.0);
+    let mut m = Medians::default();
+    let mut errors = 0.0;
+    for round in 0..rounds {
+        eprintln!("pair bench: round {}/{rounds}", round + 1);
+        let d = load_in(&pods.client, "max", &direct, secs)?;
+        let c0 = cpu()?;
+        let r = load_in(&pods.client, "max", &mesh, secs)?;
+        let c1 = cpu()?;
+        m.max.push((d.rate(), r.rate()));
+        m.cpu_max.push(per_k(c1 - c0, &r));
+        errors += d.errors + r.errors;
+        let d = load_in(&pods.client, "rate", &direct, secs)?;
+        let c0 = cpu()?;
+        let r = load_in(&pods.client, "rate", &mesh, secs)?;
+        let c1 = cpu()?;
+        m.p50.push((d.p50, r.p50));
+        m.p90.push((d.p90, r.p90));
+        m.p99.push((d.p99, r.p99));
+        m.achieved.push((d.rate(), r.rate()));
+        m.cpu_rate.push(per_k(c1 - c0, &r));
+        errors += d.errors + r.errors;
+        let d = load_in(&pods.client, "connect", &direct, secs)?;
+        let r = load_in(&pods.client, "connect", &mesh, secs)?;
+        m.connect.push((d.rate(), r.rate()));
+        errors += d.errors + r.errors;
+    }
+    let rss_after = (rss_kib(pid_a)?, rss_kib(pid_b)?);
+    let load_after = loadavg();
     let mb = |k: u64| k as f64 / 1024.0;
 
     println!();
     println!(
         "remora-proxy pair benchmark (release; client ns -> proxy A -> mTLS/HTTP2 -> proxy B -> server ns)"
+    );
+    println!(
+        "medians of {rounds} rounds x {secs} s; 1-min load average {load_before} before, {load_after} after (2 cores: anything else running skews every figure)"
     );
     println!(
         "{:<44} {:>12} {:>12} {:>14}   target",
@@ -655,51 +678,58 @@ fn bench() -> anyhow::Result<()> {
     let row = |m: &str, d: String, r: String, x: String, t: &str| {
         println!("{m:<44} {d:>12} {r:>12} {x:>14}   {t}");
     };
+    let (d, r) = pair_median(&m.max);
     row(
         "throughput, 32 conns keep-alive (rps)",
-        format!("{:.0}", max_direct.rate()),
-        format!("{:.0}", max_mesh.rate()),
-        format!("{:.2}x", max_mesh.rate() / max_direct.rate()),
+        format!("{d:.0}"),
+        format!("{r:.0}"),
+        format!("{:.2}x", median(m.max.iter().map(|(d, r)| r / d).collect())),
         ">= 0.30x",
     );
-    for (name, d, r, t) in [
-        ("p50", rate_direct.p50, rate_mesh.p50, "<= +150 us"),
-        ("p90", rate_direct.p90, rate_mesh.p90, ""),
-        ("p99", rate_direct.p99, rate_mesh.p99, "<= +500 us"),
+    for (name, v, t) in [
+        ("p50", &m.p50, "<= +150 us"),
+        ("p90", &m.p90, ""),
+        ("p99", &m.p99, "<= +500 us"),
     ] {
+        let (d, r) = pair_median(v);
         row(
             &format!("latency {name} at {RATE} rps, CO-corrected (us)"),
             format!("{d:.0}"),
             format!("{r:.0}"),
-            format!("{:+.0} us", r - d),
+            format!("{:+.0} us", median(v.iter().map(|(d, r)| r - d).collect())),
             t,
         );
     }
+    let (d, r) = pair_median(&m.achieved);
     row(
         &format!("achieved rate at {RATE} rps (rps)"),
-        format!("{:.0}", rate_direct.rate()),
-        format!("{:.0}", rate_mesh.rate()),
+        format!("{d:.0}"),
+        format!("{r:.0}"),
         String::new(),
         "",
     );
+    let (d, r) = pair_median(&m.connect);
     row(
         "new connections per second",
-        format!("{:.0}", conn_direct.rate()),
-        format!("{:.0}", conn_mesh.rate()),
-        format!("{:.2}x", conn_mesh.rate() / conn_direct.rate()),
+        format!("{d:.0}"),
+        format!("{r:.0}"),
+        format!(
+            "{:.2}x",
+            median(m.connect.iter().map(|(d, r)| r / d).collect())
+        ),
         ">= 0.7x",
     );
     row(
         &format!("pair CPU s per 1000 req at {RATE} rps"),
         "-".into(),
-        format!("{cpu_rate:.3}"),
+        format!("{:.3}", median(m.cpu_rate.clone())),
         String::new(),
         "<= 0.08",
     );
     row(
         "pair CPU s per 1000 req at max throughput",
         "-".into(),
-        format!("{cpu_max:.3}"),
+        format!("{:.3}", median(m.cpu_max.clone())),
         String::new(),
         "",
     );
@@ -717,17 +747,38 @@ fn bench() -> anyhow::Result<()> {
         String::new(),
         "<= 15",
     );
-    let errors: f64 = [
-        &max_direct,
-        &max_mesh,
-        &rate_direct,
-        &rate_mesh,
-        &conn_direct,
-        &conn_mesh,
-    ]
-    .iter()
-    .map(|l| l.errors)
-    .sum();
     println!("failed requests across all phases: {errors:.0}");
     Ok(())
+}
+
+/// Per-round figures, (direct, remora) where both exist.
+#[derive(Debug, Default)]
+struct Medians {
+    max: Vec<(f64, f64)>,
+    p50: Vec<(f64, f64)>,
+    p90: Vec<(f64, f64)>,
+    p99: Vec<(f64, f64)>,
+    achieved: Vec<(f64, f64)>,
+    connect: Vec<(f64, f64)>,
+    cpu_rate: Vec<f64>,
+    cpu_max: Vec<f64>,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+fn pair_median(v: &[(f64, f64)]) -> (f64, f64) {
+    (
+        median(v.iter().map(|p| p.0).collect()),
+        median(v.iter().map(|p| p.1).collect()),
+    )
+}
+
+fn loadavg() -> String {
+    fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().map(str::to_owned))
+        .unwrap_or_else(|| "?".into())
 }
