@@ -106,6 +106,7 @@ async fn binary_leads_reconciles_and_releases_the_lease_on_sigterm() {
         Command::new(env!("CARGO_BIN_EXE_remora-operator"))
             .env("KUBECONFIG", cluster.kubeconfig())
             .env("REMORA_METRICS_LISTEN", format!("127.0.0.1:{port}"))
+            .env("REMORA_CA_LISTEN", "127.0.0.1:0")
             .env("POD_NAME", "remora-operator-0")
             .env("POD_NAMESPACE", "remora-system")
             .env("REMORA_LOG", "info,remora_operator=debug")
@@ -300,5 +301,6 @@ async fn a_lease_left_by_a_dead_holder_is_taken_over_after_it_expires() {
         Some(4),
         "the new holder's duration"
     );
-    op.stop().await;
+    // Graceful shutdown is covered by the other tests; this one is about the takeover.
+    drop(op);
 }

@@ -31,6 +31,13 @@ pub const DEADLINE: Duration = Duration::from_secs(20);
 /// A control plane (no controller-manager: nothing here needs pods) with the CRDs and the
 /// operator's namespace.
 pub async fn cluster() -> (Cluster, Client) {
+    // Logs show up for failing tests (captured otherwise); REMORA_TEST_LOG overrides.
+    let filter = std::env::var("REMORA_TEST_LOG")
+        .unwrap_or_else(|_| "info,remora_operator=debug".to_owned());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_test_writer()
+        .try_init();
     let cluster = Cluster::start_with(ClusterOptions {
         controller_manager: false,
         ..ClusterOptions::default()
@@ -81,6 +88,8 @@ pub async fn operator(client: &Client, identity: &str) -> Running {
     let args = <Args as clap::Parser>::try_parse_from([
         "remora-operator".to_owned(),
         "--metrics-listen=127.0.0.1:0".to_owned(),
+        // Tests run side by side: no fixed ports.
+        "--ca-listen=127.0.0.1:0".to_owned(),
         format!("--pod-name={identity}"),
         "--pod-namespace=remora-system".to_owned(),
         "--leader-elect=true".to_owned(),
