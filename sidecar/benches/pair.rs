@@ -569,27 +569,27 @@ fn bench() -> anyhow::Result<()> {
     let log = |n: &str| pods.dir.path().join(format!("{n}.log"));
     let server = spawn(&pods.server, &[&me, "--serve"], &log("server"))?;
     pods.procs.push(server);
+    // Extra proxy flags, e.g. REMORA_BENCH_PROXY_ARGS="--worker-threads 1".
+    let extra_proxy_args = std::env::var("REMORA_BENCH_PROXY_ARGS").unwrap_or_default();
     let mut proxy_pids = Vec::new();
     for (ns, cfg, name) in [
         (&pods.server, &server_cfg, "proxy-b"),
         (&pods.client, &client_cfg, "proxy-a"),
     ] {
         let cfg = cfg.display().to_string();
-        let p = spawn(
-            ns,
-            &[
-                "setpriv",
-                "--reuid=1337",
-                "--regid=1337",
-                "--clear-groups",
-                proxy_bin,
-                "--config",
-                &cfg,
-                "--log-level",
-                "warn",
-            ],
-            &log(name),
-        )?;
+        let mut args = vec![
+            "setpriv",
+            "--reuid=1337",
+            "--regid=1337",
+            "--clear-groups",
+            proxy_bin,
+            "--config",
+            &cfg,
+            "--log-level",
+            "warn",
+        ];
+        args.extend(extra_proxy_args.split_whitespace());
+        let p = spawn(ns, &args, &log(name))?;
         proxy_pids.push(p.pid());
         pods.procs.push(p);
         let ready = || {
@@ -668,6 +668,9 @@ fn bench() -> anyhow::Result<()> {
     println!(
         "remora-proxy pair benchmark (release; client ns -> proxy A -> mTLS/HTTP2 -> proxy B -> server ns)"
     );
+    if !extra_proxy_args.is_empty() {
+        println!("proxy flags: {extra_proxy_args}");
+    }
     println!(
         "medians of {rounds} rounds x {secs} s; 1-min load average {load_before} before, {load_after} after (2 cores: anything else running skews every figure)"
     );
