@@ -19,8 +19,8 @@ help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
 test: prereqs crds-check ## every test tier this machine can run (installs prerequisites)
+	$(CARGO) test --workspace --locked --doc --quiet
 	$(CARGO) nextest run --workspace --locked --profile $(NEXTEST_PROFILE) $(NEXTEST_FILTER)
-	$(CARGO) test --workspace --locked --doc
 
 prereqs: ## install test prerequisites (Debian packages, kube-apiserver built once and cached)
 	@command -v cargo-nextest >/dev/null || { echo "cargo-nextest is missing: cargo install cargo-nextest --locked" >&2; exit 1; }
