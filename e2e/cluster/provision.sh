@@ -43,7 +43,7 @@ apt_install() {
 }
 
 # Runtime prerequisites of the harness and of the network-namespace tier.
-apt_install etcd-server etcd-client openssl iproute2 iptables ca-certificates
+apt_install etcd-server etcd-client openssl iproute2 iptables ca-certificates curl util-linux
 
 # kubectl renders the kustomizations under config/ (directory resources need its built-in
 # kustomize >= v3, i.e. kubectl >= 1.21; Debian's kubernetes-client 1.20 is too old). The

@@ -6,8 +6,8 @@
 //! comes from the kernel (`SO_ORIGINAL_DST`), as in a pod.
 //!
 //! Every namespace, veth and process is removed by a guard's `Drop`, also on failure.
-//! Set `REMORA_SKIP_NETNS_TESTS=1` to opt out explicitly (e.g. when not root); otherwise a
-//! missing prerequisite fails the test with what to install.
+//! A missing prerequisite fails the test with what to install; a machine without root opts
+//! out of the whole tier with `REMORA_SKIP_NETNS=1 make test` (the tests are then not run).
 
 mod common;
 
@@ -29,10 +29,6 @@ const SERVER_IP6: &str = "fd77::2";
 const FRONTEND: &str = "spiffe://cluster.local/ns/shop/sa/frontend";
 const REVIEWS: &str = "spiffe://cluster.local/ns/shop/sa/reviews";
 
-fn opted_out() -> bool {
-    std::env::var("REMORA_SKIP_NETNS_TESTS").is_ok_and(|v| v == "1")
-}
-
 fn check_prerequisites() {
     // Root, read from /proc (no libc call needed).
     let status = fs::read_to_string("/proc/self/status").expect("read /proc/self/status");
@@ -43,7 +39,7 @@ fn check_prerequisites() {
     assert_eq!(
         uid,
         Some("0"),
-        "network-namespace tests need root (or set REMORA_SKIP_NETNS_TESTS=1)"
+        "network-namespace tests need root (machines without root opt out of the tier with `REMORA_SKIP_NETNS=1 make test`)"
     );
     for tool in [
         "ip",
@@ -443,9 +439,6 @@ fn metric(ns: &Netns, prefix: &str) -> Option<u64> {
 
 #[test]
 fn intercepted_http_rides_mtls_between_two_pods() {
-    if opted_out() {
-        return;
-    }
     check_prerequisites();
     let (pods, server_cfg) = meshed_pods();
     let url = format!("http://{SERVER_IP}:8080/hello");
@@ -557,9 +550,6 @@ fn intercepted_http_rides_mtls_between_two_pods() {
 
 #[test]
 fn sigterm_lets_in_flight_requests_finish_and_exits_zero() {
-    if opted_out() {
-        return;
-    }
     check_prerequisites();
     let (mut pods, _) = meshed_pods();
     let url = format!("http://{SERVER_IP}:8080/slow/1500");
@@ -610,9 +600,6 @@ fn sigterm_lets_in_flight_requests_finish_and_exits_zero() {
 
 #[test]
 fn drain_hook_lets_in_flight_requests_finish_and_the_proxy_exits_zero() {
-    if opted_out() {
-        return;
-    }
     check_prerequisites();
     let (mut pods, _) = meshed_pods();
     let bin = env!("CARGO_BIN_EXE_remora-proxy");
@@ -668,9 +655,6 @@ fn drain_hook_lets_in_flight_requests_finish_and_the_proxy_exits_zero() {
 
 #[test]
 fn server_speaks_first_over_ipv6_mtls_and_admin_is_local_only() {
-    if opted_out() {
-        return;
-    }
     check_prerequisites();
     let (pods, _) = meshed_pods();
     let client = pods.write("greeter_client.py", GREETER_CLIENT);
