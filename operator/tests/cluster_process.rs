@@ -6,7 +6,6 @@ mod support;
 
 use std::{
     fs::File,
-    net::TcpListener,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
@@ -29,10 +28,8 @@ impl Drop for ChildGuard {
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port()
+    let [port] = remora_e2e::cluster::free_ports::<1>().expect("free port");
+    port
 }
 
 async fn lease_holder(client: &Client) -> Result<Option<String>, String> {

@@ -102,11 +102,7 @@ fn json(body: &serde_json::Value) -> Response {
 }
 
 fn local_only(peer: SocketAddr) -> Result<(), Box<Response>> {
-    let ip = match peer.ip() {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), Into::into),
-        v4 => v4,
-    };
-    if ip.is_loopback() {
+    if peer.ip().to_canonical().is_loopback() {
         Ok(())
     } else {
         Err(Box::new(text(

@@ -71,13 +71,7 @@ fn is_own(
     local_client: Option<SocketAddr>,
     own: &[SocketAddr],
 ) -> bool {
-    let unmap = |a: SocketAddr| match a {
-        SocketAddr::V6(v6) => v6
-            .ip()
-            .to_ipv4_mapped()
-            .map_or(a, |v4| SocketAddr::new(v4.into(), v6.port())),
-        v4 => v4,
-    };
+    let unmap = remora_init::orig_dst::canonical;
     let (dst, local) = (unmap(dst), unmap(local));
     let client_ip = local_client.map(|c| unmap(c).ip());
     if dst == local {

@@ -332,37 +332,13 @@ fn quantity(key: &str, value: &str) -> Result<(String, f64), AnnotationError> {
         })
 }
 
-/// Parses `250ms`, `5s`, `1m`, `1h`, `1m30s`.
+/// Parses `250ms`, `5s`, `1m`, `1h`, `1m30s`: the mesh's duration language, the same one
+/// the CRDs accept ([`remora_crds::duration::Duration`]).
 pub fn parse_duration(s: &str) -> Option<Duration> {
-    let s = s.trim();
-    if s.is_empty() {
-        return None;
-    }
-    let mut total = Duration::ZERO;
-    let mut rest = s;
-    while !rest.is_empty() {
-        let digits = rest
-            .find(|c: char| !c.is_ascii_digit())
-            .unwrap_or(rest.len());
-        if digits == 0 {
-            return None;
-        }
-        let n: u64 = rest[..digits].parse().ok()?;
-        rest = &rest[digits..];
-        let unit_len = rest
-            .find(|c: char| c.is_ascii_digit())
-            .unwrap_or(rest.len());
-        let unit = match &rest[..unit_len] {
-            "ms" => Duration::from_millis(n),
-            "s" => Duration::from_secs(n),
-            "m" => Duration::from_secs(n.checked_mul(60)?),
-            "h" => Duration::from_secs(n.checked_mul(3600)?),
-            _ => return None,
-        };
-        total = total.checked_add(unit)?;
-        rest = &rest[unit_len..];
-    }
-    Some(total)
+    s.trim()
+        .parse::<remora_crds::duration::Duration>()
+        .ok()
+        .map(|d| d.get())
 }
 
 /// Formats a duration the way the annotations write it (`90s`, `250ms`).
