@@ -103,9 +103,14 @@ async fn index_follows_the_cluster_and_versions_only_grow_across_a_restart() {
         Some(SliceApi::V1Beta1),
         "Kubernetes 1.20 serves v1beta1 only"
     );
-    let (v1, p) = wait_piece(&op.index, "reviews with its endpoint", 0, |p| {
-        p.endpoints.len() == 1
-    })
+    // The Pod and EndpointSlice watches are separate streams: a version may hold the
+    // endpoint before the Pod that gives it its identity has arrived. Wait for both.
+    let (v1, p) = wait_piece(
+        &op.index,
+        "reviews with its endpoint and identity",
+        0,
+        |p| p.endpoints.len() == 1 && p.endpoints[0].identity.is_some(),
+    )
     .await;
     assert_eq!(p.name, "reviews.idx");
     assert_eq!(p.addresses, vec![SocketAddr::new(vip, 9080)]);
@@ -171,7 +176,10 @@ async fn index_follows_the_cluster_and_versions_only_grow_across_a_restart() {
     op.stop().await;
     let op = operator(&client, "op-index-2").await;
     op.index.wait_synced().await;
-    let (v4, p) = wait_piece(&op.index, "after restart", 0, |p| p.endpoints.len() == 2).await;
+    let (v4, p) = wait_piece(&op.index, "after restart", 0, |p| {
+        p.endpoints.len() == 2 && p.policy.is_some()
+    })
+    .await;
     assert!(v4 > v3, "version {v4} after restart is not above {v3}");
     assert!(p.policy.is_some());
 
