@@ -42,8 +42,8 @@ pub struct Args {
     #[arg(long, env = "REMORA_LEASE_RENEW", default_value = "5s")]
     pub lease_renew: Duration,
 
-    /// Address of the certificate authority's TLS 1.3 listener (`POST /v1/certify`), the
-    /// stream port.
+    /// Address of the certificate authority's TLS 1.3 listener (`POST /v1/certify`), also
+    /// serving the derived-config stream (`GET /v1/watch/*`, HTTP/2).
     #[arg(long, env = "REMORA_CA_LISTEN", default_value = "0.0.0.0:15012")]
     pub ca_listen: SocketAddr,
 
@@ -111,6 +111,11 @@ pub struct Args {
     #[arg(long, env = "REMORA_INDEX_MAX_DELAY", default_value = "250ms")]
     pub index_max_delay: Duration,
 
+    /// How long a config stream (`/v1/watch/*`) may stay quiet before the operator sends a
+    /// heartbeat; proxies reconnect after three intervals without a line.
+    #[arg(long, env = "REMORA_STREAM_HEARTBEAT", default_value = "10s")]
+    pub stream_heartbeat: Duration,
+
     /// Kubeconfig file; without it, in-cluster configuration or the default kubeconfig
     /// (~/.kube/config) is used.
     #[arg(long, env = "KUBECONFIG")]
@@ -157,6 +162,10 @@ mod tests {
         );
         assert_eq!(args.lease_renew.get(), std::time::Duration::from_secs(5));
         assert_eq!(args.lease_name, "remora-operator");
+        assert_eq!(
+            args.stream_heartbeat.get(),
+            std::time::Duration::from_secs(10)
+        );
     }
 
     #[test]

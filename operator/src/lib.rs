@@ -10,6 +10,8 @@
 //! - [`admin`]: `/metrics`, `/healthz`, `/readyz`.
 //! - [`ca`]: the mesh certificate authority, `POST /v1/certify` on `--ca-listen` (TLS 1.3);
 //!   every replica runs it.
+//! - [`stream`]: the derived-config stream (`/v1/watch/*`) on the same listener, read
+//!   from the index; every replica serves it.
 //! - [`bootstrap`]: the leader publishes the trust bundle ConfigMap into meshed namespaces
 //!   and the injector's serving certificate and caBundle.
 //!
@@ -28,6 +30,7 @@ pub mod index;
 pub mod leader;
 pub mod metrics;
 pub mod status;
+pub mod stream;
 pub mod validate;
 
 use std::{future::Future, net::SocketAddr, sync::Arc};
@@ -164,12 +167,19 @@ impl Operator {
 
         // Every replica serves certificates; the leader publishes the CA's material.
         let (ca_material_tx, ca_material) = watch::channel(None);
+        let stream_routes = stream::router(stream::StreamState {
+            index: index_handle.clone(),
+            heartbeat: args.stream_heartbeat.get(),
+            stop: stop_rx.clone(),
+            metrics: stream::metrics::StreamMetrics::new(&mut registry),
+        });
         let ca = tokio::spawn(ca::server::run(
             client.clone(),
             args.clone(),
             ca_metrics,
             ca_material_tx,
             stop_rx.clone(),
+            stream_routes,
         ));
         let bootstrap_settings = bootstrap::Settings::from_args(&args);
 

@@ -11,10 +11,12 @@
 //!   [`current`]: the issuer in use, switched when that Secret changes;
 //! - [`token`]: the TokenReview;
 //! - [`metrics`]: certificates issued and refused, by reason;
-//! - [`server`]: `POST /v1/certify`; [`tls`]: its TLS 1.3 listener.
+//! - [`server`]: `POST /v1/certify`; [`tls`]: its TLS 1.3 listener (shared with the
+//!   config stream, `crate::stream`); [`client_auth`]: its optional client certificates.
 //!
 //! The procedure for rotating the root is in `docs/ca.md`.
 
+pub mod client_auth;
 pub mod current;
 pub mod identity;
 pub mod issuer;

@@ -37,6 +37,7 @@ use super::{
     tls::{self, ServingCert, TlsError, TlsListener},
     token::{TokenError, TokenReviewer},
 };
+use crate::stream::peer::Peer;
 
 /// Largest request body accepted.
 pub const MAX_BODY: usize = 64 * 1024;
@@ -392,10 +393,22 @@ pub async fn serve(
     ca: Arc<Ca>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), CaError> {
+    serve_with(listener, ca, Router::new(), shutdown).await
+}
+
+/// [`serve`] with more routes on the same listener (the config stream): HTTP/1.1 and
+/// HTTP/2, each request knowing its [`Peer`] (address, client certificate's SPIFFE ID).
+pub async fn serve_with(
+    listener: TcpListener,
+    ca: Arc<Ca>,
+    routes: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), CaError> {
     let names = tls::serving_names(&ca.options.service, &ca.options.namespace);
     let cert = ServingCert::new(ca.issuer.clone(), names, SystemTime::now())?;
     let tls = TlsListener::new(listener, tls::server_config(cert)?).map_err(CaError::Serve)?;
-    axum::serve(tls, router(ca))
+    let app = router(ca).merge(routes);
+    axum::serve(tls, app.into_make_service_with_connect_info::<Peer>())
         .with_graceful_shutdown(shutdown)
         .await
         .map_err(CaError::Serve)
@@ -414,13 +427,15 @@ pub const RELOAD_EVERY: Duration = Duration::from_secs(30);
 /// restart; the rest of the operator is unaffected. Once serving, it re-reads the Secret
 /// every [`RELOAD_EVERY`] and switches to a changed bundle or issuer. The material in use
 /// is published on `material` once loaded and after every switch (for the trust bundle
-/// and webhook certificate publishers in `bootstrap`).
+/// and webhook certificate publishers in `bootstrap`). `routes` are served on the same
+/// listener (the config stream).
 pub async fn run(
     client: Client,
     args: crate::Args,
     metrics: CaMetrics,
     material: watch::Sender<Option<CaMaterial>>,
     mut stop: watch::Receiver<bool>,
+    routes: Router,
 ) {
     let options = match CaOptions::from_args(&args) {
         Ok(o) => o,
@@ -484,7 +499,7 @@ pub async fn run(
     let done = async move {
         let _ = stop.wait_for(|s| *s).await;
     };
-    if let Err(e) = serve(listener, ca, done).await {
+    if let Err(e) = serve_with(listener, ca, routes, done).await {
         tracing::error!("certificate authority stopped: {e}");
     }
     let _ = reload.await;

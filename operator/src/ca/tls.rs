@@ -23,6 +23,7 @@ use tokio::{
 use tokio_rustls::{TlsAcceptor, server::TlsStream};
 
 use super::{
+    client_auth::MeshClientVerifier,
     current::CurrentIssuer,
     issuer::{CertifyError, Issuer},
 };
@@ -121,16 +122,18 @@ impl ResolvesServerCert for ServingCert {
     }
 }
 
-/// TLS 1.3 only, ring, no client authentication (the token authenticates), ALPN
-/// `http/1.1`.
+/// TLS 1.3 only, ring, optional client certificates verified against the current trust
+/// bundle (certify's token authenticates; the config stream needs a certificate), ALPN
+/// `h2` then `http/1.1`.
 pub fn server_config(cert: ServingCert) -> Result<Arc<ServerConfig>, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let clients = MeshClientVerifier::new(cert.issuer.clone()).map_err(TlsError::Config)?;
     let mut cfg = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(TlsError::Config)?
-        .with_no_client_auth()
+        .with_client_cert_verifier(Arc::new(clients))
         .with_cert_resolver(Arc::new(cert));
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(cfg))
 }
 

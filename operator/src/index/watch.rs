@@ -94,6 +94,24 @@ pub struct IndexWriter {
     config: IndexConfig,
 }
 
+impl IndexWriter {
+    /// Changes the snapshot with `f`, recomputes at `now_micros` and publishes the new
+    /// version (if any) and the synced state, as [`run`] does after a debounced burst:
+    /// for feeding the index without an apiserver (benchmarks, tests).
+    pub fn apply(&self, f: impl FnOnce(&mut Snapshot), now_micros: u64) -> super::Changes {
+        let changes = {
+            let mut index = self.index.write().unwrap_or_else(|e| e.into_inner());
+            f(index.snapshot_mut());
+            index.recompute(now_micros)
+        };
+        if let Some(version) = changes.version {
+            self.version.send_replace(version);
+        }
+        self.synced.send_replace(true);
+        changes
+    }
+}
+
 /// A new, empty index and its handle.
 pub fn channel(config: IndexConfig) -> (IndexWriter, IndexHandle) {
     let index = Arc::new(RwLock::new(Index::new(
