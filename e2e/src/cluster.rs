@@ -18,6 +18,8 @@ use crate::{
     prereqs,
 };
 
+const APISERVER: &str = "kube-apiserver";
+
 /// What to start.
 #[derive(Debug, Clone)]
 pub struct ClusterOptions {
@@ -54,6 +56,9 @@ pub struct Cluster {
     api_url: String,
     kubeconfig: PathBuf,
     pki: Pki,
+    /// How kube-apiserver was started, to start it again after [`Cluster::stop_apiserver`].
+    apiserver: (PathBuf, Vec<String>),
+    ready_timeout: Duration,
 }
 
 /// `N` distinct free TCP ports on 127.0.0.1 (free when chosen; bind them promptly).
@@ -111,6 +116,8 @@ impl Cluster {
             api_url,
             kubeconfig,
             pki,
+            apiserver: (apiserver.clone(), Vec::new()),
+            ready_timeout: opts.ready_timeout,
         };
 
         let etcd_url = format!("http://127.0.0.1:{etcd_client}");
@@ -157,8 +164,8 @@ impl Cluster {
             api_args.push("--disable-admission-plugins=ServiceAccount".to_owned());
         }
         api_args.extend(opts.extra_apiserver_args.iter().cloned());
-        cluster.spawn("kube-apiserver", &apiserver, &api_args)?;
-        cluster.wait_ready(opts.ready_timeout).await?;
+        cluster.apiserver.1 = api_args;
+        cluster.start_apiserver().await?;
 
         if let Some(kcm) = kcm {
             let kc = cluster.kubeconfig.display().to_string();
@@ -184,6 +191,23 @@ impl Cluster {
                 .await?;
         }
         Ok(cluster)
+    }
+
+    /// Kills kube-apiserver (etcd and the controller-manager keep running), so tests can
+    /// show what components do while the apiserver is unavailable. Idempotent.
+    pub fn stop_apiserver(&mut self) {
+        self.processes.retain(|p| p.name() != APISERVER);
+    }
+
+    /// Starts kube-apiserver again, with the same flags, port and data, and waits until it
+    /// is ready. (Also how [`Cluster::start_with`] starts it.)
+    pub async fn start_apiserver(&mut self) -> Result<(), HarnessError> {
+        if self.processes.iter().any(|p| p.name() == APISERVER) {
+            return Ok(());
+        }
+        let (binary, args) = self.apiserver.clone();
+        self.spawn(APISERVER, &binary, &args)?;
+        self.wait_ready(self.ready_timeout).await
     }
 
     fn spawn(&mut self, name: &str, binary: &Path, args: &[String]) -> Result<(), HarnessError> {

@@ -2,7 +2,6 @@
 //! workspace's target directory, logging to the cluster directory, killed by PID on drop.
 
 use std::{
-    fs::File,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
 };
@@ -54,7 +53,12 @@ impl Process {
         log_dir: &Path,
     ) -> Result<Self, HarnessError> {
         let log = log_dir.join(format!("{name}.log"));
-        let out = File::create(&log).map_err(io_err(format!("creating {}", log.display())))?;
+        // Appended: a component restarted under the same name keeps its earlier log.
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .map_err(io_err(format!("creating {}", log.display())))?;
         let err = out
             .try_clone()
             .map_err(io_err("duplicating a log file handle"))?;

@@ -13,7 +13,6 @@ use kube::{
     api::{DeleteParams, PostParams},
 };
 use remora_crds::proxy::OutboundService;
-use remora_e2e::apply::{apply, parse_documents};
 use remora_operator::index::{
     api::SliceApi, derive::Destination, model::ObjKey, watch::IndexHandle,
 };
@@ -34,26 +33,16 @@ fn piece(index: &IndexHandle) -> Option<(u64, OutboundService)> {
 }
 
 async fn slice(client: &Client, ips: &[&str]) {
-    let endpoints: Vec<serde_json::Value> = ips
-        .iter()
-        .map(|ip| {
-            serde_json::json!({
-                "addresses": [ip], "conditions": {"ready": true},
-                "topology": {"topology.kubernetes.io/zone": "zone-a"},
-                "targetRef": {"kind": "Pod", "name": "reviews-1", "namespace": "idx"},
-            })
-        })
-        .collect();
-    let doc = serde_json::json!({
-        "apiVersion": "discovery.k8s.io/v1beta1", "kind": "EndpointSlice",
-        "metadata": {"name": "reviews-abc", "namespace": "idx",
-                     "labels": {"kubernetes.io/service-name": "reviews"}},
-        "addressType": "IPv4",
-        "ports": [{"name": "p9080", "port": 8080, "protocol": "TCP"}],
-        "endpoints": endpoints,
-    });
-    let objs = parse_documents(&doc.to_string(), "slice").expect("slice parses");
-    apply(client, &objs[0], false).await.expect("slice applied");
+    endpoint_slice(
+        client,
+        "idx",
+        "reviews",
+        "reviews-abc",
+        (9080, 8080),
+        "reviews-1",
+        ips,
+    )
+    .await;
 }
 
 async fn wait_piece(

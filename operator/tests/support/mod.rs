@@ -316,3 +316,39 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String), Str
         .ok_or_else(|| format!("bad status line in {head:?}"))?;
     Ok((code, body.to_owned()))
 }
+
+/// Applies (creates or replaces) EndpointSlice `name` of Service `service` in `ns`, in the
+/// `discovery.k8s.io/v1beta1` form the 1.20 test tier serves: one port `p<port>` with
+/// `target_port`, one ready endpoint per IP in zone `zone-a`, each naming Pod `pod`.
+pub async fn endpoint_slice(
+    client: &Client,
+    ns: &str,
+    service: &str,
+    name: &str,
+    (port, target_port): (u16, u16),
+    pod: &str,
+    ips: &[&str],
+) {
+    let endpoints: Vec<serde_json::Value> = ips
+        .iter()
+        .map(|ip| {
+            serde_json::json!({
+                "addresses": [ip], "conditions": {"ready": true},
+                "topology": {"topology.kubernetes.io/zone": "zone-a"},
+                "targetRef": {"kind": "Pod", "name": pod, "namespace": ns},
+            })
+        })
+        .collect();
+    let doc = serde_json::json!({
+        "apiVersion": "discovery.k8s.io/v1beta1", "kind": "EndpointSlice",
+        "metadata": {"name": name, "namespace": ns,
+                     "labels": {"kubernetes.io/service-name": service}},
+        "addressType": "IPv4",
+        "ports": [{"name": format!("p{port}"), "port": target_port, "protocol": "TCP"}],
+        "endpoints": endpoints,
+    });
+    let objs = remora_e2e::apply::parse_documents(&doc.to_string(), "slice").expect("slice parses");
+    remora_e2e::apply::apply(client, &objs[0], false)
+        .await
+        .expect("slice applied");
+}
