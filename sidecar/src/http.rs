@@ -7,7 +7,14 @@
 //! an `x-remora-proxy-error` reason header instead of hanging.
 
 use std::{
-    collections::HashMap, convert::Infallible, error::Error as _, net::SocketAddr, sync::Arc,
+    collections::HashMap,
+    convert::Infallible,
+    error::Error as _,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     time::Instant,
 };
 
@@ -56,10 +63,14 @@ type Pool = Client<EndpointConnector, Incoming>;
 struct EndpointPools {
     h1: Pool,
     h2: Pool,
+    /// When a request last used them, in seconds since [`Clients::epoch`].
+    last_used: Arc<AtomicU64>,
 }
 
 /// Pooled upstream clients, one pair per endpoint (and plain/mTLS), created on first use
-/// and read without locks. Pools outlive config versions, so a reload keeps connections.
+/// and read without locks. Pools outlive config versions, so a reload keeps connections;
+/// [`Clients::prune`] forgets the pools of endpoints no request used for a while, so
+/// endpoint churn (and passthrough destinations) do not grow the map forever.
 #[derive(Debug)]
 pub struct Clients {
     connect_timeout: std::time::Duration,
@@ -67,6 +78,7 @@ pub struct Clients {
     identity: Arc<IdentityStore>,
     metrics: Arc<Metrics>,
     pools: ArcSwap<HashMap<(SocketAddr, bool), EndpointPools>>,
+    epoch: Instant,
 }
 
 impl Clients {
@@ -82,13 +94,57 @@ impl Clients {
             identity,
             metrics,
             pools: ArcSwap::default(),
+            epoch: Instant::now(),
         }
+    }
+
+    fn now_secs(&self) -> u64 {
+        self.epoch.elapsed().as_secs()
+    }
+
+    /// How many endpoints have pools.
+    pub fn len(&self) -> usize {
+        self.pools.load().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Forgets the pools no request used for `idle` or longer (their idle connections
+    /// close; requests in flight hold their own handle and finish). Returns how many.
+    pub fn prune(&self, idle: std::time::Duration) -> usize {
+        let now = self.now_secs();
+        let stale = |p: &EndpointPools| {
+            now.saturating_sub(p.last_used.load(Ordering::Relaxed)) >= idle.as_secs()
+        };
+        if !self.pools.load().values().any(stale) {
+            return 0;
+        }
+        let mut removed = 0;
+        self.pools.rcu(|current| {
+            let next: HashMap<_, _> = current
+                .iter()
+                .filter(|(_, p)| !stale(p))
+                .map(|(k, p)| (*k, p.clone()))
+                .collect();
+            removed = current.len() - next.len();
+            next
+        });
+        removed
     }
 
     /// The client for `addr` (over mesh mTLS when `mtls`), HTTP/2 or HTTP/1.
     fn get(&self, addr: SocketAddr, mtls: bool, h2: bool) -> Pool {
         let key = (addr, mtls);
-        let pick = |p: &EndpointPools| if h2 { p.h2.clone() } else { p.h1.clone() };
+        let now = self.now_secs();
+        let pick = |p: &EndpointPools| {
+            // A plain store: the sweep only needs to see "recently", not an exact time.
+            if p.last_used.load(Ordering::Relaxed) != now {
+                p.last_used.store(now, Ordering::Relaxed);
+            }
+            if h2 { p.h2.clone() } else { p.h1.clone() }
+        };
         if let Some(p) = self.pools.load().get(&key) {
             return pick(p);
         }
@@ -110,6 +166,7 @@ impl Clients {
                 .timer(TokioTimer::new())
                 .http2_only(true)
                 .build(connector),
+            last_used: Arc::new(AtomicU64::new(now)),
         };
         let mut chosen = pools.clone();
         self.pools.rcu(|current| {
@@ -557,6 +614,31 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: bool) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn idle_endpoint_pools_are_pruned() {
+        let metrics = Arc::new(Metrics::new());
+        let config = Arc::new(ConfigStore::new(Default::default(), &metrics));
+        let clients = Clients::new(
+            std::time::Duration::from_secs(1),
+            config,
+            Arc::default(),
+            metrics,
+        );
+        let a: SocketAddr = "10.0.0.1:80".parse().expect("addr");
+        let b: SocketAddr = "10.0.0.2:80".parse().expect("addr");
+        let _ = clients.get(a, false, false);
+        let _ = clients.get(a, false, true);
+        let _ = clients.get(b, true, true);
+        assert_eq!(clients.len(), 2, "one entry per endpoint and TLS mode");
+        assert_eq!(clients.prune(std::time::Duration::from_secs(3600)), 0);
+        assert_eq!(clients.len(), 2);
+        assert_eq!(clients.prune(std::time::Duration::ZERO), 2);
+        assert!(clients.is_empty());
+        // A pruned endpoint gets a fresh pool on its next request.
+        let _ = clients.get(a, false, false);
+        assert_eq!(clients.len(), 1);
+    }
 
     #[test]
     fn hop_by_hop_headers_are_removed() {
