@@ -1,0 +1,360 @@
+//! Network-namespace scaffolding of the `netns*` tests (root, `ip`, `iptables`,
+//! `ip6tables`, `curl`, `python3`, `setpriv`): two "pods" in their own namespaces joined by
+//! a veth pair, each with the interception rules `remora-init` installs (outbound TCP →
+//! 15001 except the proxy's UID 1337 and loopback; inbound TCP → 15006), and the
+//! `remora-proxy` binary running as UID 1337 with a standalone config and file
+//! certificates. The original destination comes from the kernel (`SO_ORIGINAL_DST`), as in
+//! a pod.
+//!
+//! Every namespace, veth and process is removed by a guard's `Drop`, also on failure.
+
+use std::{
+    fs,
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+use super::pki::{Ca, IdentityPaths};
+
+pub const CLIENT_IP: &str = "10.77.0.1";
+pub const SERVER_IP: &str = "10.77.0.2";
+pub const CLIENT_IP6: &str = "fd77::1";
+pub const SERVER_IP6: &str = "fd77::2";
+pub const FRONTEND: &str = "spiffe://cluster.local/ns/shop/sa/frontend";
+pub const REVIEWS: &str = "spiffe://cluster.local/ns/shop/sa/reviews";
+
+pub fn check_prerequisites() {
+    // Root, read from /proc (no libc call needed).
+    let status = fs::read_to_string("/proc/self/status").expect("read /proc/self/status");
+    let uid = status
+        .lines()
+        .find(|l| l.starts_with("Uid:"))
+        .and_then(|l| l.split_whitespace().nth(1));
+    assert_eq!(
+        uid,
+        Some("0"),
+        "network-namespace tests need root (machines without root opt out of the tier with `REMORA_SKIP_NETNS=1 make test`)"
+    );
+    for tool in [
+        "ip",
+        "iptables",
+        "ip6tables",
+        "curl",
+        "/usr/bin/python3",
+        "setpriv",
+    ] {
+        let found = Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        assert!(
+            found,
+            "{tool} is required for network-namespace tests: apt-get install iproute2 iptables curl python3 util-linux"
+        );
+    }
+}
+
+pub fn run(cmd: &mut Command) -> Output {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// A network namespace, deleted on drop.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new(name: String) -> Self {
+        let _ = Command::new("ip").args(["netns", "del", &name]).output();
+        run(Command::new("ip").args(["netns", "add", &name]));
+        let ns = Self { name };
+        run(&mut ns.cmd(&["ip", "link", "set", "lo", "up"]));
+        ns
+    }
+
+    pub fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name]).args(args);
+        c
+    }
+
+    pub fn rules(&self, tool: &str, rules: &[&str]) {
+        for rule in rules {
+            let args: Vec<&str> = rule.split_whitespace().collect();
+            let mut c = self.cmd(&[tool, "-t", "nat"]);
+            c.args(args);
+            run(&mut c);
+        }
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        // Deleting the namespace also deletes the veth end inside it (and so its peer).
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
+}
+
+/// A process killed on drop.
+pub struct Proc {
+    pub child: Child,
+    pub what: String,
+}
+
+impl Proc {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// Two pods joined by a veth pair, with interception rules.
+pub struct Pods {
+    // Field order is drop order: processes before namespaces.
+    pub procs: Vec<Proc>,
+    pub client: Netns,
+    pub server: Netns,
+    pub dir: tempfile::TempDir,
+}
+
+pub fn pods() -> Pods {
+    let n = SEQ.fetch_add(1, Ordering::Relaxed);
+    let tag = format!("{}{n}", std::process::id() % 100_000);
+    let client = Netns::new(format!("rpc{tag}"));
+    let server = Netns::new(format!("rps{tag}"));
+    let (va, vb) = (format!("rva{tag}"), format!("rvb{tag}"));
+    run(Command::new("ip").args([
+        "link",
+        "add",
+        &va,
+        "netns",
+        &client.name,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        &vb,
+        "netns",
+        &server.name,
+    ]));
+    for (ns, dev, ip, ip6) in [
+        (&client, &va, CLIENT_IP, CLIENT_IP6),
+        (&server, &vb, SERVER_IP, SERVER_IP6),
+    ] {
+        run(&mut ns.cmd(&["ip", "addr", "add", &format!("{ip}/24"), "dev", dev]));
+        run(&mut ns.cmd(&[
+            "ip",
+            "-6",
+            "addr",
+            "add",
+            &format!("{ip6}/64"),
+            "dev",
+            dev,
+            "nodad",
+        ]));
+        run(&mut ns.cmd(&["ip", "link", "set", dev, "up"]));
+    }
+    for (tool, lo) in [("iptables", "127.0.0.1/32"), ("ip6tables", "::1/128")] {
+        let outbound = [
+            "-A OUTPUT -p tcp -m owner --uid-owner 1337 -j RETURN".to_owned(),
+            format!("-A OUTPUT -p tcp -d {lo} -j RETURN"),
+            "-A OUTPUT -p tcp -j REDIRECT --to-ports 15001".to_owned(),
+        ];
+        let outbound: Vec<&str> = outbound.iter().map(String::as_str).collect();
+        client.rules(tool, &outbound);
+        server.rules(tool, &outbound);
+        // The admin port (probes) is not captured, as remora-init leaves it.
+        server.rules(
+            tool,
+            &[
+                "-A PREROUTING -p tcp --dport 15020 -j RETURN",
+                "-A PREROUTING -p tcp -j REDIRECT --to-ports 15006",
+            ],
+        );
+    }
+    // Wait until both families route across the veth (IPv6 neighbour discovery takes a
+    // moment): a refused connection (nothing listens yet) proves reachability. As UID 1337,
+    // so the client's own capture rules stay out of the way.
+    for ip in [SERVER_IP, SERVER_IP6] {
+        let probe = format!(
+            "import socket,sys\ntry:\n  socket.create_connection(('{ip}', 9), timeout=1)\nexcept ConnectionRefusedError:\n  sys.exit(0)\nexcept OSError:\n  sys.exit(1)\nsys.exit(0)"
+        );
+        wait_for(
+            &format!("{ip} reachable"),
+            || {
+                client
+                    .cmd(&[
+                        "setpriv",
+                        "--reuid=1337",
+                        "--regid=1337",
+                        "--clear-groups",
+                        "/usr/bin/python3",
+                        "-c",
+                        &probe,
+                    ])
+                    .output()
+                    .is_ok_and(|o| o.status.success())
+            },
+            String::new,
+        );
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    // The proxies run as UID 1337 and must read their files.
+    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).expect("chmod");
+    Pods {
+        procs: Vec::new(),
+        client,
+        server,
+        dir,
+    }
+}
+
+impl Pods {
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub fn write(&self, name: &str, text: &str) -> PathBuf {
+        let p = self.path(name);
+        fs::write(&p, text).expect("write");
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o644)).expect("chmod");
+        p
+    }
+
+    /// Identities from one CA: the server pod's (`REVIEWS`) and the client pod's
+    /// (`FRONTEND`), readable by the proxies.
+    pub fn identities(&self) -> (IdentityPaths, IdentityPaths) {
+        let ca = Ca::new("remora netns CA");
+        let server_id = IdentityPaths::write(self.dir.path(), "reviews", REVIEWS, &ca, &ca);
+        let client_id = IdentityPaths::write(self.dir.path(), "frontend", FRONTEND, &ca, &ca);
+        for id in [&server_id, &client_id] {
+            for p in [&id.cert, &id.key, &id.bundle] {
+                fs::set_permissions(p, fs::Permissions::from_mode(0o644)).expect("chmod");
+            }
+        }
+        (server_id, client_id)
+    }
+
+    pub fn spawn(&mut self, ns_is_server: bool, what: &str, args: &[&str]) -> usize {
+        let ns = if ns_is_server {
+            &self.server
+        } else {
+            &self.client
+        };
+        let log = fs::File::create(self.dir.path().join(format!("{what}.log"))).expect("log file");
+        let child = ns
+            .cmd(args)
+            .stdout(Stdio::from(log.try_clone().expect("clone")))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {what}: {e}"));
+        self.procs.push(Proc {
+            child,
+            what: what.to_owned(),
+        });
+        self.procs.len() - 1
+    }
+
+    pub fn log(&self, what: &str) -> String {
+        fs::read_to_string(self.dir.path().join(format!("{what}.log"))).unwrap_or_default()
+    }
+
+    /// Both proxies' logs, for failure messages.
+    pub fn proxy_logs(&self) -> String {
+        format!(
+            "--- proxy-client ---\n{}\n--- proxy-server ---\n{}",
+            self.log("proxy-client"),
+            self.log("proxy-server")
+        )
+    }
+
+    pub fn proxy(&mut self, server: bool, config: &Path) -> usize {
+        let bin = env!("CARGO_BIN_EXE_remora-proxy");
+        let cfg = config.display().to_string();
+        let what = if server {
+            "proxy-server"
+        } else {
+            "proxy-client"
+        };
+        let idx = self.spawn(
+            server,
+            what,
+            &[
+                "setpriv",
+                "--reuid=1337",
+                "--regid=1337",
+                "--clear-groups",
+                bin,
+                "--config",
+                &cfg,
+                "--config-poll-interval",
+                "100ms",
+                "--shutdown-grace-period",
+                "5s",
+                "--log-level",
+                "debug",
+            ],
+        );
+        let ns = if server { &self.server } else { &self.client };
+        wait_for(
+            &format!("{what} ready"),
+            || curl(ns, "http://127.0.0.1:15020/ready").is_some_and(|(code, _)| code == 200),
+            || self.log(what),
+        );
+        idx
+    }
+}
+
+pub fn curl(ns: &Netns, url: &str) -> Option<(u16, String)> {
+    let out = ns
+        .cmd(&["curl", "-sS", "-m", "10", "-w", "\n%{http_code}", url])
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n')?;
+    Some((code.trim().parse().ok()?, body.to_owned()))
+}
+
+pub fn wait_for(what: &str, mut ok: impl FnMut() -> bool, logs: impl Fn() -> String) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !ok() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}\n{}",
+            logs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The value of the first admin metric line starting with `prefix`.
+pub fn metric(ns: &Netns, prefix: &str) -> Option<u64> {
+    let (_, text) = curl(ns, "http://127.0.0.1:15020/metrics")?;
+    text.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
