@@ -104,6 +104,15 @@ impl ConfigStore {
                 .inc();
             return Err(err);
         }
+        Ok(self.install(config, metrics))
+    }
+
+    /// Installs an assembled Kubernetes-mode config whatever its version. The pieces it
+    /// is made of were each checked to be newer than the piece they replace (see
+    /// `control::subscriptions`); its version, the max of theirs, may go down when an idle
+    /// subscription holding the max is dropped, which the file's "strictly newer" rule
+    /// would wrongly refuse. The caller validated it.
+    pub fn install(&self, config: ProxyConfig, metrics: &Metrics) -> u64 {
         let version = config.version;
         self.current.store(Arc::new(Snapshot::new(config)));
         metrics
@@ -115,7 +124,7 @@ impl ConfigStore {
                 reason: Static("applied"),
             })
             .inc();
-        Ok(version)
+        version
     }
 
     /// Counts a rejected file.

@@ -102,7 +102,8 @@ pub async fn serve(
     ctx.metrics.connection(direction, "accepted");
     let _ = stream.set_nodelay(true);
 
-    let snap = ctx.config.load();
+    // Kubernetes mode: an outbound destination without a route is asked for first.
+    let snap = crate::control::snapshot_for(&ctx, direction, orig_dst).await;
     let (declared, upstream, mtls) = match direction {
         Direction::Inbound => {
             let policy = snap.config.inbound.for_port(orig_dst.0.port());

@@ -238,6 +238,12 @@ impl Identity {
         })
     }
 
+    /// The certificate chain and signing key, for other TLS clients of this identity
+    /// (the operator's watch streams).
+    pub fn certified_key(&self) -> Arc<CertifiedKey> {
+        self.key.clone()
+    }
+
     /// A client config that accepts only a server presenting `expected`.
     pub fn client_config(&self, expected: &Arc<str>) -> Result<Arc<ClientConfig>, IdentityError> {
         if let Ok(cache) = self.clients.lock()

@@ -11,6 +11,7 @@ pub mod app_health;
 pub mod authz;
 pub mod config;
 pub mod conn;
+pub mod control;
 pub mod detect;
 pub mod http;
 pub mod identity;
@@ -62,6 +63,9 @@ pub struct Settings {
     pub app_probes: Arc<app_health::AppProbes>,
     /// The pod IP app probes go to (loopback when unset).
     pub pod_ip: Option<IpAddr>,
+    /// Kubernetes mode: certify with the operator and serve its streamed config (the
+    /// `config` given to [`Proxy::start`] is then ignored).
+    pub control: Option<control::ControlSettings>,
 }
 
 impl Default for Settings {
@@ -81,6 +85,7 @@ impl Default for Settings {
             config_poll_interval: Duration::from_secs(1),
             app_probes: Arc::default(),
             pod_ip: None,
+            control: None,
         }
     }
 }
@@ -97,6 +102,8 @@ pub struct Context {
     pub shutdown: Shutdown,
     pub clients: http::Clients,
     pub log: Option<LogLevel>,
+    /// The control-plane client (Kubernetes mode only).
+    pub control: Option<Arc<control::Control>>,
 }
 
 impl Context {
@@ -107,6 +114,14 @@ impl Context {
         }
         if self.config.load().config.identity.is_some() && self.identity.current().is_none() {
             return Some("certificate not loaded");
+        }
+        if let Some(control) = &self.control {
+            if self.identity.current().is_none() {
+                return Some("no certificate from the operator yet");
+            }
+            if !control.inbound_received() {
+                return Some("no inbound config from the operator yet");
+            }
         }
         None
     }
@@ -191,6 +206,12 @@ impl Proxy {
             seen
         });
         let config = Arc::new(ConfigStore::new(config, &metrics));
+        let control = settings.control.clone().map(|c| {
+            let control =
+                control::Control::new(c, config.clone(), identity.clone(), metrics.clone());
+            config.install(control.initial_config(), &metrics);
+            Arc::new(control)
+        });
         let ctx = Arc::new(Context {
             listen_addrs: outbound_addrs
                 .iter()
@@ -209,7 +230,11 @@ impl Proxy {
             shutdown: Shutdown::new(),
             log,
             settings,
+            control,
         });
+        if let Some(control) = &ctx.control {
+            control.start(ctx.identity.clone(), &ctx.shutdown);
+        }
         for l in outbound {
             tokio::spawn(listen::accept_loop(ctx.clone(), l, Direction::Outbound));
         }

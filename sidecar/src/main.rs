@@ -10,17 +10,38 @@ use std::{
 };
 
 use clap::{Parser, Subcommand, ValueEnum};
-use remora_crds::{duration::Duration, proxy::ProxyConfig};
+use remora_crds::{
+    duration::Duration,
+    proxy::{ProxyConfig, UnknownDestinations},
+};
 use remora_proxy::{
     Proxy, Settings,
     admin::LogLevel,
     config,
+    control::{
+        ControlSettings,
+        assemble::LocalRules,
+        ports::PortSet,
+        target::{OperatorAddr, OperatorName, PodRef},
+        transport::OperatorEndpoint,
+    },
     lifecycle::{self, Drained},
     listen::OrigDstMode,
 };
 use tracing_subscriber::{
     EnvFilter, Layer as _, layer::SubscriberExt as _, util::SubscriberInitExt as _,
 };
+
+/// `--unknown-destinations`.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Unknown {
+    /// Connect to the original destination, as if there were no proxy.
+    #[value(name = "Passthrough", alias = "passthrough")]
+    Passthrough,
+    /// Refuse the connection.
+    #[value(name = "Deny", alias = "deny")]
+    Deny,
+}
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum LogFormat {
@@ -130,9 +151,80 @@ struct Args {
     /// The pod IP that app probes are sent to (loopback when unset).
     #[arg(long, env = "REMORA_PROXY_POD_IP")]
     pod_ip: Option<IpAddr>,
-    /// Runtime worker threads.
-    #[arg(long, env = "REMORA_PROXY_WORKER_THREADS", default_value_t = 2)]
+    #[command(flatten)]
+    kube: KubeArgs,
+    /// Runtime worker threads. 1 (the default) runs a single-threaded runtime: the cheapest
+    /// per request, since the app shares the pod's cores; raise it for proxies whose own
+    /// CPU is the bottleneck.
+    #[arg(long, env = "REMORA_PROXY_WORKER_THREADS", default_value_t = 1)]
     worker_threads: usize,
+}
+
+/// Kubernetes mode: certify with the operator and serve the config it streams.
+#[derive(Debug, clap::Args)]
+#[command(next_help_heading = "Kubernetes mode")]
+struct KubeArgs {
+    /// Kubernetes mode: the operator's certify + config-stream listener (host:port). Set
+    /// by the webhook; excludes --config.
+    #[arg(long, env = "REMORA_PROXY_OPERATOR_ADDR")]
+    operator_addr: Option<OperatorAddr>,
+    /// The DNS name the operator's certificate must carry (default: the host of
+    /// --operator-addr).
+    #[arg(long, env = "REMORA_PROXY_OPERATOR_SERVER_NAME")]
+    operator_server_name: Option<String>,
+    /// The projected service-account token (audience `remora`), re-read for every certify.
+    #[arg(long, env = "REMORA_PROXY_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    /// The mesh trust bundle (PEM) that the operator's certificate chains to.
+    #[arg(long, env = "REMORA_PROXY_TRUST_BUNDLE_FILE")]
+    trust_bundle_file: Option<PathBuf>,
+    /// This pod's name (its inbound config is watched).
+    #[arg(long, env = "REMORA_PROXY_POD_NAME")]
+    pod_name: Option<String>,
+    /// This pod's namespace.
+    #[arg(long, env = "REMORA_PROXY_POD_NAMESPACE")]
+    pod_namespace: Option<String>,
+    /// This pod's service account: the certificate must be for
+    /// spiffe://<trust-domain>/ns/<namespace>/sa/<service-account> (unchecked when unset).
+    #[arg(long, env = "REMORA_PROXY_SERVICE_ACCOUNT")]
+    service_account: Option<String>,
+    /// The mesh trust domain.
+    #[arg(
+        long,
+        env = "REMORA_PROXY_TRUST_DOMAIN",
+        default_value = "cluster.local"
+    )]
+    trust_domain: String,
+    /// How long a connection to a destination without a route waits for the operator's
+    /// answer before the unknown-destinations rule applies.
+    #[arg(long, env = "REMORA_PROXY_DISCOVERY_TIMEOUT", default_value = "1s")]
+    discovery_timeout: Duration,
+    /// Outbound config subscriptions no connection used for this long are dropped.
+    #[arg(long, env = "REMORA_PROXY_OUTBOUND_IDLE_TIMEOUT", default_value = "5m")]
+    outbound_idle_timeout: Duration,
+    /// The operator's stream heartbeat interval; a stream silent for three is reconnected.
+    #[arg(
+        long,
+        env = "REMORA_PROXY_STREAM_HEARTBEAT_INTERVAL",
+        default_value = "10s"
+    )]
+    stream_heartbeat_interval: Duration,
+    /// What outbound connections to destinations the mesh does not know get.
+    #[arg(
+        long,
+        env = "REMORA_PROXY_UNKNOWN_DESTINATIONS",
+        value_enum,
+        default_value = "Passthrough"
+    )]
+    unknown_destinations: Unknown,
+    /// Inbound ports served as opaque TCP (no detection) unless the operator's config
+    /// sets a protocol for them: `3306,6379,8000-8010` (the pod's opaque-ports annotation).
+    #[arg(long, env = "REMORA_PROXY_OPAQUE_PORTS", default_value = "")]
+    opaque_ports: PortSet,
+    /// The ports the app declares (containerPorts); checked against --opaque-ports and
+    /// logged at start.
+    #[arg(long, env = "REMORA_PROXY_INBOUND_PORTS", default_value = "")]
+    inbound_ports: PortSet,
 }
 
 fn init_logging(args: &Args) -> anyhow::Result<LogLevel> {
@@ -152,7 +244,73 @@ fn init_logging(args: &Args) -> anyhow::Result<LogLevel> {
     }))
 }
 
+/// The Kubernetes-mode settings, when `--operator-addr` is set.
+fn control_settings(all: &Args) -> anyhow::Result<Option<ControlSettings>> {
+    let args = &all.kube;
+    let Some(addr) = args.operator_addr.clone() else {
+        return Ok(None);
+    };
+    if let Some(path) = &all.config {
+        anyhow::bail!(
+            "--operator-addr (REMORA_PROXY_OPERATOR_ADDR) and --config ({}) are both set: \
+             choose Kubernetes mode or the standalone file",
+            path.display()
+        );
+    }
+    fn required<'a, T>(value: &'a Option<T>, flag: &str, env: &str) -> anyhow::Result<&'a T> {
+        value.as_ref().ok_or_else(|| {
+            anyhow::anyhow!("Kubernetes mode (--operator-addr) needs --{flag} ({env})")
+        })
+    }
+    let token_file = required(&args.token_file, "token-file", "REMORA_PROXY_TOKEN_FILE")?;
+    let trust_bundle = required(
+        &args.trust_bundle_file,
+        "trust-bundle-file",
+        "REMORA_PROXY_TRUST_BUNDLE_FILE",
+    )?;
+    let name = required(&args.pod_name, "pod-name", "REMORA_PROXY_POD_NAME")?;
+    let namespace = required(
+        &args.pod_namespace,
+        "pod-namespace",
+        "REMORA_PROXY_POD_NAMESPACE",
+    )?;
+    let server_name = args
+        .operator_server_name
+        .clone()
+        .unwrap_or_else(|| addr.host().to_owned());
+    let server = OperatorName::new(&server_name)
+        .map_err(|e| anyhow::anyhow!("--operator-server-name: {e}"))?;
+    Ok(Some(ControlSettings {
+        endpoint: OperatorEndpoint {
+            addr,
+            name: server,
+            trust_bundle: trust_bundle.clone(),
+        },
+        token_file: token_file.clone(),
+        pod: PodRef {
+            namespace: namespace.clone(),
+            name: name.clone(),
+        },
+        spiffe_id: args
+            .service_account
+            .as_ref()
+            .map(|sa| ControlSettings::spiffe_id_of(&args.trust_domain, namespace, sa)),
+        heartbeat_interval: args.stream_heartbeat_interval.get(),
+        discovery_timeout: args.discovery_timeout.get(),
+        outbound_idle_timeout: args.outbound_idle_timeout.get(),
+        rules: LocalRules {
+            unknown_destinations: match args.unknown_destinations {
+                Unknown::Passthrough => UnknownDestinations::Passthrough,
+                Unknown::Deny => UnknownDestinations::Deny,
+            },
+            opaque_ports: args.opaque_ports.clone(),
+        },
+        inbound_ports: args.inbound_ports.clone(),
+    }))
+}
+
 async fn run(args: Args, log: LogLevel) -> anyhow::Result<()> {
+    let control = control_settings(&args)?;
     let initial = match &args.config {
         Some(path) => config::load_file(path)
             .map_err(|e| anyhow::anyhow!("config {}: {e}", path.display()))?,
@@ -178,6 +336,7 @@ async fn run(args: Args, log: LogLevel) -> anyhow::Result<()> {
         tcp_idle_timeout: args.tcp_idle_timeout.get(),
         config_path: args.config,
         config_poll_interval: args.config_poll_interval.get(),
+        control,
     };
     let proxy = Proxy::start(settings, initial, Some(log)).await?;
     let ctx = proxy.context().clone();

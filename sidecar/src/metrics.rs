@@ -121,6 +121,14 @@ pub struct Metrics {
     pub identity_reloads: Family<ReasonLabels, Counter>,
     /// Inbound authorization decisions (`allow`, `deny`) by direction.
     pub authz: Family<OutcomeLabels, Counter>,
+    /// Certify attempts with the operator (Kubernetes mode): `issued`, or why one failed
+    /// (`token_file`, `connect`, `tls`, `refused`, `operator_error`, `bad_certificate`, ...).
+    pub certificate_renewals: Family<ReasonLabels, Counter>,
+    /// Config streams interrupted and reconnected, by why (`heartbeat_timeout`, `ended`,
+    /// `connect`, `not_found`, `not_synced`, `denied`, ...).
+    pub control_stream_reconnects: Family<ReasonLabels, Counter>,
+    /// Outbound subscriptions held now.
+    pub control_subscriptions: Gauge,
 }
 
 impl Default for Metrics {
@@ -150,6 +158,9 @@ impl Metrics {
             cert_expiry: Gauge::default(),
             identity_reloads: Family::default(),
             authz: Family::default(),
+            certificate_renewals: Family::default(),
+            control_stream_reconnects: Family::default(),
+            control_subscriptions: Gauge::default(),
         };
         registry.register(
             "connections",
@@ -218,6 +229,21 @@ impl Metrics {
             m.identity_reloads.clone(),
         );
         registry.register("authz", "Inbound authorization decisions", m.authz.clone());
+        registry.register(
+            "certificate_renewals",
+            "Certify attempts with the operator by result",
+            m.certificate_renewals.clone(),
+        );
+        registry.register(
+            "control_stream_reconnects",
+            "Config streams interrupted and reconnected, by reason",
+            m.control_stream_reconnects.clone(),
+        );
+        registry.register(
+            "control_subscriptions",
+            "Outbound config subscriptions held",
+            m.control_subscriptions.clone(),
+        );
         Self { registry, ..m }
     }
 

@@ -53,15 +53,7 @@ impl IdentityStore {
     pub fn reload(&self, files: &IdentityFiles, metrics: &Metrics) -> Result<(), IdentityError> {
         match Identity::load(files) {
             Ok(id) => {
-                metrics.cert_expiry.set(id.not_after);
-                metrics
-                    .identity_reloads
-                    .get_or_create(&ReasonLabels {
-                        reason: Static("applied"),
-                    })
-                    .inc();
-                tracing::info!(spiffe_id = %id.spiffe_id, not_after = id.not_after, "identity loaded");
-                self.current.store(Some(Arc::new(id)));
+                self.install(id, metrics);
                 Ok(())
             }
             Err(e) => {
@@ -75,6 +67,23 @@ impl IdentityStore {
                 Err(e)
             }
         }
+    }
+}
+
+impl IdentityStore {
+    /// Installs an identity made elsewhere (Kubernetes mode: issued by the operator, the
+    /// key only in memory). Connections established with the previous one keep it; new
+    /// handshakes use this one.
+    pub fn install(&self, id: Identity, metrics: &Metrics) {
+        metrics.cert_expiry.set(id.not_after);
+        metrics
+            .identity_reloads
+            .get_or_create(&ReasonLabels {
+                reason: Static("applied"),
+            })
+            .inc();
+        tracing::info!(spiffe_id = %id.spiffe_id, not_after = id.not_after, "identity loaded");
+        self.current.store(Some(Arc::new(id)));
     }
 }
 
