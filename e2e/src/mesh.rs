@@ -40,6 +40,16 @@ pub struct LocalOperator {
 /// Starts `remora-operator` against `cluster`, on free loopback ports.
 pub fn start_operator(cluster: &Cluster) -> Result<LocalOperator, HarnessError> {
     let [admin_port, ca_port] = free_ports::<2>()?;
+    start_operator_on(cluster, admin_port, ca_port)
+}
+
+/// Starts `remora-operator` against `cluster` on the given loopback ports (a restarted
+/// operator keeps the address its clients know).
+pub fn start_operator_on(
+    cluster: &Cluster,
+    admin_port: u16,
+    ca_port: u16,
+) -> Result<LocalOperator, HarnessError> {
     let process = Process::start(
         "remora-operator",
         &workspace_binary("remora-operator")?,
