@@ -85,7 +85,13 @@ impl Drop for Running {
 
 /// Starts the operator in-process as replica `identity`, with short Lease timings.
 pub async fn operator(client: &Client, identity: &str) -> Running {
-    let args = <Args as clap::Parser>::try_parse_from([
+    operator_with(client, identity, &[]).await
+}
+
+/// [`operator`] with more flags (`--flag=value`; they replace the defaults above, e.g.
+/// `--ca-listen=127.0.0.1:<port>`).
+pub async fn operator_with(client: &Client, identity: &str, extra: &[String]) -> Running {
+    let flags = [
         "remora-operator".to_owned(),
         "--metrics-listen=127.0.0.1:0".to_owned(),
         // Tests run side by side: no fixed ports.
@@ -95,8 +101,13 @@ pub async fn operator(client: &Client, identity: &str) -> Running {
         "--leader-elect=true".to_owned(),
         "--lease-duration=4s".to_owned(),
         "--lease-renew=1s".to_owned(),
-    ])
-    .expect("test flags parse");
+    ];
+    let name = |f: &String| f.split('=').next().map(str::to_owned);
+    let defaults = flags
+        .iter()
+        .filter(|f| !extra.iter().any(|e| name(e) == name(f)));
+    let args =
+        <Args as clap::Parser>::try_parse_from(defaults.chain(extra)).expect("test flags parse");
     let op = Operator::bind(args, client.clone())
         .await
         .expect("operator binds");
