@@ -44,7 +44,7 @@ struct Subscription {
     deadline: Instant,
     /// Milliseconds since [`Subscriptions::epoch`] of the last connection that used it.
     last_used: AtomicU64,
-    task: Option<AbortHandle>,
+    task: AbortHandle,
 }
 
 /// What a message did.
@@ -218,28 +218,7 @@ impl Subscriptions {
     /// it is new) and waits for its first answer until the discovery deadline. Returns
     /// whether an answer is in.
     pub async fn discover(&self, target: Target, spawn: impl FnOnce() -> AbortHandle) -> bool {
-        let (mut answered, deadline) = {
-            let mut subs = self.outbound.write().unwrap_or_else(|p| p.into_inner());
-            let now_ms = self.now_ms();
-            let sub = subs.entry(target).or_insert_with(|| Subscription {
-                piece: None,
-                answered: watch::Sender::new(false),
-                deadline: Instant::now() + self.discovery_timeout,
-                last_used: AtomicU64::new(now_ms),
-                task: None,
-            });
-            sub.last_used.store(now_ms, Ordering::Relaxed);
-            if sub.task.is_none() {
-                sub.task = Some(spawn());
-                self.metrics
-                    .control_subscriptions
-                    .set(i64::try_from(subs.len()).unwrap_or(i64::MAX));
-            }
-            let Some(sub) = subs.get(&target) else {
-                return false;
-            };
-            (sub.answered.subscribe(), sub.deadline)
-        };
+        let (mut answered, deadline) = self.waiter(target, spawn);
         if *answered.borrow() {
             return true;
         }
@@ -248,6 +227,49 @@ impl Subscriptions {
             tokio::time::timeout_at(deadline.into(), wait).await,
             Ok(Ok(_))
         )
+    }
+
+    /// The first-answer signal and deadline of `target`'s subscription, marked used now;
+    /// created (and its watch spawned) if missing. An existing subscription — every
+    /// connection to a destination the mesh does not know — costs a read lock only.
+    fn waiter(
+        &self,
+        target: Target,
+        spawn: impl FnOnce() -> AbortHandle,
+    ) -> (watch::Receiver<bool>, Instant) {
+        let now_ms = self.now_ms();
+        let found = |s: &Subscription| {
+            s.last_used.store(now_ms, Ordering::Relaxed);
+            (s.answered.subscribe(), s.deadline)
+        };
+        if let Some(sub) = self
+            .outbound
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&target)
+        {
+            return found(sub);
+        }
+        let mut subs = self.outbound.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(sub) = subs.get(&target) {
+            return found(sub);
+        }
+        let (answered, rx) = watch::channel(false);
+        let deadline = Instant::now() + self.discovery_timeout;
+        subs.insert(
+            target,
+            Subscription {
+                piece: None,
+                answered,
+                deadline,
+                last_used: AtomicU64::new(now_ms),
+                task: spawn(),
+            },
+        );
+        self.metrics
+            .control_subscriptions
+            .set(i64::try_from(subs.len()).unwrap_or(i64::MAX));
+        (rx, deadline)
     }
 
     /// Drops the subscriptions no connection used for `idle`, stopping their watches, and
@@ -263,8 +285,8 @@ impl Subscriptions {
                 .map(|(t, _)| *t)
                 .collect();
             for t in &stale {
-                if let Some(task) = subs.remove(t).and_then(|s| s.task) {
-                    task.abort();
+                if let Some(sub) = subs.remove(t) {
+                    sub.task.abort();
                 }
             }
             self.metrics
