@@ -439,3 +439,74 @@ fn main() -> ExitCode {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(flags: &[&str]) -> Result<Args, clap::Error> {
+        Cli::try_parse_from(std::iter::once("remora-proxy").chain(flags.iter().copied()))
+            .map(|c| c.args)
+    }
+
+    const KUBE: &[&str] = &[
+        "--operator-addr=remora-operator.remora-system.svc:15012",
+        "--token-file=/var/run/secrets/remora/token",
+        "--trust-bundle-file=/var/run/remora/ca.crt",
+        "--pod-name=web-1",
+        "--pod-namespace=shop",
+    ];
+
+    #[test]
+    fn kubernetes_mode_from_the_webhook_flags() {
+        let standalone = parse(&["--config=proxy.yaml"]).expect("flags");
+        assert!(control_settings(&standalone).expect("valid").is_none());
+
+        let mut flags = KUBE.to_vec();
+        flags.extend([
+            "--service-account=web",
+            "--unknown-destinations=Deny",
+            "--opaque-ports=3306, 8000-8002",
+            "--inbound-ports=8080,3306",
+        ]);
+        let c = control_settings(&parse(&flags).expect("flags"))
+            .expect("valid")
+            .expect("Kubernetes mode");
+        assert_eq!(
+            c.spiffe_id.as_deref(),
+            Some("spiffe://cluster.local/ns/shop/sa/web")
+        );
+        assert_eq!(
+            c.endpoint.name,
+            OperatorName::new("remora-operator.remora-system.svc").expect("name"),
+            "the certificate is checked for the host of the address"
+        );
+        assert_eq!(c.pod.to_string(), "shop/web-1");
+        assert_eq!(c.rules.unknown_destinations, UnknownDestinations::Deny);
+        assert_eq!(c.rules.opaque_ports.to_string(), "3306,8000-8002");
+        assert_eq!(c.undeclared_opaque_ports(), [8000, 8001, 8002]);
+        assert_eq!(c.discovery_timeout, std::time::Duration::from_secs(1));
+        assert_eq!(c.outbound_idle_timeout, std::time::Duration::from_secs(300));
+        assert_eq!(c.heartbeat_interval, std::time::Duration::from_secs(10));
+    }
+
+    #[test]
+    fn kubernetes_mode_errors_say_what_is_wrong() {
+        let mut both = KUBE.to_vec();
+        both.push("--config=proxy.yaml");
+        let err = control_settings(&parse(&both).expect("flags")).expect_err("both modes");
+        assert!(err.to_string().contains("are both set"), "{err}");
+
+        let no_token: Vec<&str> = KUBE
+            .iter()
+            .copied()
+            .filter(|f| !f.starts_with("--token-file"))
+            .collect();
+        let err = control_settings(&parse(&no_token).expect("flags")).expect_err("no token");
+        assert!(err.to_string().contains("REMORA_PROXY_TOKEN_FILE"), "{err}");
+
+        assert!(parse(&["--operator-addr=no-port"]).is_err());
+        assert!(parse(&["--opaque-ports=redis"]).is_err());
+        assert!(parse(&["--unknown-destinations=Maybe"]).is_err());
+    }
+}
