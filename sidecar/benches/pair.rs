@@ -5,7 +5,10 @@
 //!
 //! - **direct**: client → server port 9090 (left out of both pods' capture rules);
 //! - **remora**: client → server port 8080, captured: proxy A (outbound) → mTLS, HTTP/2 →
-//!   proxy B (inbound) → server.
+//!   proxy B (inbound) → server;
+//! - **envoy**: the same through an Envoy 1.40 sidecar pair (`pair/envoy.rs`), in a second
+//!   pair of pods with the same addresses and rules, and its own server. Envoy must be
+//!   installed (`make bench` does it) unless `REMORA_BENCH_SKIP_ENVOY=1` opts out.
 //!
 //! The load generator and the server are this program, re-executed inside the namespaces
 //! (`--load ...`, `--serve`). Phases per path: max throughput (HTTP/1.1 keep-alive,
@@ -17,6 +20,8 @@
 //!
 //! Every namespace (and with it the veths) and process is removed by a guard's `Drop`.
 
+#[path = "pair/envoy.rs"]
+mod envoy;
 #[path = "../tests/common/pki.rs"]
 mod pki;
 
@@ -373,11 +378,12 @@ struct Pods {
     dir: tempfile::TempDir,
 }
 
-fn pods() -> anyhow::Result<Pods> {
+/// Two pods; `p` tells the namespace and veth names of one pair of pods from another's.
+fn pods(p: char) -> anyhow::Result<Pods> {
     let tag = std::process::id() % 100_000;
-    let client = Netns::new(format!("rbc{tag}"))?;
-    let server = Netns::new(format!("rbs{tag}"))?;
-    let (va, vb) = (format!("rba{tag}"), format!("rbb{tag}"));
+    let client = Netns::new(format!("r{p}c{tag}"))?;
+    let server = Netns::new(format!("r{p}s{tag}"))?;
+    let (va, vb) = (format!("r{p}a{tag}"), format!("r{p}b{tag}"));
     run(Command::new("ip").args([
         "link",
         "add",
@@ -530,90 +536,226 @@ fn load_in(ns: &Netns, mode: &str, addr: &str, secs: u64) -> anyhow::Result<Load
     Ok(l)
 }
 
-fn bench() -> anyhow::Result<()> {
-    let proxy_bin = env!("CARGO_BIN_EXE_remora-proxy");
-    let me = std::env::current_exe()?.display().to_string();
-    let mut pods = pods()?;
+/// The pods' identities, readable by the proxies (UID 1337): (server, client).
+fn identities(pods: &Pods) -> anyhow::Result<(IdentityPaths, IdentityPaths)> {
     let ca = Ca::new("remora bench CA");
     let server_id = IdentityPaths::write(pods.dir.path(), "server", BACKEND, &ca, &ca);
     let client_id = IdentityPaths::write(pods.dir.path(), "client", FRONTEND, &ca, &ca);
-    for p in [
-        &server_id.cert,
-        &server_id.key,
-        &server_id.bundle,
-        &client_id.cert,
-        &client_id.key,
-        &client_id.bundle,
-    ] {
-        fs::set_permissions(p, fs::Permissions::from_mode(0o644))?;
+    for id in [&server_id, &client_id] {
+        for p in [&id.cert, &id.key, &id.bundle] {
+            fs::set_permissions(p, fs::Permissions::from_mode(0o644))?;
+        }
     }
-    let server_cfg = pods.dir.path().join("server.yaml");
-    fs::write(
-        &server_cfg,
-        format!(
+    Ok((server_id, client_id))
+}
+
+fn write_config(pods: &Pods, name: &str, text: &str) -> anyhow::Result<String> {
+    let path = pods.dir.path().join(name);
+    fs::write(&path, text)?;
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o644))?;
+    Ok(path.display().to_string())
+}
+
+fn log_path(pods: &Pods, name: &str) -> std::path::PathBuf {
+    pods.dir.path().join(format!("{name}.log"))
+}
+
+fn logs(pods: &Pods, names: &[&str]) -> String {
+    names
+        .iter()
+        .map(|n| {
+            let text = fs::read_to_string(log_path(pods, n)).unwrap_or_default();
+            format!("--- {n} ---\n{text}\n")
+        })
+        .collect()
+}
+
+/// Starts `args` as UID 1337 (the UID the capture rules leave out) in `ns`; its PID.
+fn sidecar(pods: &mut Pods, server: bool, name: &str, args: &[&str]) -> anyhow::Result<u32> {
+    let ns = if server { &pods.server } else { &pods.client };
+    let mut all = vec!["setpriv", "--reuid=1337", "--regid=1337", "--clear-groups"];
+    all.extend(args);
+    let p = spawn(ns, &all, &log_path(pods, name))?;
+    let pid = p.pid();
+    pods.procs.push(p);
+    Ok(pid)
+}
+
+/// The Remora pair; PIDs of proxy A (client pod) and B (server pod).
+fn start_remora(pods: &mut Pods, extra_args: &str) -> anyhow::Result<(u32, u32)> {
+    let proxy_bin = env!("CARGO_BIN_EXE_remora-proxy");
+    let (server_id, client_id) = identities(pods)?;
+    let server_cfg = write_config(
+        pods,
+        "server.yaml",
+        &format!(
             "version: 1\n{}inbound:\n  default: {{mtls: Strict}}\n",
             server_id.yaml()
         ),
     )?;
-    let client_cfg = pods.dir.path().join("client.yaml");
-    fs::write(
-        &client_cfg,
-        format!(
+    let client_cfg = write_config(
+        pods,
+        "client.yaml",
+        &format!(
             "version: 1\n{}outbound:\n  services:\n  - name: server.bench\n    addresses: [\"{SERVER_IP}:{MESH_PORT}\"]\n    endpoints:\n    - {{address: \"{SERVER_IP}:{MESH_PORT}\", identity: \"{BACKEND}\", meshed: true}}\n",
             client_id.yaml()
         ),
     )?;
-    for p in [&server_cfg, &client_cfg] {
-        fs::set_permissions(p, fs::Permissions::from_mode(0o644))?;
-    }
-    let log = |n: &str| pods.dir.path().join(format!("{n}.log"));
-    let server = spawn(&pods.server, &[&me, "--serve"], &log("server"))?;
-    pods.procs.push(server);
-    // Extra proxy flags, e.g. REMORA_BENCH_PROXY_ARGS="--worker-threads 1".
-    let extra_proxy_args = std::env::var("REMORA_BENCH_PROXY_ARGS").unwrap_or_default();
-    let mut proxy_pids = Vec::new();
-    for (ns, cfg, name) in [
-        (&pods.server, &server_cfg, "proxy-b"),
-        (&pods.client, &client_cfg, "proxy-a"),
+    let mut pids = Vec::new();
+    for (server, cfg, name) in [
+        (true, &server_cfg, "proxy-b"),
+        (false, &client_cfg, "proxy-a"),
     ] {
-        let cfg = cfg.display().to_string();
-        let mut args = vec![
-            "setpriv",
-            "--reuid=1337",
-            "--regid=1337",
-            "--clear-groups",
-            proxy_bin,
-            "--config",
-            &cfg,
-            "--log-level",
-            "warn",
-        ];
-        args.extend(extra_proxy_args.split_whitespace());
-        let p = spawn(ns, &args, &log(name))?;
-        proxy_pids.push(p.pid());
-        pods.procs.push(p);
+        let mut args = vec![proxy_bin, "--config", cfg, "--log-level", "warn"];
+        args.extend(extra_args.split_whitespace());
+        pids.push(sidecar(pods, server, name, &args)?);
+        let ns = if server { &pods.server } else { &pods.client };
         let ready = || {
             ns.cmd(&[proxy_bin, "wait-ready", "--timeout=20s"])
                 .output()
                 .is_ok_and(|o| o.status.success())
         };
-        wait_for(&format!("{name} ready"), ready)?;
+        wait_for(&format!("{name} ready"), ready)
+            .map_err(|e| anyhow::anyhow!("{e}\n{}", logs(pods, &[name])))?;
     }
-    let (pid_b, pid_a) = (proxy_pids[0], proxy_pids[1]);
+    Ok((pids[1], pids[0]))
+}
+
+/// The Envoy pair (see `envoy.rs`); PIDs of Envoy A (client pod) and B (server pod).
+fn start_envoy(pods: &mut Pods, bin: &str) -> anyhow::Result<(u32, u32)> {
+    let (server_id, client_id) = identities(pods)?;
+    let trust_domain = "cluster.local";
+    let mut pids = Vec::new();
+    for (server, id, peer, name) in [
+        (true, &server_id, FRONTEND, "envoy-b"),
+        (false, &client_id, BACKEND, "envoy-a"),
+    ] {
+        let cfg = write_config(
+            pods,
+            &format!("{name}.yaml"),
+            &envoy::config(id, peer, trust_domain),
+        )?;
+        envoy::validate(bin, std::path::Path::new(&cfg))?;
+        let args = envoy::args(std::path::Path::new(&cfg));
+        let mut all = vec![bin];
+        all.extend(args.iter().map(String::as_str));
+        pids.push(sidecar(pods, server, name, &all)?);
+    }
+    Ok((pids[1], pids[0]))
+}
+
+/// One way from the client pod to the server: direct, or through a proxy pair.
+struct Path<'a> {
+    name: &'static str,
+    client: &'a Netns,
+    addr: String,
+    /// The pair's PIDs (A, B); none for the direct path.
+    pids: Option<(u32, u32)>,
+}
+
+impl Path<'_> {
+    fn cpu(&self) -> anyhow::Result<u64> {
+        match self.pids {
+            Some((a, b)) => Ok(cpu_ticks(a)? + cpu_ticks(b)?),
+            None => Ok(0),
+        }
+    }
+
+    fn rss(&self) -> anyhow::Result<Option<(u64, u64)>> {
+        self.pids
+            .map(|(a, b)| Ok((rss_kib(a)?, rss_kib(b)?)))
+            .transpose()
+    }
+}
+
+/// One of a `Series`' figures.
+type Field = fn(&Series) -> &Vec<f64>;
+
+/// Per-round figures of one path.
+#[derive(Debug, Default)]
+struct Series {
+    max: Vec<f64>,
+    p50: Vec<f64>,
+    p90: Vec<f64>,
+    p99: Vec<f64>,
+    achieved: Vec<f64>,
+    connect: Vec<f64>,
+    cpu_rate: Vec<f64>,
+    cpu_max: Vec<f64>,
+}
+
+fn bench() -> anyhow::Result<()> {
+    let me = std::env::current_exe()?.display().to_string();
+    // A missing Envoy fails here, before any namespace exists, unless opted out.
+    let envoy_bin = envoy::binary()?.map(|p| p.display().to_string());
+    // Extra proxy flags, e.g. REMORA_BENCH_PROXY_ARGS="--worker-threads 1".
+    let extra_proxy_args = std::env::var("REMORA_BENCH_PROXY_ARGS").unwrap_or_default();
+    let mut remora_pods = pods('b')?;
+    let server = spawn(
+        &remora_pods.server,
+        &[&me, "--serve"],
+        &log_path(&remora_pods, "server"),
+    )?;
+    remora_pods.procs.push(server);
+    let remora_pids = start_remora(&mut remora_pods, &extra_proxy_args)?;
+    // Envoy gets its own pair of pods (same addresses, same rules, its own server), so
+    // both pairs stay up and the phases can alternate.
+    let mut envoy_pods = match &envoy_bin {
+        Some(_) => Some(pods('e')?),
+        None => None,
+    };
+    let mut envoy_pids = None;
+    if let (Some(pods), Some(bin)) = (envoy_pods.as_mut(), &envoy_bin) {
+        let server = spawn(&pods.server, &[&me, "--serve"], &log_path(pods, "server"))?;
+        pods.procs.push(server);
+        envoy_pids = Some(start_envoy(pods, bin)?);
+    }
     let direct = format!("{SERVER_IP}:{DIRECT_PORT}");
     let mesh = format!("{SERVER_IP}:{MESH_PORT}");
-    // Server up on both paths, through the proxies too.
+    let mut paths = vec![
+        Path {
+            name: "direct",
+            client: &remora_pods.client,
+            addr: direct.clone(),
+            pids: None,
+        },
+        Path {
+            name: "remora",
+            client: &remora_pods.client,
+            addr: mesh.clone(),
+            pids: Some(remora_pids),
+        },
+    ];
+    if let Some(pods) = &envoy_pods {
+        paths.push(Path {
+            name: "envoy",
+            client: &pods.client,
+            addr: mesh.clone(),
+            pids: envoy_pids,
+        });
+    }
+    // Server up on every path, through the proxies too.
     wait_for("server reachable directly", || {
-        load_in(&pods.client, "connect", &direct, 1).is_ok()
+        load_in(&remora_pods.client, "connect", &direct, 1).is_ok()
     })?;
-    load_in(&pods.client, "connect", &mesh, 1).map_err(|e| {
-        let logs: String = ["proxy-a", "proxy-b"]
-            .iter()
-            .map(|n| fs::read_to_string(log(n)).unwrap_or_default())
-            .collect();
-        anyhow::anyhow!("mesh path: {e}\n{logs}")
+    load_in(&remora_pods.client, "connect", &mesh, 1).map_err(|e| {
+        anyhow::anyhow!(
+            "remora path: {e}\n{}",
+            logs(&remora_pods, &["proxy-a", "proxy-b"])
+        )
     })?;
-    let rss_idle = (rss_kib(pid_a)?, rss_kib(pid_b)?);
+    if let Some(pods) = &envoy_pods {
+        // Envoy has no readiness hook here: the path works once both listeners are up.
+        wait_for("the envoy path", || {
+            load_in(&pods.client, "connect", &mesh, 1).is_ok()
+        })
+        .map_err(|e| anyhow::anyhow!("envoy path: {e}\n{}", logs(pods, &["envoy-a", "envoy-b"])))?;
+        envoy::check_mtls_h2(pods)?;
+    }
+    let rss_idle = paths
+        .iter()
+        .map(Path::rss)
+        .collect::<anyhow::Result<Vec<_>>>()?;
 
     let env = |k: &str, d: u64| {
         std::env::var(k)
@@ -625,158 +767,183 @@ fn bench() -> anyhow::Result<()> {
         env("REMORA_BENCH_SECS", 3),
         env("REMORA_BENCH_ROUNDS", 3).max(1),
     );
+    let names: Vec<&str> = paths.iter().map(|p| p.name).collect();
     eprintln!(
-        "pair bench: {rounds} rounds of {secs} s phases, direct and remora alternating; direct = {direct}, remora = {mesh}"
+        "pair bench: {rounds} rounds of {secs} s phases, {} alternating; direct = {direct}, pairs = {mesh}",
+        names.join(", ")
     );
     let load_before = loadavg();
     let tck = clk_tck();
-    let cpu = || -> anyhow::Result<u64> { Ok(cpu_ticks(pid_a)? + cpu_ticks(pid_b)?) };
     // CPU seconds of the pair per 1,000 requests (= vCPU per 1,000 rps). The counted
     // requests exclude each phase's short warm-up, so this errs slightly high.
     let per_k = |ticks: u64, l: &Load| ticks as f64 / tck / (l.requests / 1000.0);
-    let mut m = Medians::default();
+    let mut series: Vec<Series> = paths.iter().map(|_| Series::default()).collect();
     let mut errors = 0.0;
     for round in 0..rounds {
         eprintln!("pair bench: round {}/{rounds}", round + 1);
-        let d = load_in(&pods.client, "max", &direct, secs)?;
-        let c0 = cpu()?;
-        let r = load_in(&pods.client, "max", &mesh, secs)?;
-        let c1 = cpu()?;
-        m.max.push((d.rate(), r.rate()));
-        m.cpu_max.push(per_k(c1 - c0, &r));
-        errors += d.errors + r.errors;
-        let d = load_in(&pods.client, "rate", &direct, secs)?;
-        let c0 = cpu()?;
-        let r = load_in(&pods.client, "rate", &mesh, secs)?;
-        let c1 = cpu()?;
-        m.p50.push((d.p50, r.p50));
-        m.p90.push((d.p90, r.p90));
-        m.p99.push((d.p99, r.p99));
-        m.achieved.push((d.rate(), r.rate()));
-        m.cpu_rate.push(per_k(c1 - c0, &r));
-        errors += d.errors + r.errors;
-        let d = load_in(&pods.client, "connect", &direct, secs)?;
-        let r = load_in(&pods.client, "connect", &mesh, secs)?;
-        m.connect.push((d.rate(), r.rate()));
-        errors += d.errors + r.errors;
+        for mode in ["max", "rate", "connect"] {
+            for (path, s) in paths.iter().zip(series.iter_mut()) {
+                let c0 = path.cpu()?;
+                let l = load_in(path.client, mode, &path.addr, secs)?;
+                let cpu = per_k(path.cpu()? - c0, &l);
+                errors += l.errors;
+                match mode {
+                    "max" => {
+                        s.max.push(l.rate());
+                        s.cpu_max.push(cpu);
+                    }
+                    "rate" => {
+                        s.p50.push(l.p50);
+                        s.p90.push(l.p90);
+                        s.p99.push(l.p99);
+                        s.achieved.push(l.rate());
+                        s.cpu_rate.push(cpu);
+                    }
+                    _ => s.connect.push(l.rate()),
+                }
+            }
+        }
     }
-    let rss_after = (rss_kib(pid_a)?, rss_kib(pid_b)?);
+    let rss_after = paths
+        .iter()
+        .map(Path::rss)
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let load_after = loadavg();
-    let mb = |k: u64| k as f64 / 1024.0;
 
     println!();
     println!(
-        "remora-proxy pair benchmark (release; client ns -> proxy A -> mTLS/HTTP2 -> proxy B -> server ns)"
+        "proxy pair benchmark (release; client ns -> proxy A -> mTLS -> proxy B -> server ns; remora: HTTP/2 between the proxies, envoy {}: the same)",
+        envoy::VERSION
     );
     if !extra_proxy_args.is_empty() {
-        println!("proxy flags: {extra_proxy_args}");
+        println!("remora flags: {extra_proxy_args}");
+    }
+    if envoy_bin.is_none() {
+        println!("envoy: left out ({}=1)", envoy::SKIP_ENV);
     }
     println!(
         "medians of {rounds} rounds x {secs} s; 1-min load average {load_before} before, {load_after} after (2 cores: anything else running skews every figure)"
     );
-    println!(
-        "{:<44} {:>12} {:>12} {:>14}   target",
-        "metric", "direct", "remora pair", "ratio/delta"
-    );
-    let row = |m: &str, d: String, r: String, x: String, t: &str| {
-        println!("{m:<44} {d:>12} {r:>12} {x:>14}   {t}");
+    let mut head = format!("{:<44}", "metric");
+    for p in &paths {
+        head += &format!(" {:>10}", p.name);
+    }
+    for p in &paths[1..] {
+        head += &format!(" {:>17}", format!("{} vs direct", p.name));
+    }
+    println!("{head}   target");
+    let row = |m: &str, cells: Vec<String>, vs: Vec<String>, t: &str| {
+        let mut line = format!("{m:<44}");
+        for c in cells {
+            line += &format!(" {c:>10}");
+        }
+        for c in vs {
+            line += &format!(" {c:>17}");
+        }
+        println!("{line}   {t}");
     };
-    let (d, r) = pair_median(&m.max);
+    let d = &series[0];
+    let pairs = &series[1..];
+    let ratio = |f: Field| -> Vec<String> {
+        pairs
+            .iter()
+            .map(|s| {
+                let r = f(s).iter().zip(f(d)).map(|(x, d)| x / d).collect();
+                format!("{:.2}x", median(r))
+            })
+            .collect()
+    };
+    let delta = |f: Field| -> Vec<String> {
+        pairs
+            .iter()
+            .map(|s| {
+                let r = f(s).iter().zip(f(d)).map(|(x, d)| x - d).collect();
+                format!("{:+.0} us", median(r))
+            })
+            .collect()
+    };
+    let cells = |f: Field, digits: usize| -> Vec<String> {
+        series
+            .iter()
+            .map(|s| format!("{:.digits$}", median(f(s).clone())))
+            .collect()
+    };
+    let pair_cells = |f: Field| -> Vec<String> {
+        std::iter::once("-".to_owned())
+            .chain(pairs.iter().map(|s| format!("{:.3}", median(f(s).clone()))))
+            .collect()
+    };
+    let none = || vec![String::new(); pairs.len()];
     row(
         "throughput, 32 conns keep-alive (rps)",
-        format!("{d:.0}"),
-        format!("{r:.0}"),
-        format!("{:.2}x", median(m.max.iter().map(|(d, r)| r / d).collect())),
-        ">= 0.30x",
+        cells(|s| &s.max, 0),
+        ratio(|s| &s.max),
+        "remora >= 0.30x",
     );
-    for (name, v, t) in [
-        ("p50", &m.p50, "<= +150 us"),
-        ("p90", &m.p90, ""),
-        ("p99", &m.p99, "<= +500 us"),
-    ] {
-        let (d, r) = pair_median(v);
+    let latency: [(&str, Field, &str); 3] = [
+        ("p50", |s| &s.p50, "remora <= +150 us"),
+        ("p90", |s| &s.p90, ""),
+        ("p99", |s| &s.p99, "remora <= +500 us"),
+    ];
+    for (name, f, t) in latency {
         row(
             &format!("latency {name} at {RATE} rps, CO-corrected (us)"),
-            format!("{d:.0}"),
-            format!("{r:.0}"),
-            format!("{:+.0} us", median(v.iter().map(|(d, r)| r - d).collect())),
+            cells(f, 0),
+            delta(f),
             t,
         );
     }
-    let (d, r) = pair_median(&m.achieved);
     row(
         &format!("achieved rate at {RATE} rps (rps)"),
-        format!("{d:.0}"),
-        format!("{r:.0}"),
-        String::new(),
+        cells(|s| &s.achieved, 0),
+        none(),
         "",
     );
-    let (d, r) = pair_median(&m.connect);
     row(
         "new connections per second",
-        format!("{d:.0}"),
-        format!("{r:.0}"),
-        format!(
-            "{:.2}x",
-            median(m.connect.iter().map(|(d, r)| r / d).collect())
-        ),
-        ">= 0.7x",
+        cells(|s| &s.connect, 0),
+        ratio(|s| &s.connect),
+        "remora >= 0.7x",
     );
     row(
         &format!("pair CPU s per 1000 req at {RATE} rps"),
-        "-".into(),
-        format!("{:.3}", median(m.cpu_rate.clone())),
-        String::new(),
-        "<= 0.08",
+        pair_cells(|s| &s.cpu_rate),
+        none(),
+        "remora <= 0.08",
     );
     row(
         "pair CPU s per 1000 req at max throughput",
-        "-".into(),
-        format!("{:.3}", median(m.cpu_max.clone())),
-        String::new(),
+        pair_cells(|s| &s.cpu_max),
+        none(),
         "",
     );
+    let mb = |rss: &[Option<(u64, u64)>]| -> Vec<String> {
+        rss.iter()
+            .map(|r| match r {
+                Some((a, b)) => format!("{:.1}/{:.1}", *a as f64 / 1024.0, *b as f64 / 1024.0),
+                None => "-".into(),
+            })
+            .collect()
+    };
     row(
         "RSS idle, proxy A / B (MB)",
-        "-".into(),
-        format!("{:.1}/{:.1}", mb(rss_idle.0), mb(rss_idle.1)),
-        String::new(),
-        "<= 8",
+        mb(&rss_idle),
+        none(),
+        "remora <= 8",
     );
     row(
         "RSS after load, proxy A / B (MB)",
-        "-".into(),
-        format!("{:.1}/{:.1}", mb(rss_after.0), mb(rss_after.1)),
-        String::new(),
-        "<= 15",
+        mb(&rss_after),
+        none(),
+        "remora <= 15",
     );
     println!("failed requests across all phases: {errors:.0}");
     Ok(())
 }
 
-/// Per-round figures, (direct, remora) where both exist.
-#[derive(Debug, Default)]
-struct Medians {
-    max: Vec<(f64, f64)>,
-    p50: Vec<(f64, f64)>,
-    p90: Vec<(f64, f64)>,
-    p99: Vec<(f64, f64)>,
-    achieved: Vec<(f64, f64)>,
-    connect: Vec<(f64, f64)>,
-    cpu_rate: Vec<f64>,
-    cpu_max: Vec<f64>,
-}
-
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
-}
-
-fn pair_median(v: &[(f64, f64)]) -> (f64, f64) {
-    (
-        median(v.iter().map(|p| p.0).collect()),
-        median(v.iter().map(|p| p.1).collect()),
-    )
 }
 
 fn loadavg() -> String {
