@@ -815,12 +815,16 @@ fn bench() -> anyhow::Result<()> {
         "proxy pair benchmark (release; client ns -> proxy A -> mTLS -> proxy B -> server ns; remora: HTTP/2 between the proxies, envoy {}: the same)",
         envoy::VERSION
     );
-    if !extra_proxy_args.is_empty() {
-        println!("remora flags: {extra_proxy_args}");
-    }
-    if envoy_bin.is_none() {
-        println!("envoy: left out ({}=1)", envoy::SKIP_ENV);
-    }
+    let remora_flags = if extra_proxy_args.is_empty() {
+        "defaults"
+    } else {
+        &extra_proxy_args
+    };
+    let envoy_flags = match envoy_bin {
+        Some(_) => format!("--concurrency {}", envoy::concurrency()),
+        None => format!("left out ({} set)", envoy::SKIP_ENV),
+    };
+    println!("remora flags: {remora_flags}; envoy: {envoy_flags}");
     println!(
         "medians of {rounds} rounds x {secs} s; 1-min load average {load_before} before, {load_after} after (2 cores: anything else running skews every figure)"
     );

@@ -11,8 +11,8 @@
 //!   SPIFFE ID of the trust domain), HTTP connection manager → an `ORIGINAL_DST` cluster
 //!   to the app (HTTP/1.1).
 //!
-//! `--concurrency 2` matches Remora's default two worker threads; hot restart is off so
-//! several Envoys can run on one host.
+//! `--concurrency 2` (Istio's default; `REMORA_BENCH_ENVOY_CONCURRENCY` changes it, the
+//! table says which); hot restart is off so several Envoys can run on one host.
 
 use std::{
     path::{Path, PathBuf},
@@ -102,13 +102,23 @@ pub fn validate(bin: &str, config: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Envoy's worker threads: `REMORA_BENCH_ENVOY_CONCURRENCY`, default 2 (Istio's default
+/// for its sidecars).
+pub fn concurrency() -> u32 {
+    std::env::var("REMORA_BENCH_ENVOY_CONCURRENCY")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or(2)
+}
+
 /// The sidecar's arguments after the binary.
 pub fn args(config: &Path) -> Vec<String> {
     [
         "--config-path",
         &config.display().to_string(),
         "--concurrency",
-        "2",
+        &concurrency().to_string(),
         "--disable-hot-restart",
         "--log-level",
         "warn",
