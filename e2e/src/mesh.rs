@@ -11,11 +11,15 @@ use std::{
 
 use k8s_openapi::{
     ByteString,
-    api::admissionregistration::v1::{MutatingWebhookConfiguration, WebhookClientConfig},
+    api::{
+        admissionregistration::v1::{MutatingWebhookConfiguration, WebhookClientConfig},
+        authentication::v1::{TokenRequest, TokenRequestSpec},
+        core::v1::ServiceAccount,
+    },
 };
 use kube::{
     Api, Client,
-    api::{Patch, PatchParams},
+    api::{Patch, PatchParams, PostParams},
 };
 use rcgen::{CertificateParams, ExtendedKeyUsagePurpose, Issuer, KeyPair, SanType};
 
@@ -69,6 +73,35 @@ pub fn start_operator_on(
         admin_port,
         ca_port,
     })
+}
+
+/// A token for service account `ns/name` from the TokenRequest API, for `audience`
+/// (`remora` is what the webhook's projected volume asks for), valid `seconds`.
+pub async fn service_account_token(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    audience: &str,
+    seconds: i64,
+) -> Result<String, HarnessError> {
+    let req = TokenRequest {
+        spec: TokenRequestSpec {
+            audiences: vec![audience.to_owned()],
+            expiration_seconds: Some(seconds),
+            bound_object_ref: None,
+        },
+        ..TokenRequest::default()
+    };
+    Api::<ServiceAccount>::namespaced(client.clone(), ns)
+        .create_token_request(name, &PostParams::default(), &req)
+        .await?
+        .status
+        .map(|s| s.token)
+        .ok_or_else(|| HarnessError::Missing {
+            what: format!("a token in the TokenRequest answer for {ns}/{name}"),
+            how: "check the apiserver's --service-account-signing-key-file and --api-audiences"
+                .to_owned(),
+        })
 }
 
 /// A running webhook and where the apiserver reaches it.

@@ -14,17 +14,14 @@ use std::{
     time::{Duration, Instant},
 };
 
-use k8s_openapi::api::{
-    authentication::v1::{TokenRequest, TokenRequestSpec},
-    core::v1::{Secret, Service, ServiceAccount},
-};
-use kube::{Api, Client, api::PostParams};
+use k8s_openapi::api::core::v1::{Secret, Service};
+use kube::{Api, Client};
 use remora_crds::proxy::{ProxyConfig, UnknownDestinations};
 use remora_e2e::{
     Cluster, ClusterOptions,
     apply::{apply_all, install_crds, parse_documents},
     cluster::free_ports,
-    mesh::{LocalOperator, start_operator_on},
+    mesh::{LocalOperator, service_account_token, start_operator_on},
 };
 use remora_proxy::{
     Context, Proxy, Settings,
@@ -182,26 +179,6 @@ spec:
     apply_yaml(client, &yaml, "workload").await;
 }
 
-/// A token for the pod's service account with audience `remora` (what the kubelet
-/// projects into the pod).
-async fn token(client: &Client) -> String {
-    let req = TokenRequest {
-        spec: TokenRequestSpec {
-            audiences: vec!["remora".to_owned()],
-            expiration_seconds: Some(3600),
-            bound_object_ref: None,
-        },
-        ..TokenRequest::default()
-    };
-    Api::<ServiceAccount>::namespaced(client.clone(), NS)
-        .create_token_request(SA, &PostParams::default(), &req)
-        .await
-        .expect("TokenRequest")
-        .status
-        .expect("token status")
-        .token
-}
-
 /// The mesh trust bundle (`ca.crt` of the CA Secret the operator generates).
 async fn trust_bundle(client: &Client) -> String {
     let secrets: Api<Secret> = Api::namespaced(client.clone(), "remora-system");
@@ -303,7 +280,13 @@ async fn the_proxy_certifies_routes_and_rides_out_an_operator_restart() {
     let mut operator = start();
     let dir = tempfile::tempdir().expect("tempdir");
     std::fs::write(dir.path().join("bundle.pem"), trust_bundle(&client).await).expect("bundle");
-    std::fs::write(dir.path().join("token"), token(&client).await).expect("token");
+    std::fs::write(
+        dir.path().join("token"),
+        service_account_token(&client, NS, SA, "remora", 3600)
+            .await
+            .expect("a token for the pod's service account"),
+    )
+    .expect("token");
 
     let settings = proxy_settings(vip, SocketAddr::from(([127, 0, 0, 1], ca_port)), dir.path());
     let proxy = Proxy::start(settings, ProxyConfig::default(), None)
