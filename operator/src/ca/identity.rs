@@ -69,7 +69,9 @@ pub struct ServiceAccountId {
 
 const USER_PREFIX: &str = "system:serviceaccount:";
 
-fn is_label(s: &str) -> bool {
+/// A DNS-1123 label: 1-63 of `a-z`, `0-9`, `-`, alphanumeric at both ends (namespaces,
+/// Service names).
+pub fn is_label(s: &str) -> bool {
     let b = s.as_bytes();
     !b.is_empty()
         && b.len() <= 63
@@ -79,7 +81,9 @@ fn is_label(s: &str) -> bool {
         && b.last().is_some_and(u8::is_ascii_alphanumeric)
 }
 
-fn is_subdomain(s: &str) -> bool {
+/// A DNS-1123 subdomain: dot-separated labels, at most 253 characters (Pod and
+/// service-account names).
+pub fn is_subdomain(s: &str) -> bool {
     s.len() <= 253 && s.split('.').all(is_label)
 }
 

@@ -3,7 +3,10 @@
 
 use std::net::SocketAddr;
 
-use crate::index::model::ObjKey;
+use crate::{
+    ca::identity::{is_label, is_subdomain},
+    index::model::ObjKey,
+};
 
 /// Why a request is malformed (answered `400 bad_request` with this message).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -130,22 +133,6 @@ fn since(found: &[(&str, String)]) -> Result<Option<u64>, RequestError> {
     take(found, "since")
         .map(|s| s.parse().map_err(|_| RequestError::Since(s)))
         .transpose()
-}
-
-/// A DNS-1123 label (a Service name or a namespace).
-fn is_label(s: &str) -> bool {
-    let b = s.as_bytes();
-    !b.is_empty()
-        && b.len() <= 63
-        && b.iter()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
-        && b.first().is_some_and(u8::is_ascii_alphanumeric)
-        && b.last().is_some_and(u8::is_ascii_alphanumeric)
-}
-
-/// A Pod name (a DNS-1123 subdomain).
-fn is_subdomain(s: &str) -> bool {
-    s.len() <= 253 && s.split('.').all(is_label)
 }
 
 /// Parses a `target`.
