@@ -5,6 +5,8 @@
 //! error status. The real operator is exercised by `e2e/tests/cluster_control_plane.rs`;
 //! this covers what it cannot be made to do on demand.
 
+mod fake_operator;
+
 use std::{
     convert::Infallible,
     sync::{Arc, Mutex},
@@ -12,67 +14,23 @@ use std::{
 };
 
 use bytes::Bytes;
-use http::{Request, Response, StatusCode};
+use fake_operator::{Body, Pki, pkcs8};
+use http::{Response, StatusCode};
 use http_body_util::channel::Channel as BodyChannel;
-use hyper::{body::Incoming, service::service_fn};
-use hyper_util::{
-    rt::{TokioExecutor, TokioIo},
-    server::conn::auto,
-};
-use rcgen::{
-    BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, SanType,
-};
+use rcgen::SanType;
 use remora_proxy::{
     control::{
         message::Message,
         stream::Watch,
-        target::{OperatorAddr, OperatorName, Target, outbound_path},
+        target::{Target, outbound_path},
         transport::{Channel, OperatorEndpoint},
     },
     identity::Identity,
     metrics::Metrics,
     tls::IdentityStore,
 };
-use rustls::{
-    ServerConfig,
-    pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, UnixTime, pem::PemObject},
-};
-use tokio::{net::TcpListener, sync::mpsc};
-use tokio_rustls::TlsAcceptor;
-
-const SERVER_NAME: &str = "remora-operator.remora-system.svc";
-
-struct Pki {
-    issuer: Issuer<'static, KeyPair>,
-    pem: String,
-}
-
-fn pki() -> Pki {
-    let key = KeyPair::generate().expect("CA key");
-    let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let cert = params.self_signed(&key).expect("CA");
-    Pki {
-        pem: cert.pem(),
-        issuer: Issuer::new(params, key),
-    }
-}
-
-fn leaf(pki: &Pki, san: SanType) -> (CertificateDer<'static>, KeyPair) {
-    let key = KeyPair::generate().expect("key");
-    let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
-    params.subject_alt_names = vec![san];
-    params.extended_key_usages = vec![
-        ExtendedKeyUsagePurpose::ServerAuth,
-        ExtendedKeyUsagePurpose::ClientAuth,
-    ];
-    let cert = params.signed_by(&key, &pki.issuer).expect("leaf");
-    (cert.der().clone(), key)
-}
-
-fn pkcs8(key: &KeyPair) -> PrivateKeyDer<'static> {
-    PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()))
-}
+use rustls::pki_types::{CertificateDer, UnixTime, pem::PemObject};
+use tokio::sync::mpsc;
 
 /// What the scripted server does on its n-th request.
 async fn script(n: usize, mut tx: http_body_util::channel::Sender<Bytes>) {
@@ -106,82 +64,51 @@ async fn script(n: usize, mut tx: http_body_util::channel::Sender<Bytes>) {
     }
 }
 
-/// Serves the script over TLS (h2); returns its address and the request paths seen.
-/// The first request gets `503 not_synced` (the index has not listed everything yet).
+/// The scripted operator; returns its address and the request paths seen. The first
+/// request gets `503 not_synced` (the index has not listed everything yet).
 async fn scripted_operator(pki: &Pki) -> (String, Arc<Mutex<Vec<String>>>) {
-    let (cert, key) = leaf(pki, SanType::DnsName(SERVER_NAME.try_into().expect("dns")));
-    let mut config = ServerConfig::builder_with_provider(remora_proxy::identity::provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .expect("TLS 1.3")
-        .with_no_client_auth()
-        .with_single_cert(vec![cert], pkcs8(&key))
-        .expect("server config");
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    let acceptor = TlsAcceptor::from(Arc::new(config));
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr").to_string();
     let paths = Arc::new(Mutex::new(Vec::new()));
     let seen = paths.clone();
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
-            let Ok(tls) = acceptor.accept(tcp).await else {
-                continue;
-            };
-            let seen = seen.clone();
-            let service = service_fn(move |req: Request<Incoming>| {
-                let seen = seen.clone();
-                async move {
-                    let n = {
-                        let mut paths = seen.lock().expect("lock");
-                        paths.push(
-                            req.uri()
-                                .path_and_query()
-                                .map(ToString::to_string)
-                                .unwrap_or_default(),
-                        );
-                        paths.len() - 1
-                    };
-                    let (tx, body) = BodyChannel::<Bytes, Infallible>::new(4);
-                    let status = match n.checked_sub(1) {
-                        None => StatusCode::SERVICE_UNAVAILABLE,
-                        Some(n) => {
-                            tokio::spawn(script(n, tx));
-                            StatusCode::OK
-                        }
-                    };
-                    Ok::<_, Infallible>(
-                        Response::builder()
-                            .status(status)
-                            .body(body)
-                            .expect("response"),
-                    )
+    let addr = fake_operator::serve(pki, move |req| {
+        let n = {
+            let mut paths = seen.lock().expect("lock");
+            paths.push(
+                req.uri()
+                    .path_and_query()
+                    .map(ToString::to_string)
+                    .unwrap_or_default(),
+            );
+            paths.len() - 1
+        };
+        async move {
+            let (tx, body) = BodyChannel::<Bytes, Infallible>::new(4);
+            let status = match n.checked_sub(1) {
+                None => StatusCode::SERVICE_UNAVAILABLE,
+                Some(n) => {
+                    tokio::spawn(script(n, tx));
+                    StatusCode::OK
                 }
-            });
-            tokio::spawn(async move {
-                let _ = auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(tls), service)
-                    .await;
-            });
+            };
+            Response::builder()
+                .status(status)
+                .body(Body::new(body))
+                .expect("response")
         }
-    });
+    })
+    .await;
     (addr, paths)
 }
 
-async fn client(pki: &Pki, addr: &str, dir: &std::path::Path) -> (Arc<Channel>, OperatorEndpoint) {
-    let bundle = dir.join("bundle.pem");
-    std::fs::write(&bundle, &pki.pem).expect("bundle");
+/// The watch channel, presenting a workload certificate from `pki`.
+fn client(pki: &Pki, addr: &str, dir: &std::path::Path) -> (Arc<Channel>, OperatorEndpoint) {
     let id = "spiffe://cluster.local/ns/shop/sa/web";
-    let (cert, key) = leaf(pki, SanType::URI(id.try_into().expect("uri")));
+    let (cert, key) = pki.leaf(SanType::URI(id.try_into().expect("uri")));
     let ca = CertificateDer::from_pem_slice(pki.pem.as_bytes()).expect("CA DER");
     let identity = Identity::from_parts(id, vec![cert], pkcs8(&key), vec![ca], UnixTime::now())
         .expect("identity");
     let store = Arc::new(IdentityStore::default());
     store.install(identity, &Metrics::new());
-    let endpoint = OperatorEndpoint {
-        addr: addr.parse::<OperatorAddr>().expect("addr"),
-        name: OperatorName::new(SERVER_NAME).expect("name"),
-        trust_bundle: bundle,
-    };
+    let endpoint = pki.endpoint(addr, dir);
     (Arc::new(Channel::new(endpoint.clone(), store)), endpoint)
 }
 
@@ -196,10 +123,10 @@ async fn next_version(rx: &mut mpsc::UnboundedReceiver<Message>) -> u64 {
 
 #[tokio::test]
 async fn silence_ends_and_errors_reconnect_resuming_with_since() {
-    let pki = pki();
+    let pki = Pki::new();
     let dir = tempfile::tempdir().expect("tempdir");
     let (addr, paths) = scripted_operator(&pki).await;
-    let (channel, endpoint) = client(&pki, &addr, dir.path()).await;
+    let (channel, endpoint) = client(&pki, &addr, dir.path());
     let metrics = Arc::new(Metrics::new());
     let watch = Watch {
         channel,
