@@ -138,6 +138,26 @@ pub enum StartError {
     },
 }
 
+/// How often upstream pools are checked for idleness…
+const POOL_SWEEP_EVERY: Duration = Duration::from_secs(60);
+/// …and how long a pool may go unused before it is forgotten.
+const POOL_IDLE: Duration = Duration::from_secs(300);
+
+/// Forgets idle upstream pools until shutdown.
+async fn prune_pools(ctx: Arc<Context>) {
+    let mut stop = std::pin::pin!(ctx.shutdown.signaled());
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(POOL_SWEEP_EVERY) => {}
+            _ = &mut stop => return,
+        }
+        let pruned = ctx.clients.prune(POOL_IDLE);
+        if pruned > 0 {
+            tracing::debug!(pruned, "forgot idle upstream pools");
+        }
+    }
+}
+
 /// A running proxy.
 #[derive(Debug)]
 pub struct Proxy {
@@ -244,6 +264,7 @@ impl Proxy {
         if let Some(l) = admin {
             tokio::spawn(admin::serve(ctx.clone(), l));
         }
+        tokio::spawn(prune_pools(ctx.clone()));
         if let Some(path) = ctx.settings.config_path.clone() {
             let ctx = ctx.clone();
             tokio::spawn(async move {

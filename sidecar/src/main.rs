@@ -419,10 +419,18 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(args.worker_threads.max(1))
-        .enable_all()
-        .build();
+    // One worker: a current-thread runtime, with no cross-thread wake-ups or work
+    // stealing — the cheapest per request when the pod's app shares the same cores.
+    let runtime = if args.worker_threads <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(args.worker_threads)
+            .enable_all()
+            .build()
+    };
     let runtime = match runtime {
         Ok(r) => r,
         Err(e) => {
