@@ -32,7 +32,7 @@ use self::{
     ports::PortSet,
     stream::Watch,
     subscriptions::{Applied, Subscriptions},
-    target::{PodRef, Target, inbound_path, outbound_path},
+    target::{PodRef, Target, Version, inbound_path, outbound_path},
     transport::{Channel, OperatorEndpoint},
 };
 use crate::{
@@ -178,7 +178,7 @@ impl Control {
                     version, inbound, ..
                 } = m
                 {
-                    log_applied("inbound", subs.apply_inbound(version_of(version), inbound));
+                    log_applied("inbound", subs.apply_inbound(Version(version), inbound));
                 }
             };
             watch
@@ -225,7 +225,7 @@ impl Control {
                 {
                     log_applied(
                         "outbound",
-                        subs.apply_outbound(target, version_of(version), services),
+                        subs.apply_outbound(target, Version(version), services),
                     );
                 }
             };
@@ -239,10 +239,6 @@ impl Control {
         };
         self.subscriptions.discover(target, spawn).await
     }
-}
-
-fn version_of(v: u64) -> target::Version {
-    target::Version(v)
 }
 
 fn log_applied(what: &'static str, applied: Applied) {
