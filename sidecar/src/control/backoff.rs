@@ -22,6 +22,12 @@ impl Backoff {
         Self::new(Duration::from_secs(1), Duration::from_secs(60))
     }
 
+    /// 100 ms doubling up to 10 s: config streams, so a proxy catches up within seconds
+    /// of the operator's return (a stream costs the operator nothing until it connects).
+    pub fn stream() -> Self {
+        Self::new(Duration::from_millis(100), Duration::from_secs(10))
+    }
+
     pub fn new(base: Duration, max: Duration) -> Self {
         Self {
             base,

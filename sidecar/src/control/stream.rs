@@ -157,7 +157,7 @@ impl Watch {
         stop: impl Future<Output = ()>,
     ) {
         let mut since = None;
-        let mut backoff = Backoff::standard();
+        let mut backoff = Backoff::stream();
         tokio::pin!(stop);
         loop {
             let current = path(since);
