@@ -18,10 +18,15 @@
 //! connections per second (one request per connection, `connection: close`). Proxy RSS
 //! comes from `/proc/<pid>/status` (VmRSS), CPU from `/proc/<pid>/stat` (utime+stime).
 //!
-//! Every namespace (and with it the veths) and process is removed by a guard's `Drop`.
+//! Every namespace (and with it the veths) and process is removed by a guard's `Drop` (the
+//! guards of `tests/common/netns.rs`, shared with the namespace tests; a failure to set up a
+//! namespace panics, and the guards still clean up).
 
 #[path = "pair/envoy.rs"]
 mod envoy;
+#[path = "../tests/common/netns.rs"]
+#[allow(dead_code)]
+mod netns;
 #[path = "../tests/common/pki.rs"]
 mod pki;
 
@@ -30,7 +35,7 @@ use std::{
     fs,
     net::SocketAddr,
     os::unix::fs::PermissionsExt,
-    process::{Child, Command, ExitCode, Output, Stdio},
+    process::{Command, ExitCode, Output, Stdio},
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -42,6 +47,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::{Request, Response, body::Incoming, service::service_fn};
 use hyper_util::rt::TokioIo;
+use netns::{Netns, Proc};
 use pki::{Ca, IdentityPaths};
 use tokio::{
     net::{TcpListener, TcpStream},
@@ -316,60 +322,6 @@ fn run(cmd: &mut Command) -> anyhow::Result<Output> {
     Ok(out)
 }
 
-/// A network namespace, deleted on drop (with the veth end inside it, and so its peer).
-struct Netns {
-    name: String,
-}
-
-impl Netns {
-    fn new(name: String) -> anyhow::Result<Self> {
-        let _ = Command::new("ip").args(["netns", "del", &name]).output();
-        run(Command::new("ip").args(["netns", "add", &name]))?;
-        let ns = Self { name };
-        run(&mut ns.cmd(&["ip", "link", "set", "lo", "up"]))?;
-        Ok(ns)
-    }
-
-    fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.name]).args(args);
-        c
-    }
-
-    fn nat(&self, rules: &[&str]) -> anyhow::Result<()> {
-        for rule in rules {
-            let mut c = self.cmd(&["iptables", "-t", "nat"]);
-            c.args(rule.split_whitespace());
-            run(&mut c)?;
-        }
-        Ok(())
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .output();
-    }
-}
-
-/// A process killed on drop.
-struct Proc(Child);
-
-impl Proc {
-    fn pid(&self) -> u32 {
-        self.0.id()
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 struct Pods {
     // Field order is drop order: processes before namespaces.
     procs: Vec<Proc>,
@@ -380,27 +332,12 @@ struct Pods {
 
 /// Two pods; `p` tells the namespace and veth names of one pair of pods from another's.
 fn pods(p: char) -> anyhow::Result<Pods> {
-    let tag = std::process::id() % 100_000;
-    let client = Netns::new(format!("r{p}c{tag}"))?;
-    let server = Netns::new(format!("r{p}s{tag}"))?;
-    let (va, vb) = (format!("r{p}a{tag}"), format!("r{p}b{tag}"));
-    run(Command::new("ip").args([
-        "link",
-        "add",
-        &va,
-        "netns",
-        &client.name,
-        "type",
-        "veth",
-        "peer",
-        "name",
-        &vb,
-        "netns",
-        &server.name,
-    ]))?;
-    for (ns, dev, ip) in [(&client, &va, CLIENT_IP), (&server, &vb, SERVER_IP)] {
-        run(&mut ns.cmd(&["ip", "addr", "add", &format!("{ip}/24"), "dev", dev]))?;
-        run(&mut ns.cmd(&["ip", "link", "set", dev, "up"]))?;
+    let (client, server) = netns::joined(
+        &format!("r{p}"),
+        &[&format!("{CLIENT_IP}/24")],
+        &[&format!("{SERVER_IP}/24")],
+    );
+    for ns in [&client, &server] {
         // Room for the new-connection phase's TIME_WAIT sockets.
         run(&mut ns.cmd(&[
             "sysctl",
@@ -417,14 +354,17 @@ fn pods(p: char) -> anyhow::Result<Pods> {
         &direct,
         "-A OUTPUT -p tcp -j REDIRECT --to-ports 15001",
     ];
-    client.nat(&outbound)?;
-    server.nat(&outbound)?;
+    client.rules("iptables", &outbound);
+    server.rules("iptables", &outbound);
     let direct_in = format!("-A PREROUTING -p tcp --dport {DIRECT_PORT} -j RETURN");
-    server.nat(&[
-        "-A PREROUTING -p tcp --dport 15020 -j RETURN",
-        &direct_in,
-        "-A PREROUTING -p tcp -j REDIRECT --to-ports 15006",
-    ])?;
+    server.rules(
+        "iptables",
+        &[
+            "-A PREROUTING -p tcp --dport 15020 -j RETURN",
+            &direct_in,
+            "-A PREROUTING -p tcp -j REDIRECT --to-ports 15006",
+        ],
+    );
     let dir = tempfile::tempdir()?;
     // The proxies run as UID 1337 and must read their files.
     fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755))?;
@@ -437,13 +377,16 @@ fn pods(p: char) -> anyhow::Result<Pods> {
 }
 
 fn spawn(ns: &Netns, args: &[&str], log: &std::path::Path) -> anyhow::Result<Proc> {
-    let log = fs::File::create(log)?;
+    let file = fs::File::create(log)?;
     let child = ns
         .cmd(args)
-        .stdout(Stdio::from(log.try_clone()?))
-        .stderr(Stdio::from(log))
+        .stdout(Stdio::from(file.try_clone()?))
+        .stderr(Stdio::from(file))
         .spawn()?;
-    Ok(Proc(child))
+    Ok(Proc {
+        child,
+        what: log.display().to_string(),
+    })
 }
 
 fn wait_for(what: &str, mut ok: impl FnMut() -> bool) -> anyhow::Result<()> {

@@ -127,7 +127,7 @@ pub fn args(config: &Path) -> Vec<String> {
     .to_vec()
 }
 
-/// The admin port (loopback only, like Istio's 15000): `/ready` answers `LIVE`.
+/// The admin port (loopback only, like Istio's 15000); `check_mtls_h2` reads its `/stats`.
 pub const ADMIN_PORT: u16 = 15000;
 
 /// The bootstrap of one pod's Envoy: `id` is the pod's identity, `peer` the SPIFFE ID its

@@ -140,12 +140,15 @@ pub struct Pods {
     pub dir: tempfile::TempDir,
 }
 
-pub fn pods() -> Pods {
+/// Two namespaces, `{prefix}c<tag>` (client) and `{prefix}s<tag>` (server), joined by a
+/// veth pair, with `client_addrs` and `server_addrs` (CIDR; IPv6 ones without duplicate
+/// address detection) on its ends. The tag is unique per process and call.
+pub fn joined(prefix: &str, client_addrs: &[&str], server_addrs: &[&str]) -> (Netns, Netns) {
     let n = SEQ.fetch_add(1, Ordering::Relaxed);
     let tag = format!("{}{n}", std::process::id() % 100_000);
-    let client = Netns::new(format!("rpc{tag}"));
-    let server = Netns::new(format!("rps{tag}"));
-    let (va, vb) = (format!("rva{tag}"), format!("rvb{tag}"));
+    let client = Netns::new(format!("{prefix}c{tag}"));
+    let server = Netns::new(format!("{prefix}s{tag}"));
+    let (va, vb) = (format!("{prefix}a{tag}"), format!("{prefix}b{tag}"));
     run(Command::new("ip").args([
         "link",
         "add",
@@ -160,23 +163,25 @@ pub fn pods() -> Pods {
         "netns",
         &server.name,
     ]));
-    for (ns, dev, ip, ip6) in [
-        (&client, &va, CLIENT_IP, CLIENT_IP6),
-        (&server, &vb, SERVER_IP, SERVER_IP6),
-    ] {
-        run(&mut ns.cmd(&["ip", "addr", "add", &format!("{ip}/24"), "dev", dev]));
-        run(&mut ns.cmd(&[
-            "ip",
-            "-6",
-            "addr",
-            "add",
-            &format!("{ip6}/64"),
-            "dev",
-            dev,
-            "nodad",
-        ]));
+    for (ns, dev, addrs) in [(&client, &va, client_addrs), (&server, &vb, server_addrs)] {
+        for addr in addrs {
+            if addr.contains(':') {
+                run(&mut ns.cmd(&["ip", "-6", "addr", "add", addr, "dev", dev, "nodad"]));
+            } else {
+                run(&mut ns.cmd(&["ip", "addr", "add", addr, "dev", dev]));
+            }
+        }
         run(&mut ns.cmd(&["ip", "link", "set", dev, "up"]));
     }
+    (client, server)
+}
+
+pub fn pods() -> Pods {
+    let (client, server) = joined(
+        "rp",
+        &[&format!("{CLIENT_IP}/24"), &format!("{CLIENT_IP6}/64")],
+        &[&format!("{SERVER_IP}/24"), &format!("{SERVER_IP6}/64")],
+    );
     for (tool, lo) in [("iptables", "127.0.0.1/32"), ("ip6tables", "::1/128")] {
         let outbound = [
             "-A OUTPUT -p tcp -m owner --uid-owner 1337 -j RETURN".to_owned(),
