@@ -53,6 +53,17 @@ async fn issuer(client: &Client) -> Issuer {
     .expect("issuer")
 }
 
+/// Waits for `/readyz` (index synced, controllers started).
+async fn ready(op: &Running) {
+    eventually("the operator is ready", || async {
+        match http_get(op.addr, "/readyz").await? {
+            (200, _) => Ok(()),
+            (code, body) => Err(format!("{code} {body}")),
+        }
+    })
+    .await;
+}
+
 /// Connects once the operator's listener answers.
 async fn conn(
     addr: SocketAddr,
@@ -117,6 +128,12 @@ fn outbound(m: &Message) -> (u64, usize, Option<String>) {
     }
 }
 
+/// One endpoint, with its Pod's identity.
+fn converged(m: &Message) -> bool {
+    matches!(m, Message::Outbound { services, .. }
+        if services.first().is_some_and(|s| s.endpoints.len() == 1 && s.endpoints[0].identity.is_some()))
+}
+
 /// Reads messages until one satisfies `want` (within the test deadline).
 async fn until(w: &mut Watch, what: &str, mut want: impl FnMut(&Message) -> bool) -> Message {
     tokio::time::timeout(DEADLINE, async {
@@ -157,7 +174,9 @@ async fn outbound_changes_arrive_within_a_second_latest_first_and_versions_survi
     // By VIP: the current state at once.
     let target = format!("{vip}:9080");
     let mut w = watch(&mut c, &format!("/v1/watch/outbound?target={target}")).await;
-    let m = until(&mut w, "reviews with its endpoint", |m| outbound(m).1 == 1).await;
+    // The Pod and EndpointSlice watches are separate streams: wait for the endpoint with
+    // the identity its Pod gives it, so nothing changes until the next write.
+    let m = until(&mut w, "reviews with its endpoint and identity", converged).await;
     let (v1, _, name) = outbound(&m);
     assert_eq!(name.as_deref(), Some("reviews.shop"));
     assert!(matches!(&m, Message::Outbound { target: t, .. } if *t == target));
@@ -168,7 +187,7 @@ async fn outbound_changes_arrive_within_a_second_latest_first_and_versions_survi
         "/v1/watch/outbound?target=reviews.shop.svc.cluster.local:9080",
     )
     .await;
-    let named = until(&mut by_name, "reviews by name", |m| outbound(m).1 == 1).await;
+    let named = until(&mut by_name, "reviews by name", converged).await;
     match (&m, &named) {
         (Message::Outbound { services: a, .. }, Message::Outbound { services: b, .. }) => {
             assert_eq!(a, b)
@@ -274,6 +293,9 @@ async fn outbound_changes_arrive_within_a_second_latest_first_and_versions_survi
         outbound(&m).0
     );
     drop(again);
+    // (Stopping an operator while its controllers are still starting can hang: wait for
+    // them, as the first operator did implicitly.)
+    ready(&op).await;
     op.stop().await;
 }
 
@@ -289,15 +311,17 @@ async fn inbound_config_is_for_the_pods_own_identity_only() {
     pod(&client, "ratings-1", "b").await;
     slice(&client, &["10.244.0.7"]).await;
     op.index.wait_synced().await;
-    eventually("both pods indexed", || async {
+    eventually("both pods' inbound pieces derived", || async {
         let index = op.index.read();
-        let pods = &index.snapshot().pods;
         let keys =
             ["reviews-1", "ratings-1"].map(|n| remora_operator::index::model::ObjKey::new(NS, n));
-        if keys.iter().all(|k| pods.contains_key(k)) {
+        if keys.iter().all(|k| index.inbound(k).is_some()) {
             Ok(())
         } else {
-            Err(format!("{:?}", pods.keys().collect::<Vec<_>>()))
+            Err(format!(
+                "{:?}",
+                index.snapshot().pods.keys().collect::<Vec<_>>()
+            ))
         }
     })
     .await;
@@ -398,6 +422,21 @@ async fn inbound_config_is_for_the_pods_own_identity_only() {
     ] {
         assert!(metrics.contains(want), "{want} in {metrics}");
     }
+    // HTTP/1.1 (curl): the same stream, chunked.
+    let (status, raw) = stream_client::http1_get(
+        addr,
+        issuer.trust_bundle(),
+        client_cert(&issuer, NS, "a"),
+        "/v1/watch/inbound?pod=shop%2Freviews-1",
+        r#""inbound":{"#,
+    )
+    .await
+    .expect("HTTP/1.1 watch");
+    assert_eq!(status, "HTTP/1.1 200 OK", "{raw}");
+    assert!(raw.contains("application/x-ndjson"), "{raw}");
+    assert!(raw.contains(r#"{"type":"inbound","#), "{raw}");
+
     drop(own);
+    ready(&op).await;
     op.stop().await;
 }

@@ -115,11 +115,14 @@ impl StreamState {
         let caller = peer.spiffe_id.as_deref();
         auth::authenticated(caller)?;
         let req = InboundRequest::parse(uri.query())?;
+        // The pod counts as held once its derived piece exists (the snapshot may be ahead
+        // of the last recomputation); its identity is the pod's current one.
         let owner = {
             let index = self.index.read();
             let snap = index.snapshot();
-            snap.pods
-                .get(&req.pod)
+            index
+                .inbound(&req.pod)
+                .and_then(|_| snap.pods.get(&req.pod))
                 .map(|p| snap.spiffe_id(&req.pod.namespace, &p.service_account))
         };
         auth::inbound(caller, &req.pod, owner.as_deref(), self.index.is_synced())?;

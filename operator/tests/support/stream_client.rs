@@ -78,12 +78,13 @@ pub struct Conn {
     send: SendRequest<Empty<Bytes>>,
 }
 
-/// Connects to `addr`, checking the operator's certificate against `roots`.
-pub async fn connect(
+/// A TLS 1.3 connection to the operator, trusting `roots`, with ALPN `alpn`.
+async fn tls(
     addr: SocketAddr,
     roots: &[CertificateDer<'static>],
-    options: Options,
-) -> Result<Conn, String> {
+    cert: Option<ClientCert>,
+    alpn: &[u8],
+) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, String> {
     let mut store = rustls::RootCertStore::empty();
     for r in roots {
         store.add(r.clone()).map_err(|e| e.to_string())?;
@@ -94,21 +95,30 @@ pub async fn connect(
     .with_protocol_versions(&[&rustls::version::TLS13])
     .map_err(|e| e.to_string())?
     .with_root_certificates(store);
-    let mut config = match options.cert {
+    let mut config = match cert {
         Some(c) => builder
             .with_client_auth_cert(c.chain, c.key)
             .map_err(|e| e.to_string())?,
         None => builder.with_no_client_auth(),
     };
-    config.alpn_protocols = vec![b"h2".to_vec()];
+    config.alpn_protocols = vec![alpn.to_vec()];
     let tcp = tokio::net::TcpStream::connect(addr)
         .await
         .map_err(|e| format!("connect {addr}: {e}"))?;
     let name = ServerName::try_from(SERVER_NAME).map_err(|e| e.to_string())?;
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+    tokio_rustls::TlsConnector::from(Arc::new(config))
         .connect(name, tcp)
         .await
-        .map_err(|e| format!("TLS handshake: {e}"))?;
+        .map_err(|e| format!("TLS handshake: {e}"))
+}
+
+/// Connects to `addr`, checking the operator's certificate against `roots`.
+pub async fn connect(
+    addr: SocketAddr,
+    roots: &[CertificateDer<'static>],
+    options: Options,
+) -> Result<Conn, String> {
+    let tls = tls(addr, roots, options.cert, b"h2").await?;
     let alpn = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
     if alpn.as_deref() != Some(b"h2") {
         return Err(format!("ALPN {alpn:?}, not h2"));
@@ -198,4 +208,32 @@ impl Watch {
         all.append(&mut self.buf);
         serde_json::from_slice(&all).expect("a JSON refusal")
     }
+}
+
+/// `GET path` over HTTP/1.1 (ALPN `http/1.1`, as curl would): the status line and the raw
+/// bytes read until `until` appears in them (or the connection ends).
+pub async fn http1_get(
+    addr: SocketAddr,
+    roots: &[CertificateDer<'static>],
+    cert: ClientCert,
+    path: &str,
+    until: &str,
+) -> Result<(String, String), String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tls = tls(addr, roots, Some(cert), b"http/1.1").await?;
+    tls.write_all(format!("GET {path} HTTP/1.1\r\nHost: {SERVER_NAME}\r\n\r\n").as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&raw).contains(until) {
+        let n = tls.read(&mut buf).await.map_err(|e| e.to_string())?;
+        if n == 0 {
+            break;
+        }
+        raw.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let status = text.lines().next().unwrap_or_default().to_owned();
+    Ok((status, text))
 }
