@@ -113,7 +113,7 @@ pub struct Args {
 
     /// How long a config stream (`/v1/watch/*`) may stay quiet before the operator sends a
     /// heartbeat; proxies reconnect after three intervals without a line.
-    #[arg(long, env = "REMORA_STREAM_HEARTBEAT", default_value = "10s")]
+    #[arg(long, env = "REMORA_STREAM_HEARTBEAT", default_value = "10s", value_parser = positive_duration)]
     pub stream_heartbeat: Duration,
 
     /// Kubeconfig file; without it, in-cluster configuration or the default kubeconfig
@@ -128,6 +128,15 @@ pub struct Args {
     /// Log format: `text` or `json`.
     #[arg(long, env = "REMORA_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
+}
+
+/// A clap value parser for durations that must not be zero.
+fn positive_duration(s: &str) -> Result<Duration, String> {
+    let d: Duration = s.parse().map_err(|e| format!("{e}"))?;
+    if d.get().is_zero() {
+        return Err("must be greater than zero".to_owned());
+    }
+    Ok(d)
 }
 
 impl Args {
@@ -183,6 +192,13 @@ mod tests {
         assert!(Args::try_parse_from(["remora-operator", "--lease-duration=soon"]).is_err());
         assert!(Args::try_parse_from(["remora-operator", "--metrics-listen=nowhere"]).is_err());
         assert!(Args::try_parse_from(["remora-operator", "--log-format=xml"]).is_err());
+        assert!(Args::try_parse_from(["remora-operator", "--stream-heartbeat=0s"]).is_err());
+        let args = Args::try_parse_from(["remora-operator", "--stream-heartbeat=250ms"])
+            .expect("heartbeat");
+        assert_eq!(
+            args.stream_heartbeat.get(),
+            std::time::Duration::from_millis(250)
+        );
     }
 
     #[test]
