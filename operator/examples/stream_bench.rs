@@ -5,7 +5,8 @@
 //! measured is the operator side's alone. Each round changes one endpoint of every
 //! Service at once (one new version, 1,000 changed pieces) and times, per stream, the
 //! index publishing the version to the line with it arriving (and the same from the start
-//! of the recomputation, whose cost alone `index_bench` measures).
+//! of the recomputation, whose cost alone `index_bench` measures). A second scenario puts
+//! every stream on one Service (a popular destination) and changes only that one.
 //!
 //! `cargo run --release -p remora-operator --example stream_bench [services]
 //! [endpoints-per-service] [streams] [connections] [rounds]` (defaults 1000 10 1000 10 5).
@@ -34,7 +35,7 @@ use remora_operator::{
     index::{
         model::ObjKey,
         version::now_micros,
-        watch::{IndexConfig, channel},
+        watch::{IndexConfig, IndexWriter, channel},
     },
     stream::{self, StreamState, metrics::StreamMetrics, peer::Peer},
 };
@@ -210,116 +211,189 @@ async fn operator() {
             .expect("serving");
     });
 
-    // The clients, in a child process.
-    let targets: Vec<String> = (0..streams)
-        .map(|i| format!("{}:80", synthetic::vip(i % services)))
-        .collect();
-    let setup = ClientSetup {
+    let bench = Bench {
         addr,
-        bundle: bundle.iter().map(|c| c.to_vec()).collect(),
-        chain: cert.chain.iter().map(|c| c.to_vec()).collect(),
-        key: cert.key.secret_der().to_vec(),
-        targets,
-        connections: connections as usize,
+        bundle,
+        cert,
+        writer,
+        metrics,
+        services,
+        streams,
+        connections,
+        rounds,
     };
-    let exe = std::env::current_exe().expect("own path");
-    let mut child = Command::new(exe)
-        .arg("clients")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("client process");
-    let mut stdin = child.stdin.take().expect("stdin");
-    writeln!(
-        stdin,
-        "{}",
-        serde_json::to_string(&setup).expect("setup JSON")
-    )
-    .expect("setup sent");
-    let stdout = child.stdout.take().expect("stdout");
-    let (line_tx, mut lines) = tokio::sync::mpsc::unbounded_channel::<String>();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { return };
-            if line_tx.send(line).is_err() {
-                return;
-            }
-        }
-    });
-    let subscribed = Instant::now();
-    let ready = lines.recv().await.expect("the client process answers");
-    assert_eq!(ready, "ready");
-    let connect_time = subscribed.elapsed();
-    let (rss_subscribed, _) = rss();
-    assert_eq!(metrics.subscribers("outbound"), i64::from(streams));
+    let spread = bench.run(false).await;
+    let shared = bench.run(true).await;
+    let (_, hwm) = rss();
 
-    let mut latencies: Vec<f64> = Vec::new();
-    let mut end_to_end: Vec<f64> = Vec::new();
-    let mut recompute = Vec::new();
-    for round in 0..rounds {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        let t0 = unix_micros();
-        let started = Instant::now();
-        let version = writer
-            .apply(
-                |s| {
-                    for i in 0..services {
-                        let key = ObjKey::new("bench", format!("svc-{i}-abc"));
-                        if let Some(slice) = s.slices.get_mut(&key) {
-                            slice.endpoints[0].ready = round % 2 == 1;
-                        }
-                    }
-                },
-                now_micros(),
-            )
-            .version
-            .expect("a new version");
-        let published = unix_micros();
-        recompute.push(started.elapsed().as_secs_f64() * 1e3);
-        let mut got = 0;
-        while got < streams {
-            let line = tokio::time::timeout(Duration::from_secs(30), lines.recv())
-                .await
-                .expect("every stream gets the version within 30 s")
-                .expect("the client process runs");
-            let mut f = line.split(' ').map(|x| x.parse::<u64>().unwrap_or(0));
-            let (_, v, at) = (f.next(), f.next().unwrap_or(0), f.next().unwrap_or(0));
-            if v == version {
-                got += 1;
-                latencies.push(at.saturating_sub(published) as f64 / 1e3);
-                end_to_end.push(at.saturating_sub(t0) as f64 / 1e3);
-            }
-        }
+    println!(
+        "| scenario | services × endpoints | streams / connections | rounds | recompute p50 | fan-out p50 | fan-out p99 | fan-out max | with recompute p50 / p99 | operator RSS subscribed → end |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    for (name, row) in [
+        ("a stream per Service, every Service changes", &spread),
+        ("every stream on one Service, it changes", &shared),
+    ] {
+        println!(
+            "| {name} | {services} × {per_service} | {streams} / {connections} | {rounds} | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} / {:.1} ms | {:.1} → {:.1} MiB |",
+            percentile(&row.recompute, 0.5),
+            percentile(&row.latencies, 0.5),
+            percentile(&row.latencies, 0.99),
+            row.latencies.last().copied().unwrap_or(f64::NAN),
+            percentile(&row.end_to_end, 0.5),
+            percentile(&row.end_to_end, 0.99),
+            row.rss_subscribed,
+            row.rss_end,
+        );
     }
-    let (rss_end, hwm) = rss();
-    let _ = child.kill();
-    let _ = child.wait();
+    println!(
+        "operator RSS: {rss_start:.1} MiB at start, {rss_index:.1} MiB with the index, peak {hwm:.1} MiB; subscribing {streams} streams took {:?}.",
+        spread.connect_time
+    );
+    println!(
+        "({} samples per scenario; fan-out = the index publishes the version → the line with it arrives at the client; with recompute = from the start of the recomputation; targets: fan-out p99 ≤ 100 ms, RSS ≤ 100 MB)",
+        spread.latencies.len()
+    );
+}
 
-    latencies.sort_by(f64::total_cmp);
-    end_to_end.sort_by(f64::total_cmp);
-    recompute.sort_by(f64::total_cmp);
-    println!(
-        "| services × endpoints | streams / connections | rounds | recompute p50 | fan-out p50 | fan-out p99 | fan-out max | with recompute p50 / p99 | operator RSS (index → subscribed → end, peak) |"
-    );
-    println!("|---|---|---|---|---|---|---|---|---|");
-    println!(
-        "| {services} × {per_service} | {streams} / {connections} | {rounds} | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} / {:.1} ms | {:.1} → {:.1} → {:.1} MiB, peak {:.1} MiB (start {:.1}) |",
-        percentile(&recompute, 0.5),
-        percentile(&latencies, 0.5),
-        percentile(&latencies, 0.99),
-        latencies.last().copied().unwrap_or(f64::NAN),
-        percentile(&end_to_end, 0.5),
-        percentile(&end_to_end, 0.99),
-        rss_index,
-        rss_subscribed,
-        rss_end,
-        hwm,
-        rss_start,
-    );
-    println!(
-        "({} samples; subscribing {streams} streams took {connect_time:?}; fan-out = the index publishes the version → the line with it arrives at the client; with recompute = from the start of the recomputation; targets: fan-out p99 ≤ 100 ms, RSS ≤ 100 MB)",
-        latencies.len()
-    );
+/// The running server and what the scenarios need.
+struct Bench {
+    addr: SocketAddr,
+    bundle: Vec<CertificateDer<'static>>,
+    cert: stream_client::ClientCert,
+    writer: IndexWriter,
+    metrics: StreamMetrics,
+    services: u32,
+    streams: u32,
+    connections: u32,
+    rounds: u32,
+}
+
+/// One scenario's measurements (latencies sorted, ms).
+struct Row {
+    recompute: Vec<f64>,
+    latencies: Vec<f64>,
+    end_to_end: Vec<f64>,
+    rss_subscribed: f64,
+    rss_end: f64,
+    connect_time: Duration,
+}
+
+impl Bench {
+    /// `shared`: every stream watches `svc-0`, whose endpoint changes; otherwise stream
+    /// `i` watches `svc-<i>` and every Service's endpoint changes.
+    async fn run(&self, shared: bool) -> Row {
+        let (services, streams) = (self.services, self.streams);
+        // The clients, in a child process.
+        let targets: Vec<String> = (0..streams)
+            .map(|i| {
+                let svc = if shared { 0 } else { i % services };
+                format!("{}:80", synthetic::vip(svc))
+            })
+            .collect();
+        let setup = ClientSetup {
+            addr: self.addr,
+            bundle: self.bundle.iter().map(|c| c.to_vec()).collect(),
+            chain: self.cert.chain.iter().map(|c| c.to_vec()).collect(),
+            key: self.cert.key.secret_der().to_vec(),
+            targets,
+            connections: self.connections as usize,
+        };
+        let exe = std::env::current_exe().expect("own path");
+        let mut child = Command::new(exe)
+            .arg("clients")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("client process");
+        let mut stdin = child.stdin.take().expect("stdin");
+        writeln!(
+            stdin,
+            "{}",
+            serde_json::to_string(&setup).expect("setup JSON")
+        )
+        .expect("setup sent");
+        let stdout = child.stdout.take().expect("stdout");
+        let (line_tx, mut lines) = tokio::sync::mpsc::unbounded_channel::<String>();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { return };
+                if line_tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        let subscribed = Instant::now();
+        let ready = lines.recv().await.expect("the client process answers");
+        assert_eq!(ready, "ready");
+        let connect_time = subscribed.elapsed();
+        // (The previous scenario's streams end once the server sees their connections
+        // close.)
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.metrics.subscribers("outbound") != i64::from(streams) {
+            assert!(Instant::now() < deadline, "subscribers do not settle");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let (rss_subscribed, _) = rss();
+
+        let mut row = Row {
+            recompute: Vec::new(),
+            latencies: Vec::new(),
+            end_to_end: Vec::new(),
+            rss_subscribed,
+            rss_end: 0.0,
+            connect_time,
+        };
+        for round in 0..self.rounds {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let t0 = unix_micros();
+            let started = Instant::now();
+            let changed = if shared { 1 } else { services };
+            let version = self
+                .writer
+                .apply(
+                    |s| {
+                        for i in 0..changed {
+                            let key = ObjKey::new("bench", format!("svc-{i}-abc"));
+                            if let Some(slice) = s.slices.get_mut(&key) {
+                                slice.endpoints[0].ready = !slice.endpoints[0].ready;
+                            }
+                        }
+                    },
+                    now_micros(),
+                )
+                .version
+                .expect("a new version");
+            let published = unix_micros();
+            row.recompute.push(started.elapsed().as_secs_f64() * 1e3);
+            let mut got = 0;
+            while got < streams {
+                let line = tokio::time::timeout(Duration::from_secs(30), lines.recv())
+                    .await
+                    .unwrap_or_else(|_| {
+                        panic!(
+                            "round {round}: {got} of {streams} streams got the version within 30 s"
+                        )
+                    })
+                    .expect("the client process runs");
+                let mut f = line.split(' ').map(|x| x.parse::<u64>().unwrap_or(0));
+                let (_, v, at) = (f.next(), f.next().unwrap_or(0), f.next().unwrap_or(0));
+                if v == version {
+                    got += 1;
+                    row.latencies
+                        .push(at.saturating_sub(published) as f64 / 1e3);
+                    row.end_to_end.push(at.saturating_sub(t0) as f64 / 1e3);
+                }
+            }
+        }
+        row.rss_end = rss().0;
+        let _ = child.kill();
+        let _ = child.wait();
+        row.latencies.sort_by(f64::total_cmp);
+        row.end_to_end.sort_by(f64::total_cmp);
+        row.recompute.sort_by(f64::total_cmp);
+        row
+    }
 }
 
 fn main() {
