@@ -50,6 +50,9 @@ use crate::{
     metrics::{IndexMetrics, Metrics},
 };
 
+/// How long the controllers may take to finish after shutdown starts.
+const CONTROLLER_STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// What can stop the operator.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -284,8 +287,28 @@ impl Operator {
                 ca_material.clone(),
                 stopped(),
             );
-            futures::join!(run_policies, run_splits, synced, publish);
-            tracing::info!("controllers stopped");
+            // `synced` must not outlive the controllers it waits for.
+            let synced = futures::future::select(Box::pin(synced), Box::pin(stopped()));
+            let all = async {
+                futures::join!(run_policies, run_splits, synced, publish);
+            };
+            // After SIGTERM the controllers get a grace period to finish their reconciles;
+            // a stuck one must not keep the process (and the Lease) forever.
+            let grace = {
+                let mut stop = stop_rx.clone();
+                async move {
+                    if stop.wait_for(|s| *s).await.is_err() {
+                        std::future::pending::<()>().await;
+                    }
+                    tokio::time::sleep(CONTROLLER_STOP_GRACE).await;
+                }
+            };
+            tokio::select! {
+                () = all => tracing::info!("controllers stopped"),
+                () = grace => tracing::warn!(
+                    "controllers did not stop within {CONTROLLER_STOP_GRACE:?} of shutdown; leaving them"
+                ),
+            }
             if *stop_rx.borrow() {
                 break;
             }

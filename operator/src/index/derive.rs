@@ -5,8 +5,8 @@
 //! Policy resolution matches what the controllers report in status: for a target, the
 //! oldest policy is in effect if it is valid; a per-Service policy overrides the
 //! namespace-wide one (which applies when the per-Service one is absent or invalid).
-//! A split's backends that do not exist are left out (their share goes to the others);
-//! a split with no weight left is not applied.
+//! A split's backends that do not exist or lack the port are left out (their share goes
+//! to the others); a split with no weight left is not applied.
 //!
 //! A destination is a Service *port*: its pieces carry the VIP:port addresses and the
 //! endpoints' `ip:targetPort` for that port only, so multi-port Services stay correct
@@ -181,12 +181,17 @@ impl<'a> Lookup<'a> {
         get2(&self.slices_by_service, &svc.namespace, &svc.name).map_or(&[], Vec::as_slice)
     }
 
-    fn split(&self, svc: &ObjKey) -> Option<Split> {
+    /// The split of `dest`'s Service, on `dest`'s port: a backend (or match, or mirror)
+    /// whose Service does not exist or does not expose that port is left out, so every
+    /// name the split uses has a piece of its own on the port.
+    fn split(&self, dest: &Destination) -> Option<Split> {
+        let svc = &dest.service;
         let ts = get2(&self.split, &svc.namespace, &svc.name)?;
         let exists = |name: &str| {
             self.snap
                 .services
-                .contains_key(&ObjKey::new(svc.namespace.clone(), name))
+                .get(&ObjKey::new(svc.namespace.clone(), name))
+                .is_some_and(|s| s.port(dest.port).is_some())
         };
         let name = |s: &str| mesh_name(&ObjKey::new(svc.namespace.clone(), s));
         let backends: Vec<WeightedBackend> = ts
@@ -294,7 +299,7 @@ impl<'a> Lookup<'a> {
             addresses: addresses.into_iter().collect(),
             protocol: protocol(svc, dest.port),
             policy,
-            split: self.split(&dest.service),
+            split: self.split(dest),
             endpoints,
         })
     }
@@ -699,6 +704,11 @@ pub(crate) mod tests {
                 service: "reviews-v1.shop".to_owned(),
                 weight: 90
             }]
+        );
+        // reviews-v1 lacks the admin port 9090: on that port no backend is left.
+        assert_eq!(
+            outbound(&s, &dest("shop", "reviews", 9090)).and_then(|o| o.split),
+            None
         );
         // Only the missing backend has weight: no split.
         ts.spec.backends[0].weight = 0;
