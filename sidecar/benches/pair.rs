@@ -677,6 +677,11 @@ fn bench() -> anyhow::Result<()> {
             pids: envoy_pids,
         });
     }
+    // Ready, before any traffic: what an idle sidecar costs.
+    let rss_start = paths
+        .iter()
+        .map(Path::rss)
+        .collect::<anyhow::Result<Vec<_>>>()?;
     // Server up on every path, through the proxies too.
     wait_for("server reachable directly", || {
         load_in(&remora_pods.client, "connect", &direct, 1).is_ok()
@@ -873,10 +878,16 @@ fn bench() -> anyhow::Result<()> {
             .collect()
     };
     row(
-        "RSS idle, proxy A / B (MB)",
-        mb(&rss_idle),
+        "RSS idle, ready before traffic, A / B (MB)",
+        mb(&rss_start),
         none(),
         "remora <= 8",
+    );
+    row(
+        "RSS idle after 1 s of new connections (MB)",
+        mb(&rss_idle),
+        none(),
+        "",
     );
     row(
         "RSS after load, proxy A / B (MB)",
