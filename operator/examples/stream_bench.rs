@@ -1,16 +1,20 @@
-//! The config stream's fan-out: a synthetic index of 1,000 Services × 10 endpoints (no
-//! apiserver: the index is fed directly), the operator's stream server on loopback
-//! (TLS 1.3, HTTP/2, mesh client certificates), and 1,000 subscribed outbound streams
-//! (one per Service, spread over 10 connections) held by a child process, so the RSS
-//! measured is the operator side's alone. Each round changes one endpoint of every
-//! Service at once (one new version, 1,000 changed pieces) and times, per stream, the
-//! index publishing the version to the line with it arriving (and the same from the start
-//! of the recomputation, whose cost alone `index_bench` measures). A second scenario puts
-//! every stream on one Service (a popular destination) and changes only that one.
+//! The config stream end to end: a synthetic index of 1,000 Services × 10 endpoints (no
+//! apiserver: watch events are fed to the index's own loop, `index::watch::drive`, with
+//! its debounce), the operator's stream server on loopback (TLS 1.3, HTTP/2, mesh client
+//! certificates), and 1,000 subscribed outbound streams (one per Service, spread over 10
+//! connections) held by a child process, so the RSS measured is the operator side's
+//! alone. Each round changes one endpoint of every Service at once (1,000 EndpointSlice
+//! events, one burst) and times, per stream, the event for its Service entering the
+//! index's loop (what a watch event does) to the line with the change arriving: debounce,
+//! recomputation and fan-out; also the two parts (the version is the wall clock when its
+//! recomputation starts). A second scenario puts every stream on one Service (a popular
+//! destination) and changes only that one.
 //!
 //! `cargo run --release -p remora-operator --example stream_bench [services]
-//! [endpoints-per-service] [streams] [connections] [rounds]` (defaults 1000 10 1000 10 5).
-//! Targets: p99 ≤ 100 ms, operator RSS ≤ 100 MB.
+//! [endpoints-per-service] [streams] [connections] [rounds] [debounce-ms] [incremental|full]`
+//! (defaults 1000 10 1000 10 5 10 incremental; `full` derives everything on every
+//! recomputation, as the index did before it was incremental).
+//! Targets: end-to-end p99 ≤ 100 ms, operator RSS ≤ 100 MB.
 
 #[path = "../tests/support/stream_client.rs"]
 mod stream_client;
@@ -33,10 +37,12 @@ use remora_operator::{
         tls::{ServingCert, TlsListener, server_config, serving_names},
     },
     index::{
-        model::ObjKey,
+        feed::{Kind, Obj, Update},
+        model::{ObjKey, Snapshot},
         version::now_micros,
-        watch::{IndexConfig, IndexWriter, channel},
+        watch::{IndexConfig, IndexHandle, channel, drive},
     },
+    metrics::IndexMetrics,
     stream::{self, StreamState, metrics::StreamMetrics, peer::Peer},
 };
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
@@ -160,21 +166,71 @@ async fn clients() {
     }
 }
 
+/// The synthetic cluster as watch events: a list of every kind.
+fn listing(snap: Snapshot) -> Vec<Update> {
+    let mut out = Vec::new();
+    let mut list = |kind: Kind, objs: Vec<Obj>| {
+        out.push(Update::RelistStart(kind));
+        out.extend(objs.into_iter().map(Update::Upsert));
+        out.push(Update::RelistDone(kind));
+    };
+    list(
+        Kind::Namespace,
+        vec![Obj::Namespace("bench".to_owned(), Default::default())],
+    );
+    list(
+        Kind::Service,
+        snap.services
+            .into_iter()
+            .map(|(k, s)| Obj::Service(k, s))
+            .collect(),
+    );
+    list(
+        Kind::EndpointSlice,
+        snap.slices
+            .into_iter()
+            .map(|(k, s)| Obj::EndpointSlice(k, Some(s)))
+            .collect(),
+    );
+    list(
+        Kind::Pod,
+        snap.pods.into_iter().map(|(k, p)| Obj::Pod(k, p)).collect(),
+    );
+    list(Kind::MeshPolicy, Vec::new());
+    list(Kind::TrafficSplit, Vec::new());
+    out
+}
+
 async fn operator() {
     let (services, per_service) = (arg(1, 1000), arg(2, 10));
     let (streams, connections, rounds) = (arg(3, 1000), arg(4, 10), arg(5, 5));
+    let debounce = Duration::from_millis(u64::from(arg(6, 10)));
+    let incremental = std::env::args().nth(7).as_deref() != Some("full");
     let (rss_start, _) = rss();
 
-    // The index, fed directly.
+    // The index and its loop, fed watch events directly.
     let (writer, handle) = channel(IndexConfig {
         trust_domain: "cluster.local".to_owned(),
-        quiet: Duration::from_millis(50),
+        quiet: debounce,
         max_delay: Duration::from_millis(250),
     });
-    writer.apply(
-        |s| *s = synthetic::snapshot(services, per_service),
-        now_micros(),
-    );
+    writer.set_incremental(incremental);
+    let (events, mut events_rx) = tokio::sync::mpsc::unbounded_channel::<Update>();
+    let index_metrics = IndexMetrics::new(&mut prometheus_client::registry::Registry::default());
+    tokio::spawn(async move {
+        let updates = futures::stream::poll_fn(move |cx| events_rx.poll_recv(cx));
+        drive(
+            &writer,
+            updates,
+            &index_metrics,
+            std::future::pending::<()>(),
+        )
+        .await;
+    });
+    for u in listing(synthetic::snapshot(services, per_service)) {
+        events.send(u).expect("the index loop runs");
+    }
+    handle.wait_synced().await;
     let (rss_index, _) = rss();
 
     // The CA's TLS listener with the stream routes, as the operator serves them.
@@ -215,7 +271,8 @@ async fn operator() {
         addr,
         bundle,
         cert,
-        writer,
+        events,
+        handle,
         metrics,
         services,
         streams,
@@ -227,7 +284,7 @@ async fn operator() {
     let (_, hwm) = rss();
 
     println!(
-        "| scenario | services × endpoints | streams / connections | rounds | recompute p50 | fan-out p50 | fan-out p99 | fan-out max | with recompute p50 / p99 | operator RSS subscribed → end |"
+        "| scenario | services × endpoints | streams / connections | rounds | debounce, recompute | versions per round | last event → recompute p50 / p99 | recompute + fan-out p50 / p99 | end to end p50 / p99 / max | operator RSS subscribed → end |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|");
     for (name, row) in [
@@ -235,13 +292,16 @@ async fn operator() {
         ("every stream on one Service, it changes", &shared),
     ] {
         println!(
-            "| {name} | {services} × {per_service} | {streams} / {connections} | {rounds} | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} / {:.1} ms | {:.1} → {:.1} MiB |",
-            percentile(&row.recompute, 0.5),
+            "| {name} | {services} × {per_service} | {streams} / {connections} | {rounds} | {debounce:?}, {} | {} | {:.1} / {:.1} ms | {:.1} / {:.1} ms | {:.1} / {:.1} / {:.1} ms | {:.1} → {:.1} MiB |",
+            if incremental { "incremental" } else { "full" },
+            row.versions_per_round,
+            percentile(&row.to_recompute, 0.5),
+            percentile(&row.to_recompute, 0.99),
             percentile(&row.latencies, 0.5),
             percentile(&row.latencies, 0.99),
-            row.latencies.last().copied().unwrap_or(f64::NAN),
             percentile(&row.end_to_end, 0.5),
             percentile(&row.end_to_end, 0.99),
+            row.end_to_end.last().copied().unwrap_or(f64::NAN),
             row.rss_subscribed,
             row.rss_end,
         );
@@ -251,7 +311,7 @@ async fn operator() {
         spread.connect_time
     );
     println!(
-        "({} samples per scenario; fan-out = the index publishes the version → the line with it arrives at the client; with recompute = from the start of the recomputation; targets: fan-out p99 ≤ 100 ms, RSS ≤ 100 MB)",
+        "({} samples per scenario; end to end = the watch event for a stream's Service enters the index loop → the line with the change arrives at the client (debounce, recomputation, fan-out); last event → recompute = the round's last event enters the loop → its recomputation starts (the version is the wall clock then: the debounce); recompute + fan-out = that start → the line arrives; versions per round: the most any round took; targets: end-to-end p99 ≤ 100 ms, RSS ≤ 100 MB)",
         spread.latencies.len()
     );
 }
@@ -261,7 +321,9 @@ struct Bench {
     addr: SocketAddr,
     bundle: Vec<CertificateDer<'static>>,
     cert: stream_client::ClientCert,
-    writer: IndexWriter,
+    /// Watch events into the index's loop.
+    events: tokio::sync::mpsc::UnboundedSender<Update>,
+    handle: IndexHandle,
     metrics: StreamMetrics,
     services: u32,
     streams: u32,
@@ -271,9 +333,10 @@ struct Bench {
 
 /// One scenario's measurements (latencies sorted, ms).
 struct Row {
-    recompute: Vec<f64>,
+    to_recompute: Vec<f64>,
     latencies: Vec<f64>,
     end_to_end: Vec<f64>,
+    versions_per_round: usize,
     rss_subscribed: f64,
     rss_end: f64,
     connect_time: Duration,
@@ -337,53 +400,77 @@ impl Bench {
         let (rss_subscribed, _) = rss();
 
         let mut row = Row {
-            recompute: Vec::new(),
+            to_recompute: Vec::new(),
             latencies: Vec::new(),
             end_to_end: Vec::new(),
+            versions_per_round: 0,
             rss_subscribed,
             rss_end: 0.0,
             connect_time,
         };
+        let changed = if shared { 1 } else { services };
         for round in 0..self.rounds {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            let t0 = unix_micros();
-            let started = Instant::now();
-            let changed = if shared { 1 } else { services };
-            let version = self
-                .writer
-                .apply(
-                    |s| {
-                        for i in 0..changed {
-                            let key = ObjKey::new("bench", format!("svc-{i}-abc"));
-                            if let Some(slice) = s.slices.get_mut(&key) {
-                                slice.endpoints[0].ready = !slice.endpoints[0].ready;
-                            }
-                        }
-                    },
-                    now_micros(),
-                )
-                .version
-                .expect("a new version");
-            let published = unix_micros();
-            row.recompute.push(started.elapsed().as_secs_f64() * 1e3);
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let base = self.handle.read().version();
+            // The events, prepared before the clock starts: one endpoint of each Service
+            // flips readiness.
+            let updates: Vec<Update> = {
+                let index = self.handle.read();
+                (0..changed)
+                    .filter_map(|i| {
+                        let key = ObjKey::new("bench", format!("svc-{i}-abc"));
+                        let mut slice = index.snapshot().slices.get(&key)?.clone();
+                        let e = slice.endpoints.first_mut()?;
+                        e.ready = !e.ready;
+                        Some(Update::Upsert(Obj::EndpointSlice(key, Some(slice))))
+                    })
+                    .collect()
+            };
+            // When the event of Service i entered the index's loop.
+            let mut sent = Vec::with_capacity(updates.len());
+            for u in updates {
+                sent.push(unix_micros());
+                self.events.send(u).expect("the index loop runs");
+            }
+            let last_sent = sent.last().copied().unwrap_or(0);
             let mut got = 0;
+            let mut seen = vec![false; streams as usize];
+            let mut arrivals = Vec::with_capacity(streams as usize);
             while got < streams {
                 let line = tokio::time::timeout(Duration::from_secs(30), lines.recv())
                     .await
                     .unwrap_or_else(|_| {
                         panic!(
-                            "round {round}: {got} of {streams} streams got the version within 30 s"
+                            "round {round}: {got} of {streams} streams got the change within 30 s"
                         )
                     })
                     .expect("the client process runs");
                 let mut f = line.split(' ').map(|x| x.parse::<u64>().unwrap_or(0));
-                let (_, v, at) = (f.next(), f.next().unwrap_or(0), f.next().unwrap_or(0));
-                if v == version {
+                let (i, v, at) = (
+                    f.next().unwrap_or(0) as usize,
+                    f.next().unwrap_or(0),
+                    f.next().unwrap_or(0),
+                );
+                // A stream's first line after the round's events is its change.
+                if v > base && i < seen.len() && !seen[i] {
+                    seen[i] = true;
                     got += 1;
-                    row.latencies
-                        .push(at.saturating_sub(published) as f64 / 1e3);
+                    let svc = if shared { 0 } else { i % services as usize };
+                    let t0 = sent.get(svc).copied().unwrap_or(last_sent);
                     row.end_to_end.push(at.saturating_sub(t0) as f64 / 1e3);
+                    arrivals.push((v, at));
                 }
+            }
+            // A version is the wall clock (µs) when its recomputation started.
+            let versions: std::collections::BTreeSet<u64> =
+                arrivals.iter().map(|(v, _)| *v).collect();
+            row.versions_per_round = row.versions_per_round.max(versions.len());
+            if let Some(first) = versions.first() {
+                row.to_recompute
+                    .push(first.saturating_sub(last_sent) as f64 / 1e3);
+            }
+            for (v, at) in arrivals {
+                row.latencies.push(at.saturating_sub(v) as f64 / 1e3);
             }
         }
         row.rss_end = rss().0;
@@ -391,7 +478,7 @@ impl Bench {
         let _ = child.wait();
         row.latencies.sort_by(f64::total_cmp);
         row.end_to_end.sort_by(f64::total_cmp);
-        row.recompute.sort_by(f64::total_cmp);
+        row.to_recompute.sort_by(f64::total_cmp);
         row
     }
 }

@@ -84,9 +84,20 @@ pub struct Lookup<'a> {
 
 impl<'a> Lookup<'a> {
     pub fn new(snap: &'a Snapshot) -> Self {
+        Self::with_slices(snap, &snap.slices)
+    }
+
+    /// A lookup that knows only `slices` (in key order, as the snapshot holds them): the
+    /// pieces of a Service are right when every slice of it is given, those of a Pod when
+    /// every slice listing it is; the policies and splits are always all indexed. An
+    /// incremental recomputation uses it to read only what the changed pieces need.
+    pub fn with_slices(
+        snap: &'a Snapshot,
+        slices: impl IntoIterator<Item = (&'a ObjKey, &'a SliceState)>,
+    ) -> Self {
         let mut slices_by_service: Nested<'a, Vec<&'a SliceState>> = HashMap::new();
         let mut slices_by_pod: Nested<'a, Vec<&'a SliceState>> = HashMap::new();
-        for (key, slice) in &snap.slices {
+        for (key, slice) in slices {
             slices_by_service
                 .entry(key.namespace.as_str())
                 .or_default()
@@ -436,7 +447,7 @@ pub(crate) mod tests {
         traffic_split::SplitBackend,
     };
 
-    fn at(secs: i64) -> Time {
+    pub(crate) fn at(secs: i64) -> Time {
         Time(k8s_openapi::jiff::Timestamp::from_second(1_700_000_000 + secs).expect("ts"))
     }
 
@@ -497,7 +508,7 @@ pub(crate) mod tests {
         }
     }
 
-    fn policy(
+    pub(crate) fn policy(
         ns: &str,
         name: &str,
         created: i64,

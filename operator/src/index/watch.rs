@@ -110,6 +110,14 @@ impl IndexWriter {
         self.synced.send_replace(true);
         changes
     }
+
+    /// `false`: every recomputation derives everything ([`Index::set_incremental`]).
+    pub fn set_incremental(&self, incremental: bool) {
+        self.index
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .set_incremental(incremental);
+    }
 }
 
 /// A new, empty index and its handle.
@@ -265,7 +273,7 @@ pub async fn run(
         ),
         SliceApi::V1Beta1 => v1beta1_slices(client.clone(), metrics.clone()),
     };
-    let mut stream = futures::stream::select_all([
+    let stream = futures::stream::select_all([
         updates(
             Api::<Service>::all(client.clone()),
             Kind::Service,
@@ -304,6 +312,20 @@ pub async fn run(
         ),
     ]);
 
+    drive(&writer, stream, &metrics, shutdown).await;
+}
+
+/// Applies `updates` (watch events) to the index, recomputes once per debounced burst and
+/// publishes each new version, until `updates` ends or `shutdown` completes: [`run`]'s
+/// loop, also for feeding the index without an apiserver (benchmarks).
+pub async fn drive(
+    writer: &IndexWriter,
+    updates: impl futures::Stream<Item = Update> + Unpin,
+    metrics: &IndexMetrics,
+    shutdown: impl Future<Output = ()>,
+) {
+    let mut shutdown = std::pin::pin!(shutdown);
+    let mut updates = updates;
     let mut feed = Feed::default();
     let mut debounce = Debouncer::new(writer.config.quiet, writer.config.max_delay);
     let mut synced = false;
@@ -311,12 +333,13 @@ pub async fn run(
         let due = debounce.due_at().filter(|_| synced);
         tokio::select! {
             _ = &mut shutdown => break,
-            update = stream.next() => {
+            update = updates.next() => {
                 let Some(update) = update else { break };
-                let changed = {
-                    let mut index = writer.index.write().unwrap_or_else(|e| e.into_inner());
-                    feed.apply(index.snapshot_mut(), update)
-                };
+                let changed = writer
+                    .index
+                    .write()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .apply(&mut feed, update);
                 if changed || (!synced && feed.synced()) {
                     debounce.changed(Instant::now());
                 }
