@@ -60,6 +60,10 @@ pub fn start_operator_on(
         &[
             format!("--metrics-listen=127.0.0.1:{admin_port}"),
             format!("--ca-listen=127.0.0.1:{ca_port}"),
+            // A local webhook is served with a harness certificate and registered by URL
+            // ([`register_webhook`]): the operator must not replace its caBundle with the
+            // mesh bundle (that is for the in-cluster webhook Service).
+            "--manage-webhook-certificate=false".to_owned(),
         ],
         &[
             ("KUBECONFIG", cluster.kubeconfig().display().to_string()),

@@ -3,12 +3,16 @@
 //! Starts etcd + kube-apiserver + kube-controller-manager, installs the CRDs and
 //! `config/default`, runs `remora-operator` and `remora-webhook` as local processes against
 //! it, applies `config/samples`, and prints what a user sees: the policies with their
-//! status, the injected pods, and the interception rules. `--keep` leaves it running until
-//! Ctrl-C.
+//! status, the injected pods, a `remora-proxy` in Kubernetes mode for the frontend pod
+//! (certified by the operator, its inbound config streamed), and the interception rules.
+//! `--keep` leaves it running until Ctrl-C.
 
-use std::{process::ExitCode, time::Duration};
+use std::{
+    process::{Command, ExitCode},
+    time::Duration,
+};
 
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod};
 use kube::{
     Api, ResourceExt,
     api::{DynamicObject, ListParams},
@@ -17,8 +21,11 @@ use remora_crds::MeshPolicy;
 use remora_e2e::{
     Cluster, HarnessError,
     apply::{apply_all, install_crds, kustomize, parse_documents, repo_root},
-    components::workspace_binary,
-    mesh::{register_webhook, start_operator, start_webhook, wait_listening},
+    cluster::free_ports,
+    components::{Process, workspace_binary},
+    mesh::{
+        register_webhook, service_account_token, start_operator, start_webhook, wait_listening,
+    },
 };
 
 fn step(text: &str) {
@@ -147,8 +154,12 @@ async fn run(keep: bool) -> Result<(), HarnessError> {
         ],
     )?;
 
+    step("remora-proxy for a frontend pod, in Kubernetes mode (what the injected sidecar runs)");
+    let (_proxy, report) = start_pod_proxy(&cluster, &client, operator.ca_port).await?;
+    print!("{report}");
+
     step("the interception rules remora-init installs in each pod (remora-init --dry-run)");
-    let out = std::process::Command::new(workspace_binary("remora-init")?)
+    let out = Command::new(workspace_binary("remora-init")?)
         .arg("--dry-run")
         .output()
         .map_err(|e| HarnessError::Command {
@@ -164,6 +175,156 @@ async fn run(keep: bool) -> Result<(), HarnessError> {
     }
     step("stopping every process");
     Ok(())
+}
+
+/// Runs `remora-proxy` as the frontend pod's sidecar would run it, with the flags the
+/// webhook injects (as environment) pointed at the local operator: a projected-style token
+/// from the TokenRequest API and the trust bundle the operator published into the
+/// namespace. Returns what a user would look at: readiness, identity, the config received.
+async fn start_pod_proxy(
+    cluster: &Cluster,
+    client: &kube::Client,
+    ca_port: u16,
+) -> Result<(Process, String), HarnessError> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "shop");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let pod = loop {
+        let found = pods
+            .list(&ListParams::default().labels("app=frontend"))
+            .await?
+            .items
+            .into_iter()
+            .next();
+        match found {
+            Some(p) => break p,
+            None if tokio::time::Instant::now() > deadline => {
+                return Err(HarnessError::Missing {
+                    what: "a frontend pod in namespace shop".to_owned(),
+                    how: "the frontend Deployment of config/samples creates it".to_owned(),
+                });
+            }
+            None => tokio::time::sleep(Duration::from_millis(250)).await,
+        }
+    };
+    let dir = cluster.dir()?.join("frontend-proxy");
+    let io = |what: String| {
+        move |e: std::io::Error| HarnessError::Command {
+            command: what.clone(),
+            stderr: e.to_string(),
+        }
+    };
+    std::fs::create_dir_all(&dir).map_err(io(format!("creating {}", dir.display())))?;
+    let token = service_account_token(client, "shop", "frontend", "remora", 3600).await?;
+    std::fs::write(dir.join("token"), token).map_err(io("writing the token".to_owned()))?;
+    let bundles: Api<ConfigMap> = Api::namespaced(client.clone(), "shop");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let bundle = loop {
+        let published = bundles
+            .get_opt("remora-trust-bundle")
+            .await?
+            .and_then(|cm| cm.data)
+            .and_then(|d| d.get("ca.crt").cloned());
+        match published {
+            Some(b) => break b,
+            None if tokio::time::Instant::now() > deadline => {
+                return Err(HarnessError::Missing {
+                    what: "ConfigMap shop/remora-trust-bundle".to_owned(),
+                    how: "the operator publishes it into namespaces labelled for injection"
+                        .to_owned(),
+                });
+            }
+            None => tokio::time::sleep(Duration::from_millis(250)).await,
+        }
+    };
+    std::fs::write(dir.join("ca.crt"), bundle).map_err(io("writing the bundle".to_owned()))?;
+    let [outbound, inbound, admin] = free_ports::<3>()?;
+    let path = |f: &str| dir.join(f).display().to_string();
+    let mut process = Process::start(
+        "remora-proxy-frontend",
+        &workspace_binary("remora-proxy")?,
+        &[] as &[&str],
+        &[
+            (
+                "REMORA_PROXY_OUTBOUND_LISTEN",
+                format!("127.0.0.1:{outbound}"),
+            ),
+            (
+                "REMORA_PROXY_INBOUND_LISTEN",
+                format!("127.0.0.1:{inbound}"),
+            ),
+            ("REMORA_PROXY_ADMIN_LISTEN", format!("127.0.0.1:{admin}")),
+            ("REMORA_PROXY_OPERATOR_ADDR", format!("127.0.0.1:{ca_port}")),
+            (
+                "REMORA_PROXY_OPERATOR_SERVER_NAME",
+                "remora-operator.remora-system.svc".to_owned(),
+            ),
+            ("REMORA_PROXY_TOKEN_FILE", path("token")),
+            ("REMORA_PROXY_TRUST_BUNDLE_FILE", path("ca.crt")),
+            ("REMORA_PROXY_POD_NAME", pod.name_any()),
+            ("REMORA_PROXY_POD_NAMESPACE", "shop".to_owned()),
+            ("REMORA_PROXY_SERVICE_ACCOUNT", "frontend".to_owned()),
+        ],
+        cluster.dir()?,
+    )?;
+    let ready = Command::new(workspace_binary("remora-proxy")?)
+        .args([
+            "wait-ready",
+            "--timeout=30s",
+            &format!("--admin=127.0.0.1:{admin}"),
+        ])
+        .output()
+        .map_err(io("remora-proxy wait-ready".to_owned()))?;
+    process.check_running()?;
+    let mut out = format!(
+        "pod shop/{} — proxy admin on 127.0.0.1:{admin} (log {})\n$ remora-proxy wait-ready → {}\n",
+        pod.name_any(),
+        process.log().display(),
+        if ready.status.success() {
+            "ready: certificate and inbound config are in"
+        } else {
+            "NOT ready"
+        },
+    );
+    let metrics = http_get(admin, "/metrics").await?;
+    for line in metrics.lines().filter(|l| {
+        l.starts_with("remora_proxy_certificate_renewals_total")
+            || l.starts_with("remora_proxy_config_version")
+            || l.starts_with("remora_proxy_control_subscriptions")
+    }) {
+        out.push_str(&format!("  {line}\n"));
+    }
+    let dump = http_get(admin, "/config_dump").await?;
+    out.push_str("$ curl 127.0.0.1:ADMIN/config_dump (the inbound config the operator streamed)\n");
+    for line in dump.lines().take(20) {
+        out.push_str(&format!("  {line}\n"));
+    }
+    // The proxy stops with the demo (its Process is killed when dropped).
+    Ok((process, out))
+}
+
+/// The body of `GET path` on the local admin port (HTTP/1.1, `Connection: close`).
+async fn http_get(port: u16, path: &str) -> Result<String, HarnessError> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let err = |e: std::io::Error| HarnessError::Command {
+        command: format!("GET 127.0.0.1:{port}{path}"),
+        stderr: e.to_string(),
+    };
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .map_err(err)?;
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: demo\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .map_err(err)?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).await.map_err(err)?;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    Ok(text
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or(text))
 }
 
 #[tokio::main]
