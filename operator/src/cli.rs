@@ -103,8 +103,8 @@ pub struct Args {
     pub webhook_configuration: String,
 
     /// The discovery index recomputes the derived config once no change arrived for this
-    /// long… The recomputation is incremental (only the pieces a change touches: ≈ 10 µs
-    /// for one Service's slice, ≈ 25 ms for all of 1,000 × 10, `examples/index_bench.rs`),
+    /// long… The recomputation is incremental (only the pieces a change touches: 5–10 µs
+    /// for one Service's slice, 10–25 ms for all of 1,000 × 10, `examples/index_bench.rs`),
     /// so a short quiet period costs little, and it is added to every change's way to the
     /// proxies (target: 100 ms end to end). A burst arriving at once (1,000 slice events in
     /// `examples/stream_bench.rs`) still coalesces into one version; a longer storm is cut

@@ -84,26 +84,30 @@ pub struct Lookup<'a> {
 
 impl<'a> Lookup<'a> {
     pub fn new(snap: &'a Snapshot) -> Self {
-        Self::with_slices(snap, &snap.slices)
+        Self::with_slices(snap, &snap.slices, &snap.slices)
     }
 
-    /// A lookup that knows only `slices` (in key order, as the snapshot holds them): the
-    /// pieces of a Service are right when every slice of it is given, those of a Pod when
-    /// every slice listing it is; the policies and splits are always all indexed. An
-    /// incremental recomputation uses it to read only what the changed pieces need.
+    /// A lookup that knows only some slices (each given in key order, as the snapshot
+    /// holds them): the pieces of a Service are right when every slice of it is among
+    /// `for_services`, those of a Pod when every slice listing it is among `for_pods`; the
+    /// policies and splits are always all indexed. An incremental recomputation uses it
+    /// to read only what the changed pieces need.
     pub fn with_slices(
         snap: &'a Snapshot,
-        slices: impl IntoIterator<Item = (&'a ObjKey, &'a SliceState)>,
+        for_services: impl IntoIterator<Item = (&'a ObjKey, &'a SliceState)>,
+        for_pods: impl IntoIterator<Item = (&'a ObjKey, &'a SliceState)>,
     ) -> Self {
         let mut slices_by_service: Nested<'a, Vec<&'a SliceState>> = HashMap::new();
         let mut slices_by_pod: Nested<'a, Vec<&'a SliceState>> = HashMap::new();
-        for (key, slice) in slices {
+        for (key, slice) in for_services {
             slices_by_service
                 .entry(key.namespace.as_str())
                 .or_default()
                 .entry(slice.service.as_str())
                 .or_default()
                 .push(slice);
+        }
+        for (key, slice) in for_pods {
             let pods: BTreeSet<&str> = slice
                 .endpoints
                 .iter()

@@ -128,6 +128,23 @@ impl Relations {
         rel
     }
 
+    /// Slice `key` changed from `old` to `new` (`None`: absent); nothing to do when its
+    /// Service and Pods stay (an endpoint's state changed).
+    pub fn replace(&mut self, key: &ObjKey, old: Option<&SliceState>, new: Option<&SliceState>) {
+        if let (Some(o), Some(n)) = (old, new)
+            && o.service == n.service
+            && pods_of(o) == pods_of(n)
+        {
+            return;
+        }
+        if let Some(old) = old {
+            self.remove(key, old);
+        }
+        if let Some(new) = new {
+            self.add(key, new);
+        }
+    }
+
     /// Records slice `key`.
     pub fn add(&mut self, key: &ObjKey, slice: &SliceState) {
         self.each(key, slice, link);

@@ -242,12 +242,7 @@ impl Index {
                 _ => None,
             };
             if old != new {
-                if let Some(old) = old {
-                    self.relations.remove(k, old);
-                }
-                if let Some(new) = new {
-                    self.relations.add(k, new);
-                }
+                self.relations.replace(k, old, new);
                 self.dirty.slice(&k.namespace, old, new);
             }
         }
@@ -377,16 +372,16 @@ impl Index {
         }
 
         // Only the slices these pieces read.
-        let slices: BTreeSet<&ObjKey> = services
+        let for_services: BTreeSet<&ObjKey> = services
             .iter()
             .flat_map(|s| rel.slices_of_service(s))
-            .chain(pods.iter().flat_map(|p| rel.slices_of_pod(p)))
             .collect();
+        let for_pods: BTreeSet<&ObjKey> = pods.iter().flat_map(|p| rel.slices_of_pod(p)).collect();
+        let get = |k: &ObjKey| snap.slices.get_key_value(k);
         let lookup = derive::Lookup::with_slices(
             snap,
-            slices
-                .into_iter()
-                .filter_map(|k| snap.slices.get_key_value(k)),
+            for_services.into_iter().filter_map(get),
+            for_pods.into_iter().filter_map(get),
         );
 
         let mut dests: BTreeSet<Destination> = BTreeSet::new();
