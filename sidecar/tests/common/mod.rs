@@ -55,7 +55,12 @@ pub async fn start(settings: Settings, yaml: &str) -> Proxy {
 /// - `/trailers` adds `grpc-status: 0` trailers; `/slow/<ms>` waits before answering;
 ///   `/status/<code>` answers that code; an `Upgrade` request is switched and echoed.
 pub async fn http_echo() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    http_echo_on("127.0.0.1:0".parse().expect("addr")).await
+}
+
+/// [`http_echo`] on `bind` (in a network namespace: `0.0.0.0:<port>`).
+pub async fn http_echo_on(bind: SocketAddr) -> SocketAddr {
+    let listener = TcpListener::bind(bind).await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     tokio::spawn(async move {
         loop {
@@ -157,9 +162,15 @@ async fn echo(mut req: Request<Incoming>) -> Result<Response<Body>, Infallible> 
     Ok(resp)
 }
 
-/// A TCP echo server that prefixes its replies with `echo:` per read.
+/// A TCP echo server: every byte read is written back; the peer's half-close is answered
+/// with one (after everything is echoed).
 pub async fn tcp_echo() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    tcp_echo_on("127.0.0.1:0".parse().expect("addr")).await
+}
+
+/// [`tcp_echo`] on `bind`.
+pub async fn tcp_echo_on(bind: SocketAddr) -> SocketAddr {
+    let listener = TcpListener::bind(bind).await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     tokio::spawn(async move {
         loop {

@@ -252,6 +252,12 @@ impl Pods {
     /// Identities from one CA: the server pod's (`REVIEWS`) and the client pod's
     /// (`FRONTEND`), readable by the proxies.
     pub fn identities(&self) -> (IdentityPaths, IdentityPaths) {
+        let (_, server_id, client_id) = self.identities_with_ca();
+        (server_id, client_id)
+    }
+
+    /// [`Pods::identities`] and their CA, which issues the replacements of a rotation.
+    pub fn identities_with_ca(&self) -> (Ca, IdentityPaths, IdentityPaths) {
         let ca = Ca::new("remora netns CA");
         let server_id = IdentityPaths::write(self.dir.path(), "reviews", REVIEWS, &ca, &ca);
         let client_id = IdentityPaths::write(self.dir.path(), "frontend", FRONTEND, &ca, &ca);
@@ -260,7 +266,7 @@ impl Pods {
                 fs::set_permissions(p, fs::Permissions::from_mode(0o644)).expect("chmod");
             }
         }
-        (server_id, client_id)
+        (ca, server_id, client_id)
     }
 
     pub fn spawn(&mut self, ns_is_server: bool, what: &str, args: &[&str]) -> usize {
@@ -281,6 +287,25 @@ impl Pods {
             what: what.to_owned(),
         });
         self.procs.len() - 1
+    }
+
+    /// [`Pods::spawn`], then waits until the process's log shows `marker` (a peer saying
+    /// it listens or runs).
+    pub fn spawn_until(
+        &mut self,
+        ns_is_server: bool,
+        what: &str,
+        args: &[String],
+        marker: &str,
+    ) -> usize {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let idx = self.spawn(ns_is_server, what, &args);
+        wait_for(
+            &format!("{what}: {marker}"),
+            || self.log(what).contains(marker),
+            || self.log(what),
+        );
+        idx
     }
 
     pub fn log(&self, what: &str) -> String {
@@ -331,6 +356,21 @@ impl Pods {
         );
         idx
     }
+}
+
+/// The command that re-executes this test binary as a peer inside a namespace: `env
+/// {var}={role} <test binary> --exact {test} --nocapture`. The `#[test]` function named
+/// `test` sees `var` set and plays `role` instead of orchestrating.
+pub fn reexec(var: &str, role: &str, test: &str) -> Vec<String> {
+    let me = std::env::current_exe().expect("test binary");
+    vec![
+        "env".to_owned(),
+        format!("{var}={role}"),
+        me.display().to_string(),
+        "--exact".to_owned(),
+        test.to_owned(),
+        "--nocapture".to_owned(),
+    ]
 }
 
 pub fn curl(ns: &Netns, url: &str) -> Option<(u16, String)> {

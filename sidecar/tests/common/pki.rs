@@ -33,20 +33,35 @@ impl Ca {
 
     /// A workload certificate for `spiffe_id`; `expired` makes one that ended in 2021.
     pub fn issue(&self, spiffe_id: &str, expired: bool) -> (String, String) {
+        let until = if expired { (2021, 1, 1) } else { (2099, 1, 1) };
+        self.issue_until(spiffe_id, until)
+    }
+
+    /// A workload certificate for `spiffe_id` valid from 2020 until `(year, month, day)`
+    /// (midnight UTC), so that a rotated certificate is told apart by its expiry.
+    pub fn issue_until(&self, spiffe_id: &str, until: (i32, u8, u8)) -> (String, String) {
+        let san = SanType::URI(Ia5String::try_from(spiffe_id).expect("ia5"));
+        self.leaf(san, until)
+    }
+
+    /// A plain TLS server certificate for the DNS name `host` (not a mesh identity).
+    #[allow(dead_code)] // benches/pair.rs includes this file and issues none
+    pub fn issue_dns(&self, host: &str) -> (String, String) {
+        let san = SanType::DnsName(Ia5String::try_from(host).expect("ia5"));
+        self.leaf(san, (2099, 1, 1))
+    }
+
+    fn leaf(&self, san: SanType, (y, m, d): (i32, u8, u8)) -> (String, String) {
         let key = KeyPair::generate().expect("leaf key");
         let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
-        params.subject_alt_names = vec![SanType::URI(Ia5String::try_from(spiffe_id).expect("ia5"))];
+        params.subject_alt_names = vec![san];
         params.extended_key_usages = vec![
             ExtendedKeyUsagePurpose::ServerAuth,
             ExtendedKeyUsagePurpose::ClientAuth,
         ];
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.not_before = date_time_ymd(2020, 1, 1);
-        params.not_after = if expired {
-            date_time_ymd(2021, 1, 1)
-        } else {
-            date_time_ymd(2099, 1, 1)
-        };
+        params.not_after = date_time_ymd(y, m, d);
         let cert = params.signed_by(&key, &self.issuer).expect("signed leaf");
         (cert.pem(), key.serialize_pem())
     }
