@@ -23,6 +23,22 @@ use common::netns::{
     pods, run, wait_for,
 };
 
+/// Waits until the client's slow request is inside the client proxy (an open outbound
+/// connection), so the shutdown that follows really has a request in flight.
+fn wait_request_in_flight(pods: &Pods) {
+    wait_for(
+        "the slow request in flight through the client proxy",
+        || {
+            metric(
+                &pods.client,
+                "remora_proxy_open_connections{direction=\"outbound\"}",
+            )
+            .is_some_and(|n| n >= 1)
+        },
+        || pods.log("proxy-client"),
+    );
+}
+
 const APP: &str = r#"
 import http.server, socketserver, sys, time
 class H(http.server.BaseHTTPRequestHandler):
@@ -233,7 +249,7 @@ fn sigterm_lets_in_flight_requests_finish_and_exits_zero() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("curl");
-    std::thread::sleep(Duration::from_millis(500));
+    wait_request_in_flight(&pods);
     let proxy = pods
         .procs
         .iter()
@@ -287,7 +303,7 @@ fn drain_hook_lets_in_flight_requests_finish_and_the_proxy_exits_zero() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("curl");
-    std::thread::sleep(Duration::from_millis(500));
+    wait_request_in_flight(&pods);
     // The preStop hook: returns once the proxy has drained and exited.
     let drain = run(&mut pods.client.cmd(&[bin, "drain", "--grace-period=10s"]));
     let drain_err = String::from_utf8_lossy(&drain.stderr).into_owned();

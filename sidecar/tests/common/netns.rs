@@ -1,7 +1,8 @@
 //! Network-namespace scaffolding of the `netns*` tests (root, `ip`, `iptables`,
 //! `ip6tables`, `curl`, `python3`, `setpriv`): two "pods" in their own namespaces joined by
-//! a veth pair, each with the interception rules `remora-init` installs (outbound TCP →
-//! 15001 except the proxy's UID 1337 and loopback; inbound TCP → 15006), and the
+//! a veth pair, each with the interception rules of `remora-init`'s own rule builder
+//! (outbound TCP → 15001 except the proxy's UID/GID 1337 and loopback; inbound TCP → 15006
+//! except the admin port), and the
 //! `remora-proxy` binary running as UID 1337 with a standalone config and file
 //! certificates. The original destination comes from the kernel (`SO_ORIGINAL_DST`), as in
 //! a pod.
@@ -87,6 +88,40 @@ impl Netns {
         let mut c = Command::new("ip");
         c.args(["netns", "exec", &self.name]).args(args);
         c
+    }
+
+    /// Installs remora-init's default interception rules (IPv4 and IPv6) in this
+    /// namespace: the output of its rule builder, applied with `*tables-restore --noflush`
+    /// as its executor does.
+    pub fn remora_init(&self) {
+        use remora_init::{
+            config::{Config, Family},
+            rules,
+        };
+        for (family, tool) in [
+            (Family::V4, "iptables-restore"),
+            (Family::V6, "ip6tables-restore"),
+        ] {
+            let script = rules::build(&Config::default(), family).restore_script(&[]);
+            let mut child = self
+                .cmd(&[tool, "--noflush"])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("start *tables-restore");
+            if let Some(mut stdin) = child.stdin.take() {
+                use std::io::Write as _;
+                stdin.write_all(script.as_bytes()).expect("write the rules");
+            }
+            let out = child.wait_with_output().expect("*tables-restore ran");
+            assert!(
+                out.status.success(),
+                "{tool} in {}: {}\n{script}",
+                self.name,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
     }
 
     pub fn rules(&self, tool: &str, rules: &[&str]) {
@@ -182,24 +217,11 @@ pub fn pods() -> Pods {
         &[&format!("{CLIENT_IP}/24"), &format!("{CLIENT_IP6}/64")],
         &[&format!("{SERVER_IP}/24"), &format!("{SERVER_IP6}/64")],
     );
-    for (tool, lo) in [("iptables", "127.0.0.1/32"), ("ip6tables", "::1/128")] {
-        let outbound = [
-            "-A OUTPUT -p tcp -m owner --uid-owner 1337 -j RETURN".to_owned(),
-            format!("-A OUTPUT -p tcp -d {lo} -j RETURN"),
-            "-A OUTPUT -p tcp -j REDIRECT --to-ports 15001".to_owned(),
-        ];
-        let outbound: Vec<&str> = outbound.iter().map(String::as_str).collect();
-        client.rules(tool, &outbound);
-        server.rules(tool, &outbound);
-        // The admin port (probes) is not captured, as remora-init leaves it.
-        server.rules(
-            tool,
-            &[
-                "-A PREROUTING -p tcp --dport 15020 -j RETURN",
-                "-A PREROUTING -p tcp -j REDIRECT --to-ports 15006",
-            ],
-        );
-    }
+    // Both pods get exactly what remora-init installs with its defaults (proxy UID/GID
+    // 1337, outbound → 15001, inbound → 15006 except the admin port 15020, loopback
+    // bypass), from its own rule builder.
+    client.remora_init();
+    server.remora_init();
     // Wait until both families route across the veth (IPv6 neighbour discovery takes a
     // moment): a refused connection (nothing listens yet) proves reachability. As UID 1337,
     // so the client's own capture rules stay out of the way.
