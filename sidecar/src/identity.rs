@@ -272,6 +272,14 @@ impl Identity {
     }
 }
 
+/// A peer whose certificate chains to the trust bundle but names another workload.
+#[derive(Debug, thiserror::Error)]
+#[error("the peer is {}, not the expected {expected}", presented.as_deref().unwrap_or("a certificate without a SPIFFE ID"))]
+pub struct IdentityMismatch {
+    pub expected: Arc<str>,
+    pub presented: Option<String>,
+}
+
 /// Verifies a server by trust bundle and SPIFFE ID (mesh certificates carry no DNS names).
 #[derive(Debug)]
 pub struct SpiffeServerVerifier {
@@ -299,9 +307,12 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         )?;
         match spiffe_id(end_entity) {
             Some(id) if *id == *self.expected => Ok(ServerCertVerified::assertion()),
-            _ => Err(rustls::Error::InvalidCertificate(
-                CertificateError::ApplicationVerificationFailure,
-            )),
+            presented => Err(rustls::Error::InvalidCertificate(CertificateError::Other(
+                rustls::OtherError(Arc::new(IdentityMismatch {
+                    expected: self.expected.clone(),
+                    presented,
+                })),
+            ))),
         }
     }
 

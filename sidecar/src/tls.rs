@@ -160,6 +160,7 @@ pub fn failure_reason(e: &io::Error) -> &'static str {
                 "not_yet_valid"
             }
             CertificateError::UnknownIssuer => "untrusted",
+            CertificateError::Other(_) if identity_mismatch(e).is_some() => "identity_mismatch",
             CertificateError::ApplicationVerificationFailure
             | CertificateError::NotValidForName
             | CertificateError::NotValidForNameContext { .. } => "identity_mismatch",
@@ -241,15 +242,38 @@ where
             "TLS handshake timed out",
         )),
     };
-    match &result {
-        Ok(_) => count(metrics, Direction::Outbound, "ok"),
+    match result {
+        Ok(tls) => {
+            count(metrics, Direction::Outbound, "ok");
+            Ok(tls)
+        }
         Err(e) => {
-            let reason = failure_reason(e);
+            let reason = failure_reason(&e);
             count(metrics, Direction::Outbound, reason);
+            let e = readable(e);
             tracing::warn!(upstream = %addr, expected = %expected, reason, error = %e, "mTLS handshake failed");
+            Err(e)
         }
     }
-    result
+}
+
+/// rustls prints a custom certificate error with `Debug`; an identity mismatch is worth
+/// its own sentence (it ends up in `x-remora-proxy-error`).
+fn readable(e: io::Error) -> io::Error {
+    match identity_mismatch(&e).map(|m| format!("invalid peer certificate: {m}")) {
+        Some(text) => io::Error::new(e.kind(), text),
+        None => e,
+    }
+}
+
+/// The identity mismatch inside a handshake error, if that is what it is.
+fn identity_mismatch(e: &io::Error) -> Option<&crate::identity::IdentityMismatch> {
+    match e.get_ref()?.downcast_ref::<rustls::Error>()? {
+        rustls::Error::InvalidCertificate(CertificateError::Other(o)) => {
+            (&*o.0 as &(dyn std::error::Error + 'static)).downcast_ref()
+        }
+        _ => None,
+    }
 }
 
 /// An upstream connection: plain TCP or mesh mTLS.

@@ -234,6 +234,18 @@ async fn wrong_identity_is_refused_and_counted() {
     let mut c = h1(m.a.outbound_addrs[0]).await;
     let resp = c.send_request(get("/")).await.expect("response");
     assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
+    // The reason names both identities.
+    let reason = resp
+        .headers()
+        .get("x-remora-proxy-error")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        reason.contains("not the expected spiffe://cluster.local/ns/shop/sa/impostor")
+            && reason.contains("spiffe://cluster.local/ns/"),
+        "{reason}"
+    );
     assert_eq!(
         metric(
             &m.a,
