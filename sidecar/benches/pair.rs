@@ -583,6 +583,16 @@ fn start_envoy(pods: &mut Pods, bin: &str) -> anyhow::Result<(u32, u32)> {
         let mut all = vec![bin];
         all.extend(args.iter().map(String::as_str));
         pids.push(sidecar(pods, server, name, &all)?);
+        // Started = both capture listeners bound (Envoy has no wait-ready hook here), so
+        // its idle RSS is read from a running Envoy, as Remora's is after wait-ready.
+        let ns = if server { &pods.server } else { &pods.client };
+        let listening = || {
+            ns.cmd(&["ss", "-Hltn", "( sport = :15001 or sport = :15006 )"])
+                .output()
+                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).lines().count() >= 2)
+        };
+        wait_for(&format!("{name} listening"), listening)
+            .map_err(|e| anyhow::anyhow!("{e}\n{}", logs(pods, &[name])))?;
     }
     Ok((pids[1], pids[0]))
 }
