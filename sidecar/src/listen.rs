@@ -105,17 +105,22 @@ pub async fn accept_loop(ctx: Arc<Context>, listener: TcpListener, direction: Di
                 continue;
             }
         };
-        let ctx = ctx.clone();
-        tokio::spawn(async move {
-            let local = match stream.local_addr() {
-                Ok(l) => LocalAddr(l),
-                Err(e) => {
-                    tracing::debug!(%direction, error = %e, "connection closed before it was served");
-                    return;
-                }
-            };
-            conn::serve(ctx, direction, stream, ClientAddr(peer), local).await;
-        });
+        let local = match stream.local_addr() {
+            Ok(l) => LocalAddr(l),
+            Err(e) => {
+                tracing::debug!(%direction, error = %e, "connection closed before it was served");
+                continue;
+            }
+        };
+        // Boxed: the connection's state machine (detection, TLS, hyper) is several KB,
+        // and spawning it unboxed copies all of it more than once per connection.
+        tokio::spawn(Box::pin(conn::serve(
+            ctx.clone(),
+            direction,
+            stream,
+            ClientAddr(peer),
+            local,
+        )));
     }
     tracing::info!(%direction, "listener closed");
 }
