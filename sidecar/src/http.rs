@@ -417,8 +417,9 @@ async fn forward(
                     if ep.meshed && ep.identity.is_some() && ctx.identity.current().is_some() {
                         mtls = true;
                         // Between proxies, HTTP/1 requests share one multiplexed HTTP/2
-                        // mTLS connection (upgrades keep their own HTTP/1 connection).
-                        if !h2 && !upgrade {
+                        // mTLS connection (upgrades keep their own HTTP/1 connection),
+                        // unless `--mesh-protocol http1` keeps them on HTTP/1.
+                        if !h2 && !upgrade && ctx.settings.mesh_http2 {
                             h2 = true;
                             orig_h1 = true;
                         }

@@ -66,6 +66,10 @@ pub struct Settings {
     /// Kubernetes mode: certify with the operator and serve its streamed config (the
     /// `config` given to [`Proxy::start`] is then ignored).
     pub control: Option<control::ControlSettings>,
+    /// HTTP/1 requests to a meshed endpoint ride one multiplexed HTTP/2 mTLS connection
+    /// (true, the default) or pooled HTTP/1 mTLS connections (less CPU per request, more
+    /// connections between proxies).
+    pub mesh_http2: bool,
 }
 
 impl Default for Settings {
@@ -86,6 +90,7 @@ impl Default for Settings {
             app_probes: Arc::default(),
             pod_ip: None,
             control: None,
+            mesh_http2: true,
         }
     }
 }

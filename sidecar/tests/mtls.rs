@@ -35,6 +35,8 @@ struct MeshSpec<'a> {
     expect: &'a str,
     /// B's certificate comes from a CA that A does not trust.
     b_untrusted: bool,
+    /// Proxy A runs with `--mesh-protocol http1`.
+    a_mesh_http1: bool,
 }
 
 impl Default for MeshSpec<'_> {
@@ -45,6 +47,7 @@ impl Default for MeshSpec<'_> {
             b_extra: "",
             expect: REVIEWS,
             b_untrusted: false,
+            a_mesh_http1: false,
         }
     }
 }
@@ -73,7 +76,9 @@ async fn mesh(spec: MeshSpec<'_>) -> Mesh {
         spec.protocol,
         spec.expect
     );
-    let a = start(fast(settings(VIP.parse().expect("vip"))), &a_yaml).await;
+    let mut a_settings = fast(settings(VIP.parse().expect("vip")));
+    a_settings.mesh_http2 = !spec.a_mesh_http1;
+    let a = start(a_settings, &a_yaml).await;
     Mesh {
         _dir: dir,
         ca,
@@ -220,6 +225,51 @@ async fn opaque_tcp_rides_mtls() {
         ),
         Some(1)
     );
+}
+
+#[tokio::test]
+async fn http1_stays_http1_between_proxies_with_mesh_protocol_http1() {
+    for (http1, inner) in [(false, "http2"), (true, "http1")] {
+        let backend = http_echo().await;
+        let m = mesh(MeshSpec {
+            backend,
+            a_mesh_http1: http1,
+            ..Default::default()
+        })
+        .await;
+        let mut c = h1(m.a.outbound_addrs[0]).await;
+        for _ in 0..3 {
+            let resp = c.send_request(get("/hello")).await.expect("response");
+            assert_eq!(resp.status(), StatusCode::OK);
+            assert_eq!(
+                resp.headers().get("echo-version").expect("version"),
+                "HTTP/1.1"
+            );
+            assert!(resp.headers().get("echo-remora-orig-proto").is_none());
+        }
+        // What proxy B found inside the mTLS connection, and that it was mTLS at all.
+        let detected = |outcome: &str| {
+            metric(
+                &m.b,
+                &format!(r#"remora_proxy_detect_total{{direction="inbound",outcome="{outcome}"}}"#),
+            )
+        };
+        assert!(
+            detected(inner).is_some_and(|n| n >= 1),
+            "mesh http1={http1}: B detected {inner} inside mTLS\n{}",
+            m.b.context().metrics.encode()
+        );
+        let other = if http1 { "http2" } else { "http1" };
+        assert_eq!(detected(other), None, "mesh http1={http1}");
+        assert_eq!(
+            metric(
+                &m.b,
+                r#"remora_proxy_tls_handshakes_total{direction="inbound",outcome="ok"}"#
+            ),
+            Some(1),
+            "one pooled mTLS connection for the three requests"
+        );
+    }
 }
 
 #[tokio::test]
