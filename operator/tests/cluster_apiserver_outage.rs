@@ -10,45 +10,20 @@ use std::time::Duration;
 
 use kube::Api;
 use remora_crds::MeshPolicy;
-use remora_operator::index::{derive::Destination, model::ObjKey, watch::IndexHandle};
+use remora_operator::index::watch::IndexHandle;
 use support::*;
 
-fn reviews() -> Destination {
-    Destination {
-        service: ObjKey::new("outage", "reviews"),
-        port: 9080,
-    }
-}
+const NS: &str = "outage";
 
-/// The piece's version and endpoint count.
+/// The `reviews` piece's version and endpoint count.
 fn piece(index: &IndexHandle) -> Option<(u64, usize)> {
-    index
-        .read()
-        .outbound(&reviews())
-        .map(|v| (v.version, v.value.endpoints.len()))
+    reviews_piece(index, NS).map(|(v, p)| (v, p.endpoints.len()))
 }
 
 async fn wait_endpoints(index: &IndexHandle, what: &str, after: u64, count: usize) -> u64 {
-    eventually(what, || async {
-        match piece(index) {
-            Some((v, n)) if v > after && n == count => Ok(v),
-            other => Err(format!("{other:?}")),
-        }
-    })
-    .await
-}
-
-async fn slice(client: &kube::Client, ips: &[&str]) {
-    endpoint_slice(
-        client,
-        "outage",
-        "reviews",
-        "reviews-abc",
-        (9080, 8080),
-        "reviews-1",
-        ips,
-    )
-    .await;
+    wait_reviews(index, NS, what, after, |p| p.endpoints.len() == count)
+        .await
+        .0
 }
 
 fn watch_errors(metrics: &str) -> f64 {
@@ -63,9 +38,9 @@ fn watch_errors(metrics: &str) -> f64 {
 async fn the_index_serves_its_last_state_while_the_apiserver_is_down_and_catches_up_after() {
     let (mut cluster, client) = cluster().await;
     let op = operator(&client, "op-outage").await;
-    namespace(&client, "outage").await;
-    service(&client, "outage", "reviews", &[9080]).await;
-    slice(&client, &["10.244.0.7"]).await;
+    namespace(&client, NS).await;
+    service(&client, NS, "reviews", &[9080]).await;
+    reviews_slice(&client, NS, &["10.244.0.7"]).await;
     op.index.wait_synced().await;
     let v1 = wait_endpoints(&op.index, "reviews with one endpoint", 0, 1).await;
 
@@ -89,13 +64,13 @@ async fn the_index_serves_its_last_state_while_the_apiserver_is_down_and_catches
         .start_apiserver()
         .await
         .expect("the apiserver starts again");
-    slice(&client, &["10.244.0.7", "10.244.0.9"]).await;
+    reviews_slice(&client, NS, &["10.244.0.7", "10.244.0.9"]).await;
     let v2 = wait_endpoints(&op.index, "the change made after the outage", v1, 2).await;
     assert!(v2 > v1);
 
     // The controllers are back as well: a new policy gets its conditions.
-    mesh_policy(&client, "outage", "reviews", Some("reviews")).await;
-    let api: Api<MeshPolicy> = Api::namespaced(client.clone(), "outage");
+    mesh_policy(&client, NS, "reviews", Some("reviews")).await;
+    let api: Api<MeshPolicy> = Api::namespaced(client.clone(), NS);
     wait_conditions(
         &api,
         "reviews",

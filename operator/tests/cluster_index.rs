@@ -9,70 +9,27 @@ use std::{net::SocketAddr, time::Instant};
 
 use k8s_openapi::api::core::v1::{Pod, Service};
 use kube::{
-    Api, Client,
+    Api,
     api::{DeleteParams, PostParams},
 };
-use remora_crds::proxy::OutboundService;
-use remora_operator::index::{
-    api::SliceApi, derive::Destination, model::ObjKey, watch::IndexHandle,
-};
+use remora_operator::index::api::SliceApi;
 use support::*;
 
-fn reviews() -> Destination {
-    Destination {
-        service: ObjKey::new("idx", "reviews"),
-        port: 9080,
-    }
-}
-
-fn piece(index: &IndexHandle) -> Option<(u64, OutboundService)> {
-    index
-        .read()
-        .outbound(&reviews())
-        .map(|v| (v.version, v.value.clone()))
-}
-
-async fn slice(client: &Client, ips: &[&str]) {
-    endpoint_slice(
-        client,
-        "idx",
-        "reviews",
-        "reviews-abc",
-        (9080, 8080),
-        "reviews-1",
-        ips,
-    )
-    .await;
-}
-
-async fn wait_piece(
-    index: &IndexHandle,
-    what: &str,
-    after: u64,
-    check: impl Fn(&OutboundService) -> bool,
-) -> (u64, OutboundService) {
-    eventually(what, || async {
-        match piece(index) {
-            Some((v, p)) if v > after && check(&p) => Ok((v, p)),
-            other => Err(format!("{other:?}")),
-        }
-    })
-    .await
-}
+const NS: &str = "idx";
 
 #[tokio::test]
 async fn index_follows_the_cluster_and_versions_only_grow_across_a_restart() {
     let (_cluster, client) = cluster().await;
     let op = operator(&client, "op-index").await;
-    namespace(&client, "idx").await;
-    let svc: Service = service(&client, "idx", "reviews", &[9080]).await;
+    namespace(&client, NS).await;
+    let svc: Service = service(&client, NS, "reviews", &[9080]).await;
     let vip: std::net::IpAddr = svc
         .spec
         .and_then(|s| s.cluster_ip)
         .expect("cluster IP allocated")
         .parse()
         .expect("IP");
-    let pods: Api<Pod> = Api::namespaced(client.clone(), "idx");
+    let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
     pods.create(
         &PostParams::default(),
         &from_json(serde_json::json!({
@@ -84,7 +41,7 @@ async fn index_follows_the_cluster_and_versions_only_grow_across_a_restart() {
     )
     .await
     .expect("pod created");
-    slice(&client, &["10.244.0.7"]).await;
+    reviews_slice(&client, NS, &["10.244.0.7"]).await;
 
     op.index.wait_synced().await;
     assert_eq!(
@@ -94,8 +51,9 @@ async fn index_follows_the_cluster_and_versions_only_grow_across_a_restart() {
     );
     // The Pod and EndpointSlice watches are separate streams: a version may hold the
     // endpoint before the Pod that gives it its identity has arrived. Wait for both.
-    let (v1, p) = wait_piece(
+    let (v1, p) = wait_reviews(
         &op.index,
+        NS,
         "reviews with its endpoint and identity",
         0,
         |p| p.endpoints.len() == 1 && p.endpoints[0].identity.is_some(),
@@ -113,20 +71,23 @@ async fn index_follows_the_cluster_and_versions_only_grow_across_a_restart() {
     assert!(e.meshed && e.ready);
     assert_eq!(
         op.index.read().destination_of(SocketAddr::new(vip, 9080)),
-        Some(&reviews())
+        Some(&reviews(NS))
     );
 
     // An EndpointSlice change reaches the index with a newer version.
     let changed_at = Instant::now();
-    slice(&client, &["10.244.0.7", "10.244.0.9"]).await;
-    let (v2, _) = wait_piece(&op.index, "second endpoint", v1, |p| p.endpoints.len() == 2).await;
+    reviews_slice(&client, NS, &["10.244.0.7", "10.244.0.9"]).await;
+    let (v2, _) = wait_reviews(&op.index, NS, "second endpoint", v1, |p| {
+        p.endpoints.len() == 2
+    })
+    .await;
     eprintln!(
         "EndpointSlice change → index version in {:?}",
         changed_at.elapsed()
     );
 
     // A policy for the Service lands in its outbound piece.
-    let policies: Api<remora_crds::MeshPolicy> = Api::namespaced(client.clone(), "idx");
+    let policies: Api<remora_crds::MeshPolicy> = Api::namespaced(client.clone(), NS);
     policies
         .create(
             &PostParams::default(),
@@ -139,7 +100,7 @@ async fn index_follows_the_cluster_and_versions_only_grow_across_a_restart() {
         )
         .await
         .expect("policy created");
-    let (v3, p) = wait_piece(&op.index, "the policy's timeout", v2, |p| {
+    let (v3, p) = wait_reviews(&op.index, NS, "the policy's timeout", v2, |p| {
         p.policy.is_some()
     })
     .await;
@@ -165,7 +126,7 @@ async fn index_follows_the_cluster_and_versions_only_grow_across_a_restart() {
     op.stop().await;
     let op = operator(&client, "op-index-2").await;
     op.index.wait_synced().await;
-    let (v4, p) = wait_piece(&op.index, "after restart", 0, |p| {
+    let (v4, p) = wait_reviews(&op.index, NS, "after restart", 0, |p| {
         p.endpoints.len() == 2 && p.policy.is_some()
     })
     .await;
@@ -179,6 +140,9 @@ async fn index_follows_the_cluster_and_versions_only_grow_across_a_restart() {
     api.delete("reviews-abc", &DeleteParams::default())
         .await
         .expect("slice deleted");
-    wait_piece(&op.index, "no endpoints", v4, |p| p.endpoints.is_empty()).await;
+    wait_reviews(&op.index, NS, "no endpoints", v4, |p| {
+        p.endpoints.is_empty()
+    })
+    .await;
     op.stop().await;
 }

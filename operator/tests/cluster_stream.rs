@@ -101,19 +101,6 @@ async fn pod(client: &Client, name: &str, sa: &str) {
     .expect("pod created");
 }
 
-async fn slice(client: &Client, ips: &[&str]) {
-    endpoint_slice(
-        client,
-        NS,
-        "reviews",
-        "reviews-abc",
-        (9080, 8080),
-        "reviews-1",
-        ips,
-    )
-    .await;
-}
-
 /// `(version, endpoint count, first service name)` of an outbound message.
 fn outbound(m: &Message) -> (u64, usize, Option<String>) {
     match m {
@@ -164,7 +151,7 @@ async fn outbound_changes_arrive_within_a_second_latest_first_and_versions_survi
     let svc = service(&client, NS, "reviews", &[9080]).await;
     let vip = svc.spec.and_then(|s| s.cluster_ip).expect("cluster IP");
     pod(&client, "reviews-1", "a").await;
-    slice(&client, &["10.244.0.7"]).await;
+    reviews_slice(&client, NS, &["10.244.0.7"]).await;
     op.index.wait_synced().await;
 
     let issuer = issuer(&client).await;
@@ -212,7 +199,7 @@ async fn outbound_changes_arrive_within_a_second_latest_first_and_versions_survi
 
     // An EndpointSlice change reaches the subscriber within a second of the write.
     let written = Instant::now();
-    slice(&client, &["10.244.0.7", "10.244.0.9"]).await;
+    reviews_slice(&client, NS, &["10.244.0.7", "10.244.0.9"]).await;
     let applied = Instant::now();
     let m = until(&mut w, "the second endpoint", |m| outbound(m).1 == 2).await;
     let took = applied.elapsed();
@@ -241,7 +228,7 @@ async fn outbound_changes_arrive_within_a_second_latest_first_and_versions_survi
     let ips: Vec<String> = (1..=burst).map(|i| format!("10.244.1.{i}")).collect();
     for n in 1..=burst {
         let now: Vec<&str> = ips[..n].iter().map(String::as_str).collect();
-        slice(&client, &now).await;
+        reviews_slice(&client, NS, &now).await;
         // Each its own version (the debounce window is 50 ms).
         tokio::time::sleep(Duration::from_millis(150)).await;
     }
@@ -309,7 +296,7 @@ async fn inbound_config_is_for_the_pods_own_identity_only() {
     service(&client, NS, "reviews", &[9080]).await;
     pod(&client, "reviews-1", "a").await;
     pod(&client, "ratings-1", "b").await;
-    slice(&client, &["10.244.0.7"]).await;
+    reviews_slice(&client, NS, &["10.244.0.7"]).await;
     op.index.wait_synced().await;
     eventually("both pods' inbound pieces derived", || async {
         let index = op.index.read();

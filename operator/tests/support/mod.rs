@@ -15,9 +15,13 @@ use kube::{
     Api, Client,
     api::{ListParams, PostParams},
 };
+use remora_crds::proxy::OutboundService;
 use remora_crds::{MeshPolicy, PolicyStatus, TrafficSplit};
 use remora_e2e::{Cluster, ClusterOptions, apply::install_crds};
-use remora_operator::{Args, Operator};
+use remora_operator::{
+    Args, Operator,
+    index::{derive::Destination, model::ObjKey, watch::IndexHandle},
+};
 use serde::de::DeserializeOwned;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -54,7 +58,7 @@ pub async fn cluster() -> (Cluster, Client) {
 /// aborted when dropped.
 pub struct Running {
     pub addr: SocketAddr,
-    pub index: remora_operator::index::watch::IndexHandle,
+    pub index: IndexHandle,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<(), remora_operator::Error>>>,
 }
@@ -328,38 +332,64 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String), Str
     Ok((code, body.to_owned()))
 }
 
-/// Applies (creates or replaces) EndpointSlice `name` of Service `service` in `ns`, in the
-/// `discovery.k8s.io/v1beta1` form the 1.20 test tier serves: one port `p<port>` with
-/// `target_port`, one ready endpoint per IP in zone `zone-a`, each naming Pod `pod`.
-pub async fn endpoint_slice(
-    client: &Client,
-    ns: &str,
-    service: &str,
-    name: &str,
-    (port, target_port): (u16, u16),
-    pod: &str,
-    ips: &[&str],
-) {
+/// The `reviews` fixture of the index and stream tests: Service `reviews` port 9080 in
+/// `ns`, its pods listening on 8080 (Pod `reviews-1`).
+pub fn reviews(ns: &str) -> Destination {
+    Destination {
+        service: ObjKey::new(ns, "reviews"),
+        port: 9080,
+    }
+}
+
+/// Applies (creates or replaces) the `reviews` EndpointSlice `reviews-abc` in `ns`, in the
+/// `discovery.k8s.io/v1beta1` form the 1.20 test tier serves: port `p9080` → 8080, one
+/// ready endpoint per IP in zone `zone-a`, each naming Pod `reviews-1`.
+pub async fn reviews_slice(client: &Client, ns: &str, ips: &[&str]) {
     let endpoints: Vec<serde_json::Value> = ips
         .iter()
         .map(|ip| {
             serde_json::json!({
                 "addresses": [ip], "conditions": {"ready": true},
                 "topology": {"topology.kubernetes.io/zone": "zone-a"},
-                "targetRef": {"kind": "Pod", "name": pod, "namespace": ns},
+                "targetRef": {"kind": "Pod", "name": "reviews-1", "namespace": ns},
             })
         })
         .collect();
     let doc = serde_json::json!({
         "apiVersion": "discovery.k8s.io/v1beta1", "kind": "EndpointSlice",
-        "metadata": {"name": name, "namespace": ns,
-                     "labels": {"kubernetes.io/service-name": service}},
+        "metadata": {"name": "reviews-abc", "namespace": ns,
+                     "labels": {"kubernetes.io/service-name": "reviews"}},
         "addressType": "IPv4",
-        "ports": [{"name": format!("p{port}"), "port": target_port, "protocol": "TCP"}],
+        "ports": [{"name": "p9080", "port": 8080, "protocol": "TCP"}],
         "endpoints": endpoints,
     });
     let objs = remora_e2e::apply::parse_documents(&doc.to_string(), "slice").expect("slice parses");
     remora_e2e::apply::apply(client, &objs[0], false)
         .await
         .expect("slice applied");
+}
+
+/// The `reviews` outbound piece in `ns` and its version.
+pub fn reviews_piece(index: &IndexHandle, ns: &str) -> Option<(u64, OutboundService)> {
+    index
+        .read()
+        .outbound(&reviews(ns))
+        .map(|v| (v.version, v.value.clone()))
+}
+
+/// Waits for a `reviews` piece in `ns` newer than `after` that passes `check`.
+pub async fn wait_reviews(
+    index: &IndexHandle,
+    ns: &str,
+    what: &str,
+    after: u64,
+    check: impl Fn(&OutboundService) -> bool,
+) -> (u64, OutboundService) {
+    eventually(what, || async {
+        match reviews_piece(index, ns) {
+            Some((v, p)) if v > after && check(&p) => Ok((v, p)),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await
 }
