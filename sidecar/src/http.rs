@@ -63,7 +63,7 @@ type Pool = Client<EndpointConnector, Incoming>;
 struct EndpointPools {
     h1: Pool,
     h2: Pool,
-    /// When a request last used them, in seconds since [`Clients::epoch`].
+    /// The sweep tick ([`Clients::tick`]) at which a request last used them.
     last_used: Arc<AtomicU64>,
 }
 
@@ -79,6 +79,9 @@ pub struct Clients {
     metrics: Arc<Metrics>,
     pools: ArcSwap<HashMap<(SocketAddr, bool), EndpointPools>>,
     epoch: Instant,
+    /// Seconds since `epoch` at the last [`Clients::prune`]: what a request stamps on the
+    /// pools it uses, so the per-request path reads an atomic instead of the clock.
+    tick: AtomicU64,
 }
 
 impl Clients {
@@ -95,11 +98,8 @@ impl Clients {
             metrics,
             pools: ArcSwap::default(),
             epoch: Instant::now(),
+            tick: AtomicU64::new(0),
         }
-    }
-
-    fn now_secs(&self) -> u64 {
-        self.epoch.elapsed().as_secs()
     }
 
     /// How many endpoints have pools.
@@ -111,10 +111,12 @@ impl Clients {
         self.len() == 0
     }
 
-    /// Forgets the pools no request used for `idle` or longer (their idle connections
+    /// Forgets the pools no request used for `idle` or longer (to within the time between
+    /// two calls: requests stamp the previous call's time) (their idle connections
     /// close; requests in flight hold their own handle and finish). Returns how many.
     pub fn prune(&self, idle: std::time::Duration) -> usize {
-        let now = self.now_secs();
+        let now = self.epoch.elapsed().as_secs();
+        self.tick.store(now, Ordering::Relaxed);
         let stale = |p: &EndpointPools| {
             now.saturating_sub(p.last_used.load(Ordering::Relaxed)) >= idle.as_secs()
         };
@@ -137,9 +139,9 @@ impl Clients {
     /// The client for `addr` (over mesh mTLS when `mtls`), HTTP/2 or HTTP/1.
     fn get(&self, addr: SocketAddr, mtls: bool, h2: bool) -> Pool {
         let key = (addr, mtls);
-        let now = self.now_secs();
+        let now = self.tick.load(Ordering::Relaxed);
         let pick = |p: &EndpointPools| {
-            // A plain store: the sweep only needs to see "recently", not an exact time.
+            // A plain store: the sweep only needs to see "since the last sweep".
             if p.last_used.load(Ordering::Relaxed) != now {
                 p.last_used.store(now, Ordering::Relaxed);
             }
