@@ -111,9 +111,9 @@ impl Clients {
         self.len() == 0
     }
 
-    /// Forgets the pools no request used for `idle` or longer (to within the time between
-    /// two calls: requests stamp the previous call's time) (their idle connections
-    /// close; requests in flight hold their own handle and finish). Returns how many.
+    /// Forgets the pools no request used for `idle` or longer, to within the time between
+    /// two calls (requests stamp the previous call's time). Their idle connections close;
+    /// requests in flight hold their own handle and finish. Returns how many.
     pub fn prune(&self, idle: std::time::Duration) -> usize {
         let now = self.epoch.elapsed().as_secs();
         self.tick.store(now, Ordering::Relaxed);
