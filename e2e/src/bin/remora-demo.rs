@@ -8,6 +8,7 @@
 //! `--keep` leaves it running until Ctrl-C.
 
 use std::{
+    net::SocketAddr,
     process::{Command, ExitCode},
     time::Duration,
 };
@@ -22,7 +23,7 @@ use remora_e2e::{
     Cluster, HarnessError,
     apply::{apply_all, install_crds, kustomize, parse_documents, repo_root},
     cluster::free_ports,
-    components::{Process, workspace_binary},
+    components::{Process, http_get, workspace_binary},
     mesh::{
         register_webhook, service_account_token, start_operator, start_webhook, wait_listening,
     },
@@ -285,7 +286,16 @@ async fn start_pod_proxy(
             "NOT ready"
         },
     );
-    let metrics = http_get(admin, "/metrics").await?;
+    let get = |path: &'static str| async move {
+        http_get(SocketAddr::from(([127, 0, 0, 1], admin)), path)
+            .await
+            .map(|(_, body)| body)
+            .map_err(|stderr| HarnessError::Command {
+                command: format!("GET 127.0.0.1:{admin}{path}"),
+                stderr,
+            })
+    };
+    let metrics = get("/metrics").await?;
     for line in metrics.lines().filter(|l| {
         l.starts_with("remora_proxy_certificate_renewals_total")
             || l.starts_with("remora_proxy_config_version")
@@ -293,38 +303,13 @@ async fn start_pod_proxy(
     }) {
         out.push_str(&format!("  {line}\n"));
     }
-    let dump = http_get(admin, "/config_dump").await?;
+    let dump = get("/config_dump").await?;
     out.push_str("$ curl 127.0.0.1:ADMIN/config_dump (the inbound config the operator streamed)\n");
     for line in dump.lines().take(20) {
         out.push_str(&format!("  {line}\n"));
     }
     // The proxy stops with the demo (its Process is killed when dropped).
     Ok((process, out))
-}
-
-/// The body of `GET path` on the local admin port (HTTP/1.1, `Connection: close`).
-async fn http_get(port: u16, path: &str) -> Result<String, HarnessError> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let err = |e: std::io::Error| HarnessError::Command {
-        command: format!("GET 127.0.0.1:{port}{path}"),
-        stderr: e.to_string(),
-    };
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .map_err(err)?;
-    stream
-        .write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: demo\r\nConnection: close\r\n\r\n").as_bytes(),
-        )
-        .await
-        .map_err(err)?;
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).await.map_err(err)?;
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    Ok(text
-        .split_once("\r\n\r\n")
-        .map(|(_, body)| body.to_owned())
-        .unwrap_or(text))
 }
 
 #[tokio::main]

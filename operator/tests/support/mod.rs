@@ -23,11 +23,7 @@ use remora_operator::{
     index::{derive::Destination, model::ObjKey, watch::IndexHandle},
 };
 use serde::de::DeserializeOwned;
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    sync::oneshot,
-    task::JoinHandle,
-};
+use tokio::{sync::oneshot, task::JoinHandle};
 
 /// How long the operator may take to react to a change.
 pub const DEADLINE: Duration = Duration::from_secs(20);
@@ -306,31 +302,9 @@ pub async fn wait_event(client: &Client, ns: &str, name: &str, type_: &str, reas
     .await
 }
 
-/// `GET path` over HTTP/1.1; returns the status code and body.
-pub async fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String), String> {
-    let mut stream = tokio::net::TcpStream::connect(addr)
-        .await
-        .map_err(|e| format!("connect {addr}: {e}"))?;
-    stream
-        .write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").as_bytes(),
-        )
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut raw = Vec::new();
-    stream
-        .read_to_end(&mut raw)
-        .await
-        .map_err(|e| e.to_string())?;
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").ok_or("no header end")?;
-    let code = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| format!("bad status line in {head:?}"))?;
-    Ok((code, body.to_owned()))
-}
+// Not every test binary reads an admin endpoint.
+#[allow(unused_imports)]
+pub use remora_e2e::components::http_get;
 
 /// The `reviews` fixture of the index and stream tests: Service `reviews` port 9080 in
 /// `ns`, its pods listening on 8080 (Pod `reviews-1`).
