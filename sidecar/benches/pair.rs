@@ -621,6 +621,11 @@ impl Path<'_> {
     }
 }
 
+/// The RSS of every path's pair (`None` for the direct path).
+fn rss_of(paths: &[Path<'_>]) -> anyhow::Result<Vec<Option<(u64, u64)>>> {
+    paths.iter().map(Path::rss).collect()
+}
+
 /// One of a `Series`' figures.
 type Field = fn(&Series) -> &Vec<f64>;
 
@@ -688,10 +693,7 @@ fn bench() -> anyhow::Result<()> {
         });
     }
     // Ready, before any traffic: what an idle sidecar costs.
-    let rss_start = paths
-        .iter()
-        .map(Path::rss)
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    let rss_start = rss_of(&paths)?;
     // Server up on every path, through the proxies too.
     wait_for("server reachable directly", || {
         load_in(&remora_pods.client, "connect", &direct, 1).is_ok()
@@ -710,10 +712,7 @@ fn bench() -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("envoy path: {e}\n{}", logs(pods, &["envoy-a", "envoy-b"])))?;
         envoy::check_mtls_h2(pods)?;
     }
-    let rss_idle = paths
-        .iter()
-        .map(Path::rss)
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    let rss_idle = rss_of(&paths)?;
 
     let env = |k: &str, d: u64| {
         std::env::var(k)
@@ -762,10 +761,7 @@ fn bench() -> anyhow::Result<()> {
             }
         }
     }
-    let rss_after = paths
-        .iter()
-        .map(Path::rss)
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    let rss_after = rss_of(&paths)?;
     let load_after = loadavg();
 
     println!();
