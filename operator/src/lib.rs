@@ -50,7 +50,7 @@ use crate::{
     metrics::{IndexMetrics, Metrics},
 };
 
-/// How long the controllers may take to finish after shutdown starts.
+/// How long the controllers may take to finish once told to stop.
 const CONTROLLER_STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// What can stop the operator.
@@ -292,21 +292,21 @@ impl Operator {
             let all = async {
                 futures::join!(run_policies, run_splits, synced, publish);
             };
-            // After SIGTERM the controllers get a grace period to finish their reconciles;
-            // a stuck one must not keep the process (and the Lease) forever.
+            // Once told to stop (SIGTERM or leadership lost) the controllers get a grace
+            // period to finish their reconciles; a stuck one (seen while the apiserver is
+            // down) must neither hold the process nor keep a re-elected leader from
+            // starting fresh controllers.
             let grace = {
-                let mut stop = stop_rx.clone();
+                let told = stopped();
                 async move {
-                    if stop.wait_for(|s| *s).await.is_err() {
-                        std::future::pending::<()>().await;
-                    }
+                    told.await;
                     tokio::time::sleep(CONTROLLER_STOP_GRACE).await;
                 }
             };
             tokio::select! {
                 () = all => tracing::info!("controllers stopped"),
                 () = grace => tracing::warn!(
-                    "controllers did not stop within {CONTROLLER_STOP_GRACE:?} of shutdown; leaving them"
+                    "controllers did not stop within {CONTROLLER_STOP_GRACE:?}; leaving them"
                 ),
             }
             if *stop_rx.borrow() {
