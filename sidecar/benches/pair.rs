@@ -8,7 +8,10 @@
 //!   proxy B (inbound) → server;
 //! - **envoy**: the same through an Envoy 1.40 sidecar pair (`pair/envoy.rs`), in a second
 //!   pair of pods with the same addresses and rules, and its own server. Envoy must be
-//!   installed (`make bench` does it) unless `REMORA_BENCH_SKIP_ENVOY=1` opts out.
+//!   installed (`make bench` does it) unless `REMORA_BENCH_SKIP_ENVOY=1` opts out;
+//! - **floor**: the same through a plain TCP relay pair (`pair/floor.rs`), in its own pair
+//!   of pods: what the interception hops alone cost, the least any sidecar pair can cost
+//!   here. `REMORA_BENCH_SKIP_FLOOR=1` leaves it out.
 //!
 //! The load generator and the server are this program, re-executed inside the namespaces
 //! (`--load ...`, `--serve`). Phases per path: max throughput (HTTP/1.1 keep-alive,
@@ -24,6 +27,8 @@
 
 #[path = "pair/envoy.rs"]
 mod envoy;
+#[path = "pair/floor.rs"]
+mod floor;
 #[path = "../tests/common/netns.rs"]
 #[allow(dead_code)]
 mod netns;
@@ -71,6 +76,7 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("--serve") => serve(),
         Some("--load") => load(&args[1..]),
+        Some("--relay") => floor::relay(),
         _ => bench(),
     };
     match result {
@@ -585,14 +591,33 @@ fn start_envoy(pods: &mut Pods, bin: &str) -> anyhow::Result<(u32, u32)> {
         pids.push(sidecar(pods, server, name, &all)?);
         // Started = both capture listeners bound (Envoy has no wait-ready hook here), so
         // its idle RSS is read from a running Envoy, as Remora's is after wait-ready.
-        let ns = if server { &pods.server } else { &pods.client };
-        let listening = || {
-            ns.cmd(&["ss", "-Hltn", "( sport = :15001 or sport = :15006 )"])
-                .output()
-                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).lines().count() >= 2)
-        };
-        wait_for(&format!("{name} listening"), listening)
-            .map_err(|e| anyhow::anyhow!("{e}\n{}", logs(pods, &[name])))?;
+        wait_listening(pods, server, name)?;
+    }
+    Ok((pids[1], pids[0]))
+}
+
+/// Waits until the sidecar `name` of the server or client pod has bound both capture
+/// listeners.
+fn wait_listening(pods: &Pods, server: bool, name: &str) -> anyhow::Result<()> {
+    let ns = if server { &pods.server } else { &pods.client };
+    let listening = || {
+        ns.cmd(&["ss", "-Hltn", "( sport = :15001 or sport = :15006 )"])
+            .output()
+            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).lines().count() >= 2)
+    };
+    wait_for(&format!("{name} listening"), listening)
+        .map_err(|e| anyhow::anyhow!("{e}\n{}", logs(pods, &[name])))
+}
+
+/// Opts the floor path out.
+const SKIP_FLOOR: &str = "REMORA_BENCH_SKIP_FLOOR";
+
+/// The relay pair of the floor path (`floor.rs`); PIDs of relay A and B.
+fn start_floor(pods: &mut Pods, me: &str) -> anyhow::Result<(u32, u32)> {
+    let mut pids = Vec::new();
+    for (server, name) in [(true, "relay-b"), (false, "relay-a")] {
+        pids.push(sidecar(pods, server, name, &[me, "--relay"])?);
+        wait_listening(pods, server, name)?;
     }
     Ok((pids[1], pids[0]))
 }
@@ -668,6 +693,17 @@ fn bench() -> anyhow::Result<()> {
         pods.procs.push(server);
         envoy_pids = Some(start_envoy(pods, bin)?);
     }
+    let mut floor_pods = if std::env::var(SKIP_FLOOR).is_ok_and(|v| !v.is_empty()) {
+        None
+    } else {
+        Some(pods('f')?)
+    };
+    let mut floor_pids = None;
+    if let Some(pods) = floor_pods.as_mut() {
+        let server = spawn(&pods.server, &[&me, "--serve"], &log_path(pods, "server"))?;
+        pods.procs.push(server);
+        floor_pids = Some(start_floor(pods, &me)?);
+    }
     let direct = format!("{SERVER_IP}:{DIRECT_PORT}");
     let mesh = format!("{SERVER_IP}:{MESH_PORT}");
     let mut paths = vec![
@@ -692,6 +728,14 @@ fn bench() -> anyhow::Result<()> {
             pids: envoy_pids,
         });
     }
+    if let Some(pods) = &floor_pods {
+        paths.push(Path {
+            name: "floor",
+            client: &pods.client,
+            addr: mesh.clone(),
+            pids: floor_pids,
+        });
+    }
     // Ready, before any traffic: what an idle sidecar costs.
     let rss_start = rss_of(&paths)?;
     // Server up on every path, through the proxies too.
@@ -711,6 +755,12 @@ fn bench() -> anyhow::Result<()> {
         })
         .map_err(|e| anyhow::anyhow!("envoy path: {e}\n{}", logs(pods, &["envoy-a", "envoy-b"])))?;
         envoy::check_mtls_h2(pods)?;
+    }
+    if let Some(pods) = &floor_pods {
+        wait_for("the floor path", || {
+            load_in(&pods.client, "connect", &mesh, 1).is_ok()
+        })
+        .map_err(|e| anyhow::anyhow!("floor path: {e}\n{}", logs(pods, &["relay-a", "relay-b"])))?;
     }
     let rss_idle = rss_of(&paths)?;
 
