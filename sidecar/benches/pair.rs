@@ -4,8 +4,9 @@
 //! loopback; inbound TCP → 15006). Two paths in the same run, to the same server:
 //!
 //! - **direct**: client → server port 9090 (left out of both pods' capture rules);
-//! - **remora**: client → server port 8080, captured: proxy A (outbound) → mTLS, HTTP/2 →
-//!   proxy B (inbound) → server;
+//! - **remora**: client → server port 8080, captured: proxy A (outbound) → mTLS →
+//!   proxy B (inbound) → server; HTTP/1.1 between the proxies, or HTTP/2 when
+//!   `REMORA_BENCH_PROXY_ARGS` has `--mesh-protocol h2`;
 //! - **envoy**: the same through an Envoy 1.40 sidecar pair (`pair/envoy.rs`), in a second
 //!   pair of pods with the same addresses and rules, and its own server. Envoy must be
 //!   installed (`make bench` does it) unless `REMORA_BENCH_SKIP_ENVOY=1` opts out;
@@ -571,7 +572,11 @@ fn start_remora(pods: &mut Pods, extra_args: &str) -> anyhow::Result<(u32, u32)>
 }
 
 /// The Envoy pair (see `envoy.rs`); PIDs of Envoy A (client pod) and B (server pod).
-fn start_envoy(pods: &mut Pods, bin: &str) -> anyhow::Result<(u32, u32)> {
+fn start_envoy(
+    pods: &mut Pods,
+    bin: &str,
+    mesh: envoy::MeshProtocol,
+) -> anyhow::Result<(u32, u32)> {
     let (server_id, client_id) = identities(pods)?;
     let trust_domain = "cluster.local";
     let mut pids = Vec::new();
@@ -582,7 +587,7 @@ fn start_envoy(pods: &mut Pods, bin: &str) -> anyhow::Result<(u32, u32)> {
         let cfg = write_config(
             pods,
             &format!("{name}.yaml"),
-            &envoy::config(id, peer, trust_domain),
+            &envoy::config(id, peer, trust_domain, mesh),
         )?;
         envoy::validate(bin, std::path::Path::new(&cfg))?;
         let args = envoy::args(std::path::Path::new(&cfg));
@@ -673,6 +678,7 @@ fn bench() -> anyhow::Result<()> {
     let envoy_bin = envoy::binary()?.map(|p| p.display().to_string());
     // Extra proxy flags, e.g. REMORA_BENCH_PROXY_ARGS="--worker-threads 1".
     let extra_proxy_args = std::env::var("REMORA_BENCH_PROXY_ARGS").unwrap_or_default();
+    let mesh_protocol = envoy::MeshProtocol::of_proxy_args(&extra_proxy_args);
     let mut remora_pods = pods('b')?;
     let server = spawn(
         &remora_pods.server,
@@ -691,7 +697,7 @@ fn bench() -> anyhow::Result<()> {
     if let (Some(pods), Some(bin)) = (envoy_pods.as_mut(), &envoy_bin) {
         let server = spawn(&pods.server, &[&me, "--serve"], &log_path(pods, "server"))?;
         pods.procs.push(server);
-        envoy_pids = Some(start_envoy(pods, bin)?);
+        envoy_pids = Some(start_envoy(pods, bin, mesh_protocol)?);
     }
     let mut floor_pods = if std::env::var(SKIP_FLOOR).is_ok_and(|v| !v.is_empty()) {
         None
@@ -754,7 +760,7 @@ fn bench() -> anyhow::Result<()> {
             load_in(&pods.client, "connect", &mesh, 1).is_ok()
         })
         .map_err(|e| anyhow::anyhow!("envoy path: {e}\n{}", logs(pods, &["envoy-a", "envoy-b"])))?;
-        envoy::check_mtls_h2(pods)?;
+        envoy::check_mtls(pods, mesh_protocol)?;
     }
     if let Some(pods) = &floor_pods {
         wait_for("the floor path", || {
@@ -816,7 +822,8 @@ fn bench() -> anyhow::Result<()> {
 
     println!();
     println!(
-        "proxy pair benchmark (release; client ns -> proxy A -> mTLS -> proxy B -> server ns; remora: HTTP/2 between the proxies, envoy {}: the same)",
+        "proxy pair benchmark (release; client ns -> proxy A -> mTLS -> proxy B -> server ns; {} between the proxies of remora and envoy {}; floor: plain TCP relays)",
+        mesh_protocol.label(),
         envoy::VERSION
     );
     let remora_flags = if extra_proxy_args.is_empty() {

@@ -67,8 +67,8 @@ pub struct Settings {
     /// `config` given to [`Proxy::start`] is then ignored).
     pub control: Option<control::ControlSettings>,
     /// HTTP/1 requests to a meshed endpoint ride one multiplexed HTTP/2 mTLS connection
-    /// (true, the default) or pooled HTTP/1 mTLS connections (less CPU per request, more
-    /// connections between proxies).
+    /// (true) or pooled HTTP/1 mTLS connections (false, the default: less CPU per request,
+    /// more connections between proxies).
     pub mesh_http2: bool,
 }
 
@@ -90,7 +90,7 @@ impl Default for Settings {
             app_probes: Arc::default(),
             pod_ip: None,
             control: None,
-            mesh_http2: true,
+            mesh_http2: false,
         }
     }
 }

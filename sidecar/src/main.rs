@@ -46,10 +46,11 @@ enum Unknown {
 /// How HTTP/1 requests travel between two proxies.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum MeshProtocol {
-    /// Multiplexed on one HTTP/2 mTLS connection per endpoint (fewest connections).
+    /// Multiplexed on one HTTP/2 mTLS connection per endpoint (fewest connections, but
+    /// about 1.5x the CPU per request of HTTP/1.1 in `make bench`).
     H2,
-    /// On pooled HTTP/1.1 mTLS connections (about 20 % less CPU per request in `make
-    /// bench`; one connection per concurrent request).
+    /// On pooled HTTP/1.1 mTLS connections, one per concurrent request (the default, as
+    /// in Istio: the cheapest per request and the lowest tail latency in `make bench`).
     Http1,
 }
 
@@ -169,7 +170,7 @@ struct Args {
         long,
         env = "REMORA_PROXY_MESH_PROTOCOL",
         value_enum,
-        default_value = "h2"
+        default_value = "http1"
     )]
     mesh_protocol: MeshProtocol,
     /// Runtime worker threads. 1 (the default) runs a single-threaded runtime: the cheapest

@@ -35,7 +35,8 @@ struct MeshSpec<'a> {
     expect: &'a str,
     /// B's certificate comes from a CA that A does not trust.
     b_untrusted: bool,
-    /// Proxy A runs with `--mesh-protocol http1`.
+    /// Proxy A runs with `--mesh-protocol http1`; otherwise with `h2` (not the default),
+    /// so that most tests here cover HTTP/1 riding HTTP/2 between the proxies.
     a_mesh_http1: bool,
 }
 

@@ -127,19 +127,76 @@ pub fn args(config: &Path) -> Vec<String> {
     .to_vec()
 }
 
-/// The admin port (loopback only, like Istio's 15000); `check_mtls_h2` reads its `/stats`.
+/// The admin port (loopback only, like Istio's 15000); `check_mtls` reads its `/stats`.
 pub const ADMIN_PORT: u16 = 15000;
 
+/// How requests travel between the two sidecars of a pair; the Envoy pair gets the same as
+/// Remora's `--mesh-protocol`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MeshProtocol {
+    Http1,
+    H2,
+}
+
+impl MeshProtocol {
+    /// The value of `--mesh-protocol` in a proxy's arguments (Remora's default, HTTP/1.1,
+    /// without one).
+    pub fn of_proxy_args(args: &str) -> Self {
+        let mut words = args.split_whitespace();
+        let mut value = None;
+        while let Some(w) = words.next() {
+            if w == "--mesh-protocol" {
+                value = words.next();
+            } else if let Some(v) = w.strip_prefix("--mesh-protocol=") {
+                value = Some(v);
+            }
+        }
+        match value {
+            Some("h2") => Self::H2,
+            _ => Self::Http1,
+        }
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Http1 => "HTTP/1.1",
+            Self::H2 => "HTTP/2",
+        }
+    }
+
+    fn alpn(self) -> &'static str {
+        match self {
+            Self::Http1 => "http/1.1",
+            Self::H2 => "h2",
+        }
+    }
+
+    /// Envoy's name of the protocol in its options and counters.
+    fn envoy(self) -> &'static str {
+        match self {
+            Self::Http1 => "http",
+            Self::H2 => "http2",
+        }
+    }
+
+    fn counter(self) -> &'static str {
+        match self {
+            Self::Http1 => "http1",
+            Self::H2 => "http2",
+        }
+    }
+}
+
 /// The bootstrap of one pod's Envoy: `id` is the pod's identity, `peer` the SPIFFE ID its
-/// outbound connections must reach.
-pub fn config(id: &IdentityPaths, peer: &str, trust_domain: &str) -> String {
+/// outbound connections must reach, `mesh` the protocol between the pair.
+pub fn config(id: &IdentityPaths, peer: &str, trust_domain: &str, mesh: MeshProtocol) -> String {
     // A TLS context's fields, `indent` spaces deep, ending with the SAN matcher.
     let tls = |indent: usize, matcher: &str| {
         let text = format!(
             r#"
 common_tls_context:
   tls_params: {{tls_minimum_protocol_version: TLSv1_3, tls_maximum_protocol_version: TLSv1_3}}
-  alpn_protocols: ["h2"]
+  alpn_protocols: ["{alpn}"]
   tls_certificates:
   - certificate_chain: {{filename: "{cert}"}}
     private_key: {{filename: "{key}"}}
@@ -151,6 +208,7 @@ common_tls_context:
             cert = id.cert.display(),
             key = id.key.display(),
             bundle = id.bundle.display(),
+            alpn = mesh.alpn(),
         );
         text.replace('\n', &format!("\n{}", " ".repeat(indent)))
     };
@@ -182,6 +240,7 @@ common_tls_context:
     let downstream_tls = tls(10, &format!(r#"{{prefix: "spiffe://{trust_domain}/"}}"#));
     let outbound_hcm = hcm("outbound", "outbound");
     let inbound_hcm = hcm("inbound", "inbound");
+    let mesh_options = mesh.envoy();
     format!(
         r#"admin:
   address: {{socket_address: {{address: 127.0.0.1, port_value: {ADMIN_PORT}}}}}
@@ -208,7 +267,7 @@ static_resources:
     typed_extension_protocol_options:
       envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
         "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-        explicit_http_config: {{http2_protocol_options: {{}}}}
+        explicit_http_config: {{{mesh_options}_protocol_options: {{}}}}
     transport_socket:
       name: envoy.transport_sockets.tls
       typed_config:
@@ -228,22 +287,23 @@ fn stats(ns: &crate::Netns) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// Proof that the Envoy path is the pair it should be: A dialled B with mTLS 1.3 and
-/// HTTP/2, B terminated it.
-pub fn check_mtls_h2(pods: &crate::Pods) -> anyhow::Result<()> {
+/// Proof that the Envoy path is the pair it should be: A dialled B with mTLS 1.3 and the
+/// `mesh` protocol, B terminated it.
+pub fn check_mtls(pods: &crate::Pods, mesh: MeshProtocol) -> anyhow::Result<()> {
+    let proto = mesh.counter();
     for (ns, names) in [
         (
             &pods.client,
             [
-                "cluster.outbound.ssl.versions.TLSv1.3",
-                "cluster.outbound.upstream_cx_http2_total",
+                "cluster.outbound.ssl.versions.TLSv1.3".to_owned(),
+                format!("cluster.outbound.upstream_cx_{proto}_total"),
             ],
         ),
         (
             &pods.server,
             [
-                "listener.0.0.0.0_15006.ssl.versions.TLSv1.3",
-                "http.inbound.downstream_cx_http2_total",
+                "listener.0.0.0.0_15006.ssl.versions.TLSv1.3".to_owned(),
+                format!("http.inbound.downstream_cx_{proto}_total"),
             ],
         ),
     ] {
@@ -251,7 +311,7 @@ pub fn check_mtls_h2(pods: &crate::Pods) -> anyhow::Result<()> {
         for name in names {
             let value = text
                 .lines()
-                .find_map(|l| l.strip_prefix(name)?.strip_prefix(": "))
+                .find_map(|l| l.strip_prefix(name.as_str())?.strip_prefix(": "))
                 .and_then(|v| v.trim().parse::<u64>().ok())
                 .unwrap_or(0);
             anyhow::ensure!(value > 0, "envoy in {}: {name} is {value}", ns.name);
