@@ -10,7 +10,9 @@ use std::{
     collections::HashMap,
     convert::Infallible,
     error::Error as _,
+    future::Future,
     net::SocketAddr,
+    pin::Pin,
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -31,7 +33,6 @@ use hyper::{body::Incoming, service::service_fn};
 use hyper_util::{
     client::legacy::Client,
     rt::{TokioExecutor, TokioIo, TokioTimer},
-    server::conn::auto,
 };
 use remora_crds::proxy::{Protocol, UnknownDestinations};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -206,35 +207,49 @@ where
             async move { Ok::<_, Infallible>(handle(&ctx, &meta, req).await) }
         })
     };
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(ctx.settings.header_read_timeout)
-        .max_buf_size(ctx.settings.max_header_bytes.max(8192))
-        .keep_alive(true);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(ctx.settings.max_header_bytes).unwrap_or(u32::MAX));
-    let builder = if http2 {
-        builder.http2_only()
+    // Detection already chose the protocol, so each gets hyper's own server (the `auto`
+    // builder would add a version sniffing layer to every read).
+    let io = TokioIo::new(io);
+    let result = if http2 {
+        let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .max_header_list_size(u32::try_from(ctx.settings.max_header_bytes).unwrap_or(u32::MAX))
+            .serve_connection(io, service);
+        // HTTP/2: GOAWAY, then the streams in flight finish.
+        until_drained(&ctx, conn, |c| c.graceful_shutdown()).await
     } else {
-        builder.http1_only()
-    };
-    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
-    tokio::pin!(conn);
-    let shutdown = ctx.shutdown.signaled();
-    let result = tokio::select! {
-        r = conn.as_mut() => r,
-        () = shutdown => {
-            // HTTP/2: GOAWAY; HTTP/1: close once the in-flight response is written.
-            conn.as_mut().graceful_shutdown();
-            conn.await
-        }
+        let conn = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(ctx.settings.header_read_timeout)
+            .max_buf_size(ctx.settings.max_header_bytes.max(8192))
+            .keep_alive(true)
+            .serve_connection(io, service)
+            .with_upgrades();
+        // HTTP/1: close once the response in flight is written.
+        until_drained(&ctx, conn, |c| c.graceful_shutdown()).await
     };
     if let Err(e) = result {
         tracing::debug!(direction = %meta.direction, client = %meta.client, error = %e, "HTTP connection ended with an error");
+    }
+}
+
+/// Runs `conn` to its end; once the proxy shuts down, `graceful` asks it to finish what
+/// is in flight and stop.
+async fn until_drained<C>(
+    ctx: &Context,
+    conn: C,
+    graceful: fn(Pin<&mut C>),
+) -> Result<(), hyper::Error>
+where
+    C: Future<Output = Result<(), hyper::Error>>,
+{
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => r,
+        () = ctx.shutdown.signaled() => {
+            graceful(conn.as_mut());
+            conn.await
+        }
     }
 }
 
