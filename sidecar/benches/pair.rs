@@ -12,7 +12,10 @@
 //!   installed (`make bench` does it) unless `REMORA_BENCH_SKIP_ENVOY=1` opts out;
 //! - **floor**: the same through a plain TCP relay pair (`pair/floor.rs`), in its own pair
 //!   of pods: what the interception hops alone cost, the least any sidecar pair can cost
-//!   here. `REMORA_BENCH_SKIP_FLOOR=1` leaves it out.
+//!   here. `REMORA_BENCH_SKIP_FLOOR=1` leaves it out;
+//! - **baseline** (only with `REMORA_BENCH_BASELINE=/path/to/remora-proxy`): another build of
+//!   the proxy, e.g. main's, as a second Remora pair in its own pods, so a change is
+//!   compared with it in the same run.
 //!
 //! The load generator and the server are this program, re-executed inside the namespaces
 //! (`--load ...`, `--serve`). Phases per path: max throughput (HTTP/1.1 keep-alive,
@@ -531,9 +534,8 @@ fn sidecar(pods: &mut Pods, server: bool, name: &str, args: &[&str]) -> anyhow::
     Ok(pid)
 }
 
-/// The Remora pair; PIDs of proxy A (client pod) and B (server pod).
-fn start_remora(pods: &mut Pods, extra_args: &str) -> anyhow::Result<(u32, u32)> {
-    let proxy_bin = env!("CARGO_BIN_EXE_remora-proxy");
+/// The Remora pair of `proxy_bin`; PIDs of proxy A (client pod) and B (server pod).
+fn start_remora(pods: &mut Pods, proxy_bin: &str, extra_args: &str) -> anyhow::Result<(u32, u32)> {
     let (server_id, client_id) = identities(pods)?;
     let server_cfg = write_config(
         pods,
@@ -617,6 +619,9 @@ fn wait_listening(pods: &Pods, server: bool, name: &str) -> anyhow::Result<()> {
 /// Opts the floor path out.
 const SKIP_FLOOR: &str = "REMORA_BENCH_SKIP_FLOOR";
 
+/// A second `remora-proxy` binary to run as the "baseline" path.
+const BASELINE_ENV: &str = "REMORA_BENCH_BASELINE";
+
 /// The relay pair of the floor path (`floor.rs`); PIDs of relay A and B.
 fn start_floor(pods: &mut Pods, me: &str) -> anyhow::Result<(u32, u32)> {
     let mut pids = Vec::new();
@@ -686,7 +691,24 @@ fn bench() -> anyhow::Result<()> {
         &log_path(&remora_pods, "server"),
     )?;
     remora_pods.procs.push(server);
-    let remora_pids = start_remora(&mut remora_pods, &extra_proxy_args)?;
+    let remora_pids = start_remora(
+        &mut remora_pods,
+        env!("CARGO_BIN_EXE_remora-proxy"),
+        &extra_proxy_args,
+    )?;
+    // Another build of the proxy (say, main's) in its own pods, for a same-run comparison:
+    // on a shared 2-core VM, figures from separate runs differ more than most changes do.
+    let baseline_bin = std::env::var(BASELINE_ENV).ok().filter(|v| !v.is_empty());
+    let mut baseline_pods = match &baseline_bin {
+        Some(_) => Some(pods('c')?),
+        None => None,
+    };
+    let mut baseline_pids = None;
+    if let (Some(pods), Some(bin)) = (baseline_pods.as_mut(), &baseline_bin) {
+        let server = spawn(&pods.server, &[&me, "--serve"], &log_path(pods, "server"))?;
+        pods.procs.push(server);
+        baseline_pids = Some(start_remora(pods, bin, &extra_proxy_args)?);
+    }
     // Envoy gets its own pair of pods (same addresses, same rules, its own server), so
     // both pairs stay up and the phases can alternate.
     let mut envoy_pods = match &envoy_bin {
@@ -726,6 +748,14 @@ fn bench() -> anyhow::Result<()> {
             pids: Some(remora_pids),
         },
     ];
+    if let Some(pods) = &baseline_pods {
+        paths.push(Path {
+            name: "baseline",
+            client: &pods.client,
+            addr: mesh.clone(),
+            pids: baseline_pids,
+        });
+    }
     if let Some(pods) = &envoy_pods {
         paths.push(Path {
             name: "envoy",
@@ -761,6 +791,14 @@ fn bench() -> anyhow::Result<()> {
         })
         .map_err(|e| anyhow::anyhow!("envoy path: {e}\n{}", logs(pods, &["envoy-a", "envoy-b"])))?;
         envoy::check_mtls(pods, mesh_protocol)?;
+    }
+    if let Some(pods) = &baseline_pods {
+        load_in(&pods.client, "connect", &mesh, 1).map_err(|e| {
+            anyhow::anyhow!(
+                "baseline path: {e}\n{}",
+                logs(pods, &["proxy-a", "proxy-b"])
+            )
+        })?;
     }
     if let Some(pods) = &floor_pods {
         wait_for("the floor path", || {
@@ -836,6 +874,9 @@ fn bench() -> anyhow::Result<()> {
         None => format!("left out ({} set)", envoy::SKIP_ENV),
     };
     println!("remora flags: {remora_flags}; envoy: {envoy_flags}");
+    if let Some(bin) = &baseline_bin {
+        println!("baseline: {bin} with the same flags");
+    }
     println!(
         "medians of {rounds} rounds x {secs} s; 1-min load average {load_before} before, {load_after} after (2 cores: anything else running skews every figure)"
     );
