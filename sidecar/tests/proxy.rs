@@ -829,3 +829,85 @@ async fn app_health_runs_the_original_probes() {
         StatusCode::NOT_FOUND
     );
 }
+
+/// A backend that answers each request head with the canned reply its request line names,
+/// then closes: for the bodies that are read whole (a small `Content-Length`).
+async fn scripted_backend() -> SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let head = read_until(&mut s, b"\r\n\r\n").await;
+                let line = String::from_utf8_lossy(&head)
+                    .lines()
+                    .next()
+                    .unwrap_or("")
+                    .to_owned();
+                let reply: &[u8] = if line.starts_with("HEAD ") {
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 5000\r\n\r\n"
+                } else if line.contains("/not-modified") {
+                    b"HTTP/1.1 304 Not Modified\r\nContent-Length: 10\r\n\r\n"
+                } else if line.contains("/truncated") {
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nshort"
+                } else {
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello"
+                };
+                let _ = s.write_all(reply).await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn bodies_read_whole_keep_head_and_304_bodiless_and_truncation_is_a_502() {
+    let backend = scripted_backend().await;
+    let proxy = start(settings(backend), "{}").await;
+    let req = |method: &str, path: &str| {
+        Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "a")
+            .body(full(Bytes::new()))
+            .expect("req")
+    };
+    // A HEAD answer announces a length but has no body: it comes back at once, length kept.
+    let mut send = h1(proxy.inbound_addrs[0]).await;
+    let resp = tokio::time::timeout(Duration::from_secs(5), send.send_request(req("HEAD", "/")))
+        .await
+        .expect("HEAD answered without waiting for a body")
+        .expect("response");
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(header(&resp, "content-length"), Some("5000"));
+    let mut send = h1(proxy.inbound_addrs[0]).await;
+    let resp = tokio::time::timeout(
+        Duration::from_secs(5),
+        send.send_request(req("GET", "/not-modified")),
+    )
+    .await
+    .expect("304 answered without waiting for a body")
+    .expect("response");
+    assert_eq!(resp.status(), StatusCode::NOT_MODIFIED);
+    // A small body is read whole before it is answered with, so an upstream that closes
+    // halfway is a 502 with a reason, not a truncated 200.
+    let mut send = h1(proxy.inbound_addrs[0]).await;
+    let resp = send
+        .send_request(req("GET", "/truncated"))
+        .await
+        .expect("response");
+    assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
+    assert!(header(&resp, "x-remora-proxy-error").is_some());
+    let mut send = h1(proxy.inbound_addrs[0]).await;
+    let resp = send.send_request(req("GET", "/")).await.expect("response");
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(header(&resp, "connection"), None, "hop-by-hop stripped");
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    assert_eq!(body, "hello");
+}
