@@ -69,6 +69,18 @@ type Pool = Client<EndpointConnector, UpstreamBody>;
 /// which is most of what a small request costs the proxy above its syscalls.
 pub const BUFFER_LIMIT: u64 = 16 * 1024;
 
+/// How long an idle upstream HTTP/1 connection stays pooled.
+pub const POOL_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(90);
+
+/// How long an inbound HTTP/1 connection from an authenticated mesh peer may wait for its
+/// next request (hyper's header read timeout also bounds the wait between requests on a
+/// kept-alive connection). Longer than the peer's pool keeps an idle connection, so the
+/// peer always closes first: no request is ever sent on a connection this side is
+/// closing, and the peer's pool stays warm across pauses instead of paying a new mTLS
+/// handshake after each one.
+pub const MESH_PEER_IDLE_TIMEOUT: std::time::Duration =
+    std::time::Duration::from_secs(POOL_IDLE_TIMEOUT.as_secs() + 30);
+
 /// The HTTP/1 and HTTP/2 pools of one upstream endpoint.
 #[derive(Debug, Clone)]
 struct EndpointPools {
@@ -172,7 +184,7 @@ impl Clients {
         let pools = EndpointPools {
             h1: Client::builder(TokioExecutor::new())
                 .pool_timer(TokioTimer::new())
-                .pool_idle_timeout(std::time::Duration::from_secs(90))
+                .pool_idle_timeout(POOL_IDLE_TIMEOUT)
                 .build(connector.clone()),
             h2: Client::builder(TokioExecutor::new())
                 .pool_timer(TokioTimer::new())
@@ -228,9 +240,13 @@ where
         // HTTP/2: GOAWAY, then the streams in flight finish.
         until_drained(&ctx, conn, |c| c.graceful_shutdown()).await
     } else {
+        let mut head_timeout = ctx.settings.header_read_timeout;
+        if meta.direction == Direction::Inbound && meta.peer.0.is_some() {
+            head_timeout = head_timeout.max(MESH_PEER_IDLE_TIMEOUT);
+        }
         let conn = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
-            .header_read_timeout(ctx.settings.header_read_timeout)
+            .header_read_timeout(head_timeout)
             .max_buf_size(ctx.settings.max_header_bytes.max(8192))
             .keep_alive(true)
             .serve_connection(io, service)

@@ -11,6 +11,7 @@ use http::{Request, StatusCode};
 use http_body_util::BodyExt;
 use remora_proxy::Proxy;
 use tempfile::TempDir;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const FRONTEND: &str = "spiffe://cluster.local/ns/shop/sa/frontend";
 const REVIEWS: &str = "spiffe://cluster.local/ns/shop/sa/reviews";
@@ -38,6 +39,8 @@ struct MeshSpec<'a> {
     /// Proxy A runs with `--mesh-protocol http1`; otherwise with `h2` (not the default),
     /// so that most tests here cover HTTP/1 riding HTTP/2 between the proxies.
     a_mesh_http1: bool,
+    /// Proxy B's `--header-read-timeout`, when not the default.
+    b_header_read_timeout: Option<Duration>,
 }
 
 impl Default for MeshSpec<'_> {
@@ -49,6 +52,7 @@ impl Default for MeshSpec<'_> {
             expect: REVIEWS,
             b_untrusted: false,
             a_mesh_http1: false,
+            b_header_read_timeout: None,
         }
     }
 }
@@ -65,8 +69,12 @@ async fn mesh(spec: MeshSpec<'_>) -> Mesh {
     let b_issuer = if spec.b_untrusted { &rogue } else { &ca };
     let b_ids = IdentityPaths::write(dir.path(), "reviews", REVIEWS, b_issuer, &ca);
     let a_ids = IdentityPaths::write(dir.path(), "frontend", FRONTEND, &ca, &ca);
+    let mut b_settings = fast(settings(spec.backend));
+    if let Some(t) = spec.b_header_read_timeout {
+        b_settings.header_read_timeout = t;
+    }
     let b = start(
-        fast(settings(spec.backend)),
+        b_settings,
         &format!("version: 1\n{}{}", b_ids.yaml(), spec.b_extra),
     )
     .await;
@@ -634,4 +642,60 @@ async fn expired_server_certificate_is_refused_and_counted() {
     })
     .expect_err("expired");
     assert_eq!(err.label(), "expired", "{err}");
+}
+
+#[tokio::test]
+async fn idle_mesh_connections_outlive_the_header_read_timeout() {
+    let backend = http_echo().await;
+    let m = mesh(MeshSpec {
+        backend,
+        a_mesh_http1: true,
+        b_header_read_timeout: Some(Duration::from_millis(200)),
+        ..Default::default()
+    })
+    .await;
+    let handshakes = || {
+        metric(
+            &m.b,
+            r#"remora_proxy_tls_handshakes_total{direction="inbound",outcome="ok"}"#,
+        )
+    };
+    let mut c = h1(m.a.outbound_addrs[0]).await;
+    let resp = c.send_request(get("/one")).await.expect("response");
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(handshakes(), Some(1));
+    // Idle well past B's header read timeout: A's pooled mTLS connection is still open
+    // (B waits longer than A's pool for a mesh peer), so no new handshake.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let resp = c.send_request(get("/two")).await.expect("response");
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(handshakes(), Some(1), "the idle mesh connection was reused");
+    // A plaintext client of B still gets the short timeout between requests.
+    let mut plain = tokio::net::TcpStream::connect(m.b.inbound_addrs[0])
+        .await
+        .expect("connect");
+    plain
+        .write_all(b"GET /plain HTTP/1.1\r\nHost: app.test\r\nContent-Length: 0\r\n\r\n")
+        .await
+        .expect("write");
+    let mut buf = vec![0u8; 64 * 1024];
+    let n = plain.read(&mut buf).await.expect("response");
+    assert!(
+        buf[..n].starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&buf[..n])
+    );
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match plain.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(
+        closed.is_ok(),
+        "B closes an idle plaintext connection after its header read timeout"
+    );
 }
