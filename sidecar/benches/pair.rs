@@ -677,6 +677,39 @@ struct Series {
     cpu_max: Vec<f64>,
 }
 
+/// A sidecar pair in its own two pods, with its own server.
+struct Pair {
+    name: &'static str,
+    pods: Pods,
+    /// A's and B's PIDs.
+    pids: (u32, u32),
+    /// The log names of A and B.
+    logs: [&'static str; 2],
+}
+
+impl Pair {
+    /// Pods `p` with the bench's server (`me --serve`) in the server pod, and the pair that
+    /// `start` starts.
+    fn start(
+        p: char,
+        name: &'static str,
+        me: &str,
+        logs: [&'static str; 2],
+        start: impl FnOnce(&mut Pods) -> anyhow::Result<(u32, u32)>,
+    ) -> anyhow::Result<Self> {
+        let mut pods = pods(p)?;
+        let server = spawn(&pods.server, &[me, "--serve"], &log_path(&pods, "server"))?;
+        pods.procs.push(server);
+        let pids = start(&mut pods)?;
+        Ok(Self {
+            name,
+            pods,
+            pids,
+            logs,
+        })
+    }
+}
+
 fn bench() -> anyhow::Result<()> {
     let me = std::env::current_exe()?.display().to_string();
     // A missing Envoy fails here, before any namespace exists, unless opted out.
@@ -684,127 +717,75 @@ fn bench() -> anyhow::Result<()> {
     // Extra proxy flags, e.g. REMORA_BENCH_PROXY_ARGS="--worker-threads 1".
     let extra_proxy_args = std::env::var("REMORA_BENCH_PROXY_ARGS").unwrap_or_default();
     let mesh_protocol = envoy::MeshProtocol::of_proxy_args(&extra_proxy_args);
-    let mut remora_pods = pods('b')?;
-    let server = spawn(
-        &remora_pods.server,
-        &[&me, "--serve"],
-        &log_path(&remora_pods, "server"),
-    )?;
-    remora_pods.procs.push(server);
-    let remora_pids = start_remora(
-        &mut remora_pods,
-        env!("CARGO_BIN_EXE_remora-proxy"),
-        &extra_proxy_args,
-    )?;
-    // Another build of the proxy (say, main's) in its own pods, for a same-run comparison:
-    // on a shared 2-core VM, figures from separate runs differ more than most changes do.
+    let remora = Pair::start('b', "remora", &me, ["proxy-a", "proxy-b"], |pods| {
+        start_remora(pods, env!("CARGO_BIN_EXE_remora-proxy"), &extra_proxy_args)
+    })?;
+    // Every other pair gets its own pods (same addresses, same rules, its own server), so
+    // all stay up and the phases can alternate. A baseline is another build of the proxy
+    // (say, main's), for a same-run comparison: on a shared 2-core VM, figures from
+    // separate runs differ more than most changes do.
     let baseline_bin = std::env::var(BASELINE_ENV).ok().filter(|v| !v.is_empty());
-    let mut baseline_pods = match &baseline_bin {
-        Some(_) => Some(pods('c')?),
-        None => None,
-    };
-    let mut baseline_pids = None;
-    if let (Some(pods), Some(bin)) = (baseline_pods.as_mut(), &baseline_bin) {
-        let server = spawn(&pods.server, &[&me, "--serve"], &log_path(pods, "server"))?;
-        pods.procs.push(server);
-        baseline_pids = Some(start_remora(pods, bin, &extra_proxy_args)?);
+    let mut others = Vec::new();
+    if let Some(bin) = &baseline_bin {
+        others.push(Pair::start(
+            'c',
+            "baseline",
+            &me,
+            ["proxy-a", "proxy-b"],
+            |pods| start_remora(pods, bin, &extra_proxy_args),
+        )?);
     }
-    // Envoy gets its own pair of pods (same addresses, same rules, its own server), so
-    // both pairs stay up and the phases can alternate.
-    let mut envoy_pods = match &envoy_bin {
-        Some(_) => Some(pods('e')?),
-        None => None,
-    };
-    let mut envoy_pids = None;
-    if let (Some(pods), Some(bin)) = (envoy_pods.as_mut(), &envoy_bin) {
-        let server = spawn(&pods.server, &[&me, "--serve"], &log_path(pods, "server"))?;
-        pods.procs.push(server);
-        envoy_pids = Some(start_envoy(pods, bin, mesh_protocol)?);
+    if let Some(bin) = &envoy_bin {
+        others.push(Pair::start(
+            'e',
+            "envoy",
+            &me,
+            ["envoy-a", "envoy-b"],
+            |pods| start_envoy(pods, bin, mesh_protocol),
+        )?);
     }
-    let mut floor_pods = if std::env::var(SKIP_FLOOR).is_ok_and(|v| !v.is_empty()) {
-        None
-    } else {
-        Some(pods('f')?)
-    };
-    let mut floor_pids = None;
-    if let Some(pods) = floor_pods.as_mut() {
-        let server = spawn(&pods.server, &[&me, "--serve"], &log_path(pods, "server"))?;
-        pods.procs.push(server);
-        floor_pids = Some(start_floor(pods, &me)?);
+    if !std::env::var(SKIP_FLOOR).is_ok_and(|v| !v.is_empty()) {
+        others.push(Pair::start(
+            'f',
+            "floor",
+            &me,
+            ["relay-a", "relay-b"],
+            |pods| start_floor(pods, &me),
+        )?);
     }
     let direct = format!("{SERVER_IP}:{DIRECT_PORT}");
     let mesh = format!("{SERVER_IP}:{MESH_PORT}");
-    let mut paths = vec![
-        Path {
-            name: "direct",
-            client: &remora_pods.client,
-            addr: direct.clone(),
-            pids: None,
-        },
-        Path {
-            name: "remora",
-            client: &remora_pods.client,
-            addr: mesh.clone(),
-            pids: Some(remora_pids),
-        },
-    ];
-    if let Some(pods) = &baseline_pods {
+    let mut paths = vec![Path {
+        name: "direct",
+        client: &remora.pods.client,
+        addr: direct.clone(),
+        pids: None,
+    }];
+    for pair in std::iter::once(&remora).chain(&others) {
         paths.push(Path {
-            name: "baseline",
-            client: &pods.client,
+            name: pair.name,
+            client: &pair.pods.client,
             addr: mesh.clone(),
-            pids: baseline_pids,
-        });
-    }
-    if let Some(pods) = &envoy_pods {
-        paths.push(Path {
-            name: "envoy",
-            client: &pods.client,
-            addr: mesh.clone(),
-            pids: envoy_pids,
-        });
-    }
-    if let Some(pods) = &floor_pods {
-        paths.push(Path {
-            name: "floor",
-            client: &pods.client,
-            addr: mesh.clone(),
-            pids: floor_pids,
+            pids: Some(pair.pids),
         });
     }
     // Ready, before any traffic: what an idle sidecar costs.
     let rss_start = rss_of(&paths)?;
-    // Server up on every path, through the proxies too.
+    // Server up on every path, through the sidecars too (Envoy and the relays have no
+    // readiness hook here: their path works once both listeners are up).
     wait_for("server reachable directly", || {
-        load_in(&remora_pods.client, "connect", &direct, 1).is_ok()
+        load_in(&remora.pods.client, "connect", &direct, 1).is_ok()
     })?;
-    load_in(&remora_pods.client, "connect", &mesh, 1).map_err(|e| {
-        anyhow::anyhow!(
-            "remora path: {e}\n{}",
-            logs(&remora_pods, &["proxy-a", "proxy-b"])
-        )
-    })?;
-    if let Some(pods) = &envoy_pods {
-        // Envoy has no readiness hook here: the path works once both listeners are up.
-        wait_for("the envoy path", || {
-            load_in(&pods.client, "connect", &mesh, 1).is_ok()
+    for pair in std::iter::once(&remora).chain(&others) {
+        wait_for(&format!("the {} path", pair.name), || {
+            load_in(&pair.pods.client, "connect", &mesh, 1).is_ok()
         })
-        .map_err(|e| anyhow::anyhow!("envoy path: {e}\n{}", logs(pods, &["envoy-a", "envoy-b"])))?;
-        envoy::check_mtls(pods, mesh_protocol)?;
-    }
-    if let Some(pods) = &baseline_pods {
-        load_in(&pods.client, "connect", &mesh, 1).map_err(|e| {
-            anyhow::anyhow!(
-                "baseline path: {e}\n{}",
-                logs(pods, &["proxy-a", "proxy-b"])
-            )
+        .map_err(|e| {
+            anyhow::anyhow!("{} path: {e}\n{}", pair.name, logs(&pair.pods, &pair.logs))
         })?;
-    }
-    if let Some(pods) = &floor_pods {
-        wait_for("the floor path", || {
-            load_in(&pods.client, "connect", &mesh, 1).is_ok()
-        })
-        .map_err(|e| anyhow::anyhow!("floor path: {e}\n{}", logs(pods, &["relay-a", "relay-b"])))?;
+        if pair.name == "envoy" {
+            envoy::check_mtls(&pair.pods, mesh_protocol)?;
+        }
     }
     let rss_idle = rss_of(&paths)?;
 
