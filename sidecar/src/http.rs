@@ -43,6 +43,7 @@ use crate::{
     authz::{self, Access},
     config::ConfigStore,
     metrics::{DirLabels, Metrics, OutcomeLabels, Peer, RequestLabels, Static},
+    pool,
     tls::{EndpointConnector, IdentityStore},
     trace,
 };
@@ -60,7 +61,11 @@ pub static ORIG_PROTO: HeaderName = HeaderName::from_static("remora-orig-proto")
 /// The body of a request sent upstream: streamed, or buffered whole (see [`buffered`]).
 type UpstreamBody = Either<Incoming, Full<Bytes>>;
 
-type Pool = Client<EndpointConnector, UpstreamBody>;
+/// HTTP/2 upstreams: hyper-util's pooled client (one multiplexed connection).
+type H2Pool = Client<EndpointConnector, UpstreamBody>;
+
+/// HTTP/1 upstreams: the proxy's own pool (see `pool`).
+type H1Pool = pool::H1Pool<UpstreamBody>;
 
 /// HTTP/1 bodies of a known length up to this size are read whole before they are sent on
 /// (requests) or answered with (responses). A proxied message then crosses from the
@@ -84,8 +89,8 @@ pub const MESH_PEER_IDLE_TIMEOUT: std::time::Duration =
 /// The HTTP/1 and HTTP/2 pools of one upstream endpoint.
 #[derive(Debug, Clone)]
 struct EndpointPools {
-    h1: Pool,
-    h2: Pool,
+    h1: Arc<H1Pool>,
+    h2: Arc<H2Pool>,
     /// The sweep tick ([`Clients::tick`]) at which a request last used them.
     last_used: Arc<AtomicU64>,
 }
@@ -140,6 +145,9 @@ impl Clients {
     pub fn prune(&self, idle: std::time::Duration) -> usize {
         let now = self.epoch.elapsed().as_secs();
         self.tick.store(now, Ordering::Relaxed);
+        for p in self.pools.load().values() {
+            p.h1.evict_idle();
+        }
         let stale = |p: &EndpointPools| {
             now.saturating_sub(p.last_used.load(Ordering::Relaxed)) >= idle.as_secs()
         };
@@ -160,7 +168,7 @@ impl Clients {
     }
 
     /// The client for `addr` (over mesh mTLS when `mtls`), HTTP/2 or HTTP/1.
-    fn get(&self, addr: SocketAddr, mtls: bool, h2: bool) -> Pool {
+    fn get(&self, addr: SocketAddr, mtls: bool, h2: bool) -> Upstream {
         let key = (addr, mtls);
         let now = self.tick.load(Ordering::Relaxed);
         let pick = |p: &EndpointPools| {
@@ -168,7 +176,11 @@ impl Clients {
             if p.last_used.load(Ordering::Relaxed) != now {
                 p.last_used.store(now, Ordering::Relaxed);
             }
-            if h2 { p.h2.clone() } else { p.h1.clone() }
+            if h2 {
+                Upstream::H2(p.h2.clone())
+            } else {
+                Upstream::H1(p.h1.clone())
+            }
         };
         if let Some(p) = self.pools.load().get(&key) {
             return pick(p);
@@ -182,15 +194,14 @@ impl Clients {
             self.metrics.clone(),
         );
         let pools = EndpointPools {
-            h1: Client::builder(TokioExecutor::new())
-                .pool_timer(TokioTimer::new())
-                .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-                .build(connector.clone()),
-            h2: Client::builder(TokioExecutor::new())
-                .pool_timer(TokioTimer::new())
-                .timer(TokioTimer::new())
-                .http2_only(true)
-                .build(connector),
+            h1: Arc::new(H1Pool::new(connector.clone(), POOL_IDLE_TIMEOUT)),
+            h2: Arc::new(
+                Client::builder(TokioExecutor::new())
+                    .pool_timer(TokioTimer::new())
+                    .timer(TokioTimer::new())
+                    .http2_only(true)
+                    .build(connector),
+            ),
             last_used: Arc::new(AtomicU64::new(now)),
         };
         let mut chosen = pools.clone();
@@ -200,6 +211,35 @@ impl Clients {
             next
         });
         pick(&chosen)
+    }
+}
+
+/// The pool a request goes to.
+enum Upstream {
+    H1(Arc<H1Pool>),
+    H2(Arc<H2Pool>),
+}
+
+/// Why an upstream exchange failed, from either pool.
+enum UpstreamError {
+    H1(pool::PoolError),
+    H2(hyper_util::client::legacy::Error),
+}
+
+impl Upstream {
+    async fn send(self, req: Request<UpstreamBody>) -> Result<Response<ProxyBody>, UpstreamError> {
+        match self {
+            Self::H1(pool) => pool
+                .send(req)
+                .await
+                .map(|r| r.map(BodyExt::boxed))
+                .map_err(UpstreamError::H1),
+            Self::H2(client) => client
+                .request(req)
+                .await
+                .map(|r| r.map(BodyExt::boxed))
+                .map_err(UpstreamError::H2),
+        }
     }
 }
 
@@ -369,9 +409,13 @@ impl ProxyError {
         }
     }
 
-    fn from_client(authority: Authority, e: &hyper_util::client::legacy::Error) -> Self {
+    fn from_upstream(authority: Authority, e: &UpstreamError) -> Self {
+        // The chain below the pool's own wrapper: what failed, down to the I/O error.
+        let (is_connect, top, mut source): (bool, &(dyn std::error::Error + 'static), _) = match e {
+            UpstreamError::H1(e) => (e.is_connect(), e, Some(e.cause())),
+            UpstreamError::H2(e) => (e.is_connect(), e, e.source()),
+        };
         let mut detail = String::new();
-        let mut source = e.source();
         let mut io_kind = None;
         while let Some(s) = source {
             if let Some(io) = s.downcast_ref::<std::io::Error>() {
@@ -383,7 +427,7 @@ impl ProxyError {
             detail.push_str(&s.to_string());
             source = s.source();
         }
-        if e.is_connect() {
+        if is_connect {
             match io_kind {
                 Some(std::io::ErrorKind::ConnectionRefused) => Self::ConnectRefused(authority),
                 Some(std::io::ErrorKind::TimedOut) => Self::ConnectTimeout(authority),
@@ -393,7 +437,7 @@ impl ProxyError {
             Self::Upstream(
                 authority,
                 if detail.is_empty() {
-                    e.to_string()
+                    top.to_string()
                 } else {
                     detail
                 },
@@ -502,12 +546,10 @@ async fn forward(
     }
     trace::ensure_request_id(req.headers_mut());
     trace::new_span(req.headers_mut());
+    // HTTP/1 names the authority in `Host`: the request's own, else the endpoint's.
     if !upstream_h2
         && !req.headers().contains_key(header::HOST)
-        && let Some(v) = req
-            .uri()
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        && let Ok(v) = HeaderValue::from_str(req.uri().authority().unwrap_or(&authority).as_str())
     {
         req.headers_mut().insert(header::HOST, v);
     }
@@ -523,9 +565,12 @@ async fn forward(
             .get(header::HOST)
             .and_then(|h| Authority::try_from(h.as_bytes()).ok())
     });
+    // HTTP/1 sends the origin form.
     let mut parts = http::uri::Parts::default();
-    parts.scheme = Some(Scheme::HTTP);
-    parts.authority = Some(request_authority.unwrap_or_else(|| authority.clone()));
+    if upstream_h2 {
+        parts.scheme = Some(Scheme::HTTP);
+        parts.authority = Some(request_authority.unwrap_or_else(|| authority.clone()));
+    }
     parts.path_and_query = Some(path);
     *req.uri_mut() = Uri::from_parts(parts)
         .map_err(|e| ProxyError::Upstream(authority.clone(), e.to_string()))?;
@@ -548,14 +593,14 @@ async fn forward(
     } else {
         req.map(Either::Left)
     };
-    let fut = ctx.clients.get(addr, mtls, upstream_h2).request(req);
+    let fut = ctx.clients.get(addr, mtls, upstream_h2).send(req);
     let result = match timeout {
         Some(t) => tokio::time::timeout(t, fut)
             .await
             .map_err(|_| ProxyError::RequestTimeout(authority.clone(), t))?,
         None => fut.await,
     };
-    let mut resp = result.map_err(|e| ProxyError::from_client(authority.clone(), &e))?;
+    let mut resp = result.map_err(|e| ProxyError::from_upstream(authority.clone(), &e))?;
 
     let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
     // A HEAD, 204 or 304 answer has a length but no body to read.

@@ -20,6 +20,7 @@ pub mod lifecycle;
 pub mod listen;
 pub mod metrics;
 pub mod orig_dst;
+pub mod pool;
 pub mod route;
 pub mod shutdown;
 pub mod tcp;

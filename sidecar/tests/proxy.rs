@@ -911,3 +911,92 @@ async fn bodies_read_whole_keep_head_and_304_bodiless_and_truncation_is_a_502() 
     let body = resp.into_body().collect().await.expect("body").to_bytes();
     assert_eq!(body, "hello");
 }
+
+/// An HTTP/1 backend that counts the connections it accepted and closes a kept-alive
+/// connection after `idle` without a request (hyper's header read timeout).
+async fn counting_backend(
+    idle: Duration,
+) -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    };
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = l.accept().await else {
+                return;
+            };
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(|_req| async {
+                    Ok::<_, std::convert::Infallible>(http::Response::new(full("ok")))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(idle)
+                    .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+#[tokio::test]
+async fn upstream_http1_connections_are_reused_and_closed_ones_skipped() {
+    use std::sync::atomic::Ordering;
+    let (backend, accepted) = counting_backend(Duration::from_millis(300)).await;
+    let proxy = start(settings(backend), "{}").await;
+    // Sequential requests from two clients share one upstream connection.
+    let mut c1 = h1(proxy.inbound_addrs[0]).await;
+    let mut c2 = h1(proxy.inbound_addrs[0]).await;
+    for i in 0..6 {
+        let c = if i % 2 == 0 { &mut c1 } else { &mut c2 };
+        let resp = c.send_request(get("/")).await.expect("response");
+        assert_eq!(resp.status(), StatusCode::OK);
+        let body = resp.into_body().collect().await.expect("body").to_bytes();
+        assert_eq!(body, "ok");
+    }
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        1,
+        "one pooled upstream connection"
+    );
+    // The backend closes the idle connection; the next request skips it and dials anew.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let resp = c1.send_request(get("/")).await.expect("response");
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    // Concurrent requests need as many connections, and all go back to the pool.
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        clients.push(h1(proxy.inbound_addrs[0]).await);
+    }
+    let sent: Vec<_> = clients
+        .iter_mut()
+        .map(|c| tokio::spawn(c.send_request(get("/"))))
+        .collect();
+    for r in sent {
+        assert_eq!(
+            r.await.expect("join").expect("response").status(),
+            StatusCode::OK
+        );
+    }
+    let after_burst = accepted.load(Ordering::SeqCst);
+    assert!((2..=4).contains(&after_burst), "{after_burst}");
+    for c in &mut clients {
+        let resp = c.send_request(get("/")).await.expect("response");
+        assert_eq!(resp.status(), StatusCode::OK);
+    }
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        after_burst,
+        "the burst's connections were pooled and reused"
+    );
+}
