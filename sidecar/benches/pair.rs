@@ -799,6 +799,8 @@ fn bench() -> anyhow::Result<()> {
         env("REMORA_BENCH_SECS", 3),
         env("REMORA_BENCH_ROUNDS", 3).max(1),
     );
+    // Each phase's figures as they come (the table has only the medians).
+    let verbose = std::env::var("REMORA_BENCH_VERBOSE").is_ok_and(|v| !v.is_empty());
     let names: Vec<&str> = paths.iter().map(|p| p.name).collect();
     eprintln!(
         "pair bench: {rounds} rounds of {secs} s phases, {} alternating; direct = {direct}, pairs = {mesh}",
@@ -818,6 +820,16 @@ fn bench() -> anyhow::Result<()> {
                 let c0 = path.cpu()?;
                 let l = load_in(path.client, mode, &path.addr, secs)?;
                 let cpu = per_k(path.cpu()? - c0, &l);
+                if verbose {
+                    eprintln!(
+                        "pair bench: {mode} {}: {:.0} rps, p50/p90/p99 {:.0}/{:.0}/{:.0} us, {cpu:.3} CPU s per 1000",
+                        path.name,
+                        l.rate(),
+                        l.p50,
+                        l.p90,
+                        l.p99
+                    );
+                }
                 errors += l.errors;
                 match mode {
                     "max" => {
