@@ -86,6 +86,13 @@ pub const POOL_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_sec
 pub const MESH_PEER_IDLE_TIMEOUT: std::time::Duration =
     std::time::Duration::from_secs(POOL_IDLE_TIMEOUT.as_secs() + 30);
 
+/// How long an outbound HTTP/1 connection from the pod's own app may wait for its next
+/// request: long (Envoy's default downstream idle timeout), so that the app's client pool,
+/// whatever its idle timeout (Go's is 90 s), closes first and never sends a request on a
+/// connection the proxy is closing. Slow request heads are not a threat from the pod's
+/// own app; `--header-read-timeout` guards the inbound side.
+pub const APP_CLIENT_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3600);
+
 /// The HTTP/1 and HTTP/2 pools of one upstream endpoint.
 #[derive(Debug, Clone)]
 struct EndpointPools {
@@ -280,10 +287,12 @@ where
         // HTTP/2: GOAWAY, then the streams in flight finish.
         until_drained(&ctx, conn, |c| c.graceful_shutdown()).await
     } else {
-        let mut head_timeout = ctx.settings.header_read_timeout;
-        if meta.direction == Direction::Inbound && meta.peer.0.is_some() {
-            head_timeout = head_timeout.max(MESH_PEER_IDLE_TIMEOUT);
+        let head_timeout = match (meta.direction, &meta.peer.0) {
+            (Direction::Outbound, _) => APP_CLIENT_IDLE_TIMEOUT,
+            (Direction::Inbound, Some(_)) => MESH_PEER_IDLE_TIMEOUT,
+            (Direction::Inbound, None) => ctx.settings.header_read_timeout,
         }
+        .max(ctx.settings.header_read_timeout);
         let conn = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(head_timeout)

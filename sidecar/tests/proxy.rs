@@ -1000,3 +1000,31 @@ async fn upstream_http1_connections_are_reused_and_closed_ones_skipped() {
         "the burst's connections were pooled and reused"
     );
 }
+
+#[tokio::test]
+async fn the_apps_kept_alive_connections_outlive_the_header_read_timeout() {
+    let backend = http_echo().await;
+    let mut s = settings(backend);
+    s.header_read_timeout = Duration::from_millis(200);
+    let proxy = start(s, "{}").await;
+    // Outbound: the pod's own app may leave its connection idle longer than the header
+    // read timeout (its pool decides when to close); the next request still works.
+    let mut c = h1(proxy.outbound_addrs[0]).await;
+    let resp = c.send_request(get("/one")).await.expect("response");
+    assert_eq!(resp.status(), StatusCode::OK);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let resp = c
+        .send_request(get("/two"))
+        .await
+        .expect("the idle connection is still open");
+    assert_eq!(resp.status(), StatusCode::OK);
+    // Inbound, a plaintext client gets the header read timeout between requests.
+    let mut c = h1(proxy.inbound_addrs[0]).await;
+    let resp = c.send_request(get("/one")).await.expect("response");
+    assert_eq!(resp.status(), StatusCode::OK);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(
+        c.send_request(get("/two")).await.is_err(),
+        "closed after 200 ms idle"
+    );
+}
