@@ -61,6 +61,18 @@ pub static ORIG_PROTO: HeaderName = HeaderName::from_static("remora-orig-proto")
 /// The body of a request sent upstream: streamed, or buffered whole (see [`buffered`]).
 type UpstreamBody = Either<Incoming, Full<Bytes>>;
 
+impl pool::Replay for UpstreamBody {
+    fn replay(&self) -> Option<Self> {
+        match self {
+            Either::Right(full) => Some(Either::Right(full.clone())),
+            Either::Left(streamed) if hyper::body::Body::is_end_stream(streamed) => {
+                Some(Either::Right(Full::new(Bytes::new())))
+            }
+            Either::Left(_) => None,
+        }
+    }
+}
+
 /// HTTP/2 upstreams: hyper-util's pooled client (one multiplexed connection).
 type H2Pool = Client<EndpointConnector, UpstreamBody>;
 

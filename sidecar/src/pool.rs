@@ -3,6 +3,12 @@
 //! hands its connection back when it ends. A pooled connection found closed when a request
 //! tries it is skipped, and a request it could not send goes to another connection.
 //!
+//! A server may close a kept-alive connection just as a request goes out on it (its idle
+//! timeout fires first: Node's is 5 s, gunicorn's 2 s). Such a request was sent but got no
+//! answer; when it is idempotent and its body can be sent again, it is, once, on a new
+//! connection, as Go's HTTP client does. Only requests on a connection that sat idle for
+//! [`REPLAY_AFTER_IDLE`] keep the copy this needs, so a busy pool pays nothing for it.
+//!
 //! hyper-util's pooled client does the same for any protocol, and per request it also
 //! clones and rewrites the URI, hashes a pool key and spawns a task that puts the
 //! connection back once the response has been read; on the proxy's hot path (every
@@ -25,6 +31,28 @@ use tower::Service;
 use crate::tls::EndpointConnector;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A request on a connection idle at least this long keeps a copy to send again (above).
+pub const REPLAY_AFTER_IDLE: Duration = Duration::from_secs(1);
+
+/// A request body that can be sent again, when it is complete in memory.
+pub trait Replay: Sized {
+    /// The same body again, if it can be had.
+    fn replay(&self) -> Option<Self>;
+}
+
+/// A copy of an idempotent request whose body can be sent again.
+fn copy_of<B: Replay>(req: &Request<B>) -> Option<Request<B>> {
+    if !req.method().is_idempotent() {
+        return None;
+    }
+    let mut copy = Request::new(req.body().replay()?);
+    *copy.method_mut() = req.method().clone();
+    *copy.uri_mut() = req.uri().clone();
+    *copy.version_mut() = req.version();
+    *copy.headers_mut() = req.headers().clone();
+    Some(copy)
+}
 
 /// Why a request did not get a response.
 #[derive(Debug, thiserror::Error)]
@@ -93,7 +121,7 @@ impl<B> H1Pool<B> {
 
 impl<B> H1Pool<B>
 where
-    B: Body<Data = Bytes> + Send + Unpin + 'static,
+    B: Body<Data = Bytes> + Replay + Send + Unpin + 'static,
     B::Error: Into<BoxError>,
 {
     /// Idle connections older than `idle_timeout` are closed, not used.
@@ -111,10 +139,16 @@ where
         self: &Arc<Self>,
         mut req: Request<B>,
     ) -> Result<Response<PooledBody<B>>, PoolError> {
+        let mut replayed = false;
         loop {
-            let (mut send, reused) = match self.checkout().await {
-                Some(send) => (send, true),
-                None => (self.connect().await?, false),
+            let (mut send, idle_for) = match self.checkout().await {
+                Some((send, idle_for)) => (send, Some(idle_for)),
+                None => (self.connect().await?, None),
+            };
+            let reused = idle_for.is_some();
+            let copy = match idle_for {
+                Some(idle) if idle >= REPLAY_AFTER_IDLE && !replayed => copy_of(&req),
+                _ => None,
             };
             match send.try_send_request(req).await {
                 Ok(resp) => {
@@ -123,24 +157,34 @@ where
                         .then(|| (send, self.clone()));
                     return Ok(resp.map(|inner| PooledBody { inner, slot }));
                 }
-                Err(mut e) => match e.take_message() {
+                Err(mut e) => match (e.take_message(), copy) {
                     // A pooled connection closed before the request went out: another.
-                    Some(unsent) if reused => req = unsent,
+                    (Some(unsent), _) if reused => req = unsent,
+                    // Closed by the server as the request went out: send the copy.
+                    (None, Some(copy)) if e.error().is_incomplete_message() => {
+                        tracing::debug!(
+                            "a kept-alive upstream connection closed under a request; sending it again"
+                        );
+                        req = copy;
+                        replayed = true;
+                    }
                     _ => return Err(PoolError::Send(e.into_error())),
                 },
             }
         }
     }
 
-    /// The most recently used idle connection that is still open and ready.
-    async fn checkout(&self) -> Option<SendRequest<B>> {
+    /// The most recently used idle connection that is still open and ready, and how long
+    /// it sat idle.
+    async fn checkout(&self) -> Option<(SendRequest<B>, Duration)> {
         loop {
             let Idle { mut send, since } = self.lock().pop()?;
-            if since.elapsed() >= self.idle_timeout || send.is_closed() {
+            let idle_for = since.elapsed();
+            if idle_for >= self.idle_timeout || send.is_closed() {
                 continue;
             }
             if send.ready().await.is_ok() {
-                return Some(send);
+                return Some((send, idle_for));
             }
         }
     }
@@ -200,7 +244,7 @@ impl<B: Send + 'static> std::fmt::Debug for PooledBody<B> {
 
 impl<B> Body for PooledBody<B>
 where
-    B: Body<Data = Bytes> + Send + Unpin + 'static,
+    B: Body<Data = Bytes> + Replay + Send + Unpin + 'static,
     B::Error: Into<BoxError>,
 {
     type Data = Bytes;

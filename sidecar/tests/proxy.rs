@@ -1028,3 +1028,60 @@ async fn the_apps_kept_alive_connections_outlive_the_header_read_timeout() {
         "closed after 200 ms idle"
     );
 }
+
+/// A backend that answers the first request on each connection and closes the connection
+/// under the second, unanswered: a keep-alive idle timeout firing as a request arrives.
+async fn closes_under_the_second_request() -> SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                read_until(&mut s, b"\r\n\r\n").await;
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                    .await;
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                // Dropped: closed without an answer.
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn an_idempotent_request_on_a_connection_closed_under_it_is_sent_again() {
+    let backend = closes_under_the_second_request().await;
+    let proxy = start(settings(backend), "{}").await;
+    let mut c = h1(proxy.inbound_addrs[0]).await;
+    let resp = c.send_request(get("/first")).await.expect("response");
+    assert_eq!(resp.status(), StatusCode::OK);
+    resp.into_body().collect().await.expect("body");
+    // The pooled connection sits idle past REPLAY_AFTER_IDLE; the backend then closes it
+    // under the next request, which is sent again on a new connection.
+    tokio::time::sleep(remora_proxy::pool::REPLAY_AFTER_IDLE + Duration::from_millis(100)).await;
+    let resp = c.send_request(get("/second")).await.expect("response");
+    assert_eq!(resp.status(), StatusCode::OK, "GET sent again");
+    resp.into_body().collect().await.expect("body");
+    // A POST is not idempotent: the client gets the failure, not a second POST.
+    tokio::time::sleep(remora_proxy::pool::REPLAY_AFTER_IDLE + Duration::from_millis(100)).await;
+    let post = Request::builder()
+        .method("POST")
+        .uri("/third")
+        .header("host", "a")
+        .body(full("x"))
+        .expect("req");
+    let resp = c.send_request(post).await.expect("response");
+    assert_eq!(
+        resp.status(),
+        StatusCode::BAD_GATEWAY,
+        "POST not sent again"
+    );
+    assert!(header(&resp, "x-remora-proxy-error").is_some());
+}
