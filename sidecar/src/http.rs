@@ -164,13 +164,12 @@ impl Clients {
     pub fn prune(&self, idle: std::time::Duration) -> usize {
         let now = self.epoch.elapsed().as_secs();
         self.tick.store(now, Ordering::Relaxed);
-        for p in self.pools.load().values() {
-            p.h1.evict_idle();
-        }
         let stale = |p: &EndpointPools| {
             now.saturating_sub(p.last_used.load(Ordering::Relaxed)) >= idle.as_secs()
         };
-        if !self.pools.load().values().any(stale) {
+        let pools = self.pools.load();
+        pools.values().for_each(|p| p.h1.evict_idle());
+        if !pools.values().any(stale) {
             return 0;
         }
         let mut removed = 0;
@@ -579,16 +578,15 @@ async fn forward(
         .path_and_query()
         .cloned()
         .unwrap_or_else(|| PathAndQuery::from_static("/"));
-    // The request keeps its own authority (HTTP/2 `:authority`, pool key); the pool of
-    // `addr` decides where the connection goes.
-    let request_authority = req.uri().authority().cloned().or_else(|| {
-        req.headers()
-            .get(header::HOST)
-            .and_then(|h| Authority::try_from(h.as_bytes()).ok())
-    });
-    // HTTP/1 sends the origin form.
+    // HTTP/2 keeps the request's own authority as `:authority` (the pool of `addr` decides
+    // where the connection goes); HTTP/1 sends the origin form, `Host` naming the authority.
     let mut parts = http::uri::Parts::default();
     if upstream_h2 {
+        let request_authority = req.uri().authority().cloned().or_else(|| {
+            req.headers()
+                .get(header::HOST)
+                .and_then(|h| Authority::try_from(h.as_bytes()).ok())
+        });
         parts.scheme = Some(Scheme::HTTP);
         parts.authority = Some(request_authority.unwrap_or_else(|| authority.clone()));
     }
@@ -637,9 +635,7 @@ async fn forward(
             .await
             .map_err(|e| ProxyError::Upstream(authority.clone(), e.to_string()))?
             .to_bytes();
-        let mut resp = Response::from_parts(parts, full(bytes));
-        strip_hop_by_hop(resp.headers_mut(), false);
-        return Ok((resp, peer));
+        resp = Response::from_parts(parts, full(bytes));
     }
     if let (Some(downstream), true) = (downstream_upgrade, switching) {
         let upstream = hyper::upgrade::on(&mut resp);
@@ -662,7 +658,7 @@ async fn forward(
     } else {
         strip_hop_by_hop(resp.headers_mut(), false);
     }
-    Ok((resp.map(BodyExt::boxed), peer))
+    Ok((resp, peer))
 }
 
 /// Inbound authorization of one request; a denial is counted and logged with the peer.

@@ -110,12 +110,10 @@ impl<B> H1Pool<B> {
         self.idle.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Closes the idle connections older than the idle timeout or already closed; returns
-    /// how many idle connections remain.
-    pub fn evict_idle(&self) -> usize {
-        let mut idle = self.lock();
-        idle.retain(|i| i.since.elapsed() < self.idle_timeout && !i.send.is_closed());
-        idle.len()
+    /// Closes the idle connections older than the idle timeout or already closed.
+    pub fn evict_idle(&self) {
+        self.lock()
+            .retain(|i| i.since.elapsed() < self.idle_timeout && !i.send.is_closed());
     }
 }
 
