@@ -833,51 +833,33 @@ async fn app_health_runs_the_original_probes() {
 /// A backend that answers each request head with the canned reply its request line names,
 /// then closes: for the bodies that are read whole (a small `Content-Length`).
 async fn scripted_backend() -> SocketAddr {
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = l.local_addr().expect("addr");
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut s, _)) = l.accept().await else {
-                return;
-            };
-            tokio::spawn(async move {
-                let head = read_until(&mut s, b"\r\n\r\n").await;
-                let line = String::from_utf8_lossy(&head)
-                    .lines()
-                    .next()
-                    .unwrap_or("")
-                    .to_owned();
-                let reply: &[u8] = if line.starts_with("HEAD ") {
-                    b"HTTP/1.1 200 OK\r\nContent-Length: 5000\r\n\r\n"
-                } else if line.contains("/not-modified") {
-                    b"HTTP/1.1 304 Not Modified\r\nContent-Length: 10\r\n\r\n"
-                } else if line.contains("/truncated") {
-                    b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nshort"
-                } else {
-                    b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello"
-                };
-                let _ = s.write_all(reply).await;
-                let _ = s.shutdown().await;
-            });
-        }
-    });
-    addr
+    tcp_server(loopback(), |mut s| async move {
+        let head = read_until(&mut s, b"\r\n\r\n").await;
+        let line = String::from_utf8_lossy(&head)
+            .lines()
+            .next()
+            .unwrap_or("")
+            .to_owned();
+        let reply: &[u8] = if line.starts_with("HEAD ") {
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5000\r\n\r\n"
+        } else if line.contains("/not-modified") {
+            b"HTTP/1.1 304 Not Modified\r\nContent-Length: 10\r\n\r\n"
+        } else if line.contains("/truncated") {
+            b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nshort"
+        } else {
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello"
+        };
+        let _ = s.write_all(reply).await;
+        let _ = s.shutdown().await;
+    })
+    .await
 }
 
 #[tokio::test]
 async fn bodies_read_whole_keep_head_and_304_bodiless_and_truncation_is_a_502() {
     let backend = scripted_backend().await;
     let proxy = start(settings(backend), "{}").await;
-    let req = |method: &str, path: &str| {
-        Request::builder()
-            .method(method)
-            .uri(path)
-            .header("host", "a")
-            .body(full(Bytes::new()))
-            .expect("req")
-    };
+    let req = |method: &str, path: &str| request(method, path, Bytes::new());
     // A HEAD answer announces a length but has no body: it comes back at once, length kept.
     let mut send = h1(proxy.inbound_addrs[0]).await;
     let resp = tokio::time::timeout(Duration::from_secs(5), send.send_request(req("HEAD", "/")))
@@ -921,30 +903,22 @@ async fn counting_backend(
         Arc,
         atomic::{AtomicUsize, Ordering},
     };
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = l.local_addr().expect("addr");
     let accepted = Arc::new(AtomicUsize::new(0));
     let count = accepted.clone();
-    tokio::spawn(async move {
-        loop {
-            let Ok((s, _)) = l.accept().await else {
-                return;
-            };
-            count.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(|_req| async {
-                    Ok::<_, std::convert::Infallible>(http::Response::new(full("ok")))
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .timer(hyper_util::rt::TokioTimer::new())
-                    .header_read_timeout(idle)
-                    .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
-                    .await;
+    let addr = tcp_server(loopback(), move |s| {
+        count.fetch_add(1, Ordering::SeqCst);
+        async move {
+            let svc = hyper::service::service_fn(|_req| async {
+                Ok::<_, std::convert::Infallible>(http::Response::new(full("ok")))
             });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(idle)
+                .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                .await;
         }
-    });
+    })
+    .await;
     (addr, accepted)
 }
 
@@ -1032,27 +1006,16 @@ async fn the_apps_kept_alive_connections_outlive_the_header_read_timeout() {
 /// A backend that answers the first request on each connection and closes the connection
 /// under the second, unanswered: a keep-alive idle timeout firing as a request arrives.
 async fn closes_under_the_second_request() -> SocketAddr {
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = l.local_addr().expect("addr");
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut s, _)) = l.accept().await else {
-                return;
-            };
-            tokio::spawn(async move {
-                read_until(&mut s, b"\r\n\r\n").await;
-                let _ = s
-                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-                    .await;
-                let mut buf = [0u8; 4096];
-                let _ = s.read(&mut buf).await;
-                // Dropped: closed without an answer.
-            });
-        }
-    });
-    addr
+    tcp_server(loopback(), |mut s| async move {
+        read_until(&mut s, b"\r\n\r\n").await;
+        let _ = s
+            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            .await;
+        let mut buf = [0u8; 4096];
+        let _ = s.read(&mut buf).await;
+        // Dropped: closed without an answer.
+    })
+    .await
 }
 
 #[tokio::test]
@@ -1071,13 +1034,10 @@ async fn an_idempotent_request_on_a_connection_closed_under_it_is_sent_again() {
     resp.into_body().collect().await.expect("body");
     // A POST is not idempotent: the client gets the failure, not a second POST.
     tokio::time::sleep(remora_proxy::pool::REPLAY_AFTER_IDLE + Duration::from_millis(100)).await;
-    let post = Request::builder()
-        .method("POST")
-        .uri("/third")
-        .header("host", "a")
-        .body(full("x"))
-        .expect("req");
-    let resp = c.send_request(post).await.expect("response");
+    let resp = c
+        .send_request(request("POST", "/third", "x"))
+        .await
+        .expect("response");
     assert_eq!(
         resp.status(),
         StatusCode::BAD_GATEWAY,

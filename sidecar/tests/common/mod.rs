@@ -170,29 +170,40 @@ pub async fn tcp_echo() -> SocketAddr {
 
 /// [`tcp_echo`] on `bind`.
 pub async fn tcp_echo_on(bind: SocketAddr) -> SocketAddr {
+    tcp_server(bind, |mut s| async move {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => {
+                    let _ = s.shutdown().await;
+                    return;
+                }
+                Ok(n) => {
+                    if s.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    })
+    .await
+}
+
+/// A TCP server on `bind` that runs `conn` on each accepted connection, in a task of its
+/// own; its address.
+pub async fn tcp_server<F, Fut>(bind: SocketAddr, conn: F) -> SocketAddr
+where
+    F: Fn(TcpStream) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
     let listener = TcpListener::bind(bind).await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     tokio::spawn(async move {
         loop {
-            let Ok((mut s, _)) = listener.accept().await else {
+            let Ok((s, _)) = listener.accept().await else {
                 return;
             };
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 64 * 1024];
-                loop {
-                    match s.read(&mut buf).await {
-                        Ok(0) | Err(_) => {
-                            let _ = s.shutdown().await;
-                            return;
-                        }
-                        Ok(n) => {
-                            if s.write_all(&buf[..n]).await.is_err() {
-                                return;
-                            }
-                        }
-                    }
-                }
-            });
+            tokio::spawn(conn(s));
         }
     });
     addr
@@ -200,23 +211,19 @@ pub async fn tcp_echo_on(bind: SocketAddr) -> SocketAddr {
 
 /// A server that speaks first (like SMTP or MySQL): greets, then echoes one line.
 pub async fn greeting_server(greeting: &'static [u8]) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut s, _)) = listener.accept().await else {
-                return;
-            };
-            tokio::spawn(async move {
-                let _ = s.write_all(greeting).await;
-                let mut buf = [0u8; 1024];
-                if let Ok(n) = s.read(&mut buf).await {
-                    let _ = s.write_all(&buf[..n]).await;
-                }
-            });
+    tcp_server(loopback(), move |mut s| async move {
+        let _ = s.write_all(greeting).await;
+        let mut buf = [0u8; 1024];
+        if let Ok(n) = s.read(&mut buf).await {
+            let _ = s.write_all(&buf[..n]).await;
         }
-    });
-    addr
+    })
+    .await
+}
+
+/// Any free port on 127.0.0.1.
+pub fn loopback() -> SocketAddr {
+    "127.0.0.1:0".parse().expect("addr")
 }
 
 /// An HTTP/1.1 connection to `addr`.
@@ -274,9 +281,15 @@ pub async fn admin_request(
 }
 
 pub fn get(path: &str) -> Request<Body> {
+    request("GET", path, Bytes::new())
+}
+
+/// A `method` request for `path` on host `app.test` with `body`.
+pub fn request(method: &str, path: &str, body: impl Into<Bytes>) -> Request<Body> {
     Request::builder()
+        .method(method)
         .uri(path)
         .header("host", "app.test")
-        .body(full(Bytes::new()))
+        .body(full(body))
         .expect("request")
 }
