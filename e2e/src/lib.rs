@@ -12,6 +12,7 @@
 pub mod apply;
 pub mod cluster;
 pub mod components;
+pub mod image;
 pub mod mesh;
 pub mod pki;
 pub mod prereqs;
