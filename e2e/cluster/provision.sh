@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# Provision the real-apiserver test tier: etcd, openssl and kubectl from Debian, and
-# kube-apiserver + kube-controller-manager built once from Debian's `kubernetes` source
-# package (bookworm, 1.20.2), cached outside the repository.
+# Provision the real-apiserver and node test tiers: etcd, openssl, containerd, runc, the CNI
+# plugins and conntrack from Debian, and kube-apiserver, kube-controller-manager,
+# kube-scheduler, kube-proxy and kubelet built once from Debian's `kubernetes` source package
+# (bookworm, 1.20.2) with the `providerless` build tag (no cloud provider: kubelet never
+# queries a cloud metadata address), plus the pause binary compiled statically from the same
+# tree, all cached outside the repository.
 #
 # Usage: e2e/cluster/provision.sh            # install + build if missing, print the bin dir
 # Env:   REMORA_CACHE  cache root (default: $XDG_CACHE_HOME/remora or ~/.cache/remora)
@@ -42,8 +45,11 @@ apt_install() {
     || die "apt-get install ${missing[*]} failed"
 }
 
-# Runtime prerequisites of the harness and of the network-namespace tier.
-apt_install etcd-server etcd-client openssl iproute2 iptables ca-certificates curl util-linux
+# Runtime prerequisites of the harness, of the network-namespace tier and of the node tier
+# (containerd runs the pods with runc, the CNI bridge + host-local plugins give them their
+# addresses, kube-proxy needs conntrack; gcc + libc6-dev compile the static pause binary).
+apt_install etcd-server etcd-client openssl iproute2 iptables ca-certificates curl util-linux \
+  containerd runc containernetworking-plugins conntrack gcc libc6-dev
 
 # kubectl renders the kustomizations under config/ (directory resources need its built-in
 # kustomize >= v3, i.e. kubectl >= 1.21; Debian's kubernetes-client 1.20 is too old). The
@@ -55,12 +61,18 @@ elif [ "$kubectl_minor" -lt 21 ]; then
   die "kubectl 1.$kubectl_minor is too old to render config/ (kustomize directory resources need kubectl >= 1.21): put a newer kubectl first on PATH"
 fi
 
-if [ -x "$BIN/kube-apiserver" ] && [ -x "$BIN/kube-controller-manager" ]; then
+# Everything built from the source tree; `pause` is build/pause/linux/pause.c, static.
+K8S_BINS=(kube-apiserver kube-controller-manager kube-scheduler kube-proxy kubelet)
+missing_bins=()
+for b in "${K8S_BINS[@]}" pause; do
+  [ -x "$BIN/$b" ] || missing_bins+=("$b")
+done
+if [ ${#missing_bins[@]} -eq 0 ]; then
   echo "$BIN"
   exit 0
 fi
 
-log "kube-apiserver not cached in $BIN; building from Debian's kubernetes $K8S_SRC_VERSION source (~7 min on 2 cores)"
+log "not cached in $BIN: ${missing_bins[*]}; building from Debian's kubernetes $K8S_SRC_VERSION source (~7 min cold on 2 cores for all five)"
 apt_install golang-go rsync make dpkg-dev
 
 D=$CACHE/apt
@@ -72,9 +84,12 @@ deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian
 SRC
 O=(-oDir::Etc::SourceList="$D/sources.list" -oDir::Etc::SourceParts=/dev/null
    -oDir::State::Lists="$D/lists" -oDir::Cache="$D/cache" -oAPT::Sandbox::User=root)
-apt-get "${O[@]}" update -qq || die "apt-get update of the private deb-src list failed"
 
 SRC_DIR=$CACHE/src/kubernetes-$K8S_SRC_VERSION
+R2=$CACHE/r2
+if [ ! -d "$SRC_DIR" ] || [ ! -d "$R2/usr/share/gocode/src/github.com/modern-go/reflect2" ]; then
+  apt-get "${O[@]}" update -qq || die "apt-get update of the private deb-src list failed"
+fi
 if [ ! -d "$SRC_DIR" ]; then
   (cd "$CACHE/src" && apt-get "${O[@]}" source --download-only kubernetes >/dev/null) \
     || die "could not download Debian's kubernetes source package"
@@ -83,7 +98,6 @@ fi
 
 # The vendored reflect2 1.0.1 crashes the apiserver on the first custom resource create
 # when built with Go >= 1.18; Debian's 1.0.2 fixes it.
-R2=$CACHE/r2
 if [ ! -d "$R2/usr/share/gocode/src/github.com/modern-go/reflect2" ]; then
   rm -rf "$R2" && mkdir -p "$R2"
   (cd "$R2" && apt-get "${O[@]}" download golang-github-modern-go-reflect2-dev >/dev/null && dpkg -x golang-github-modern-go-reflect2-dev_*.deb .) \
@@ -94,18 +108,37 @@ rm -f "$V"/*.go "$V"/*.s "$V"/go.mod
 cp "$R2"/usr/share/gocode/src/github.com/modern-go/reflect2/*.go "$R2"/usr/share/gocode/src/github.com/modern-go/reflect2/*.s "$V"/
 
 cd "$SRC_DIR"
-mkdir -p .go/src/k8s.io && ln -sfn ../../.. .go/src/k8s.io/kubernetes
-export GOPATH=$PWD/.go GOPROXY=off GOFLAGS=-mod=vendor GOSUMDB=off CGO_ENABLED=0 HOME=$CACHE/gohome
-make WHAT=cmd/kube-apiserver >"$CACHE/build-apiserver.log" 2>&1 \
-  || { tail -30 "$CACHE/build-apiserver.log" >&2; die "building kube-apiserver failed (log: $CACHE/build-apiserver.log)"; }
-make WHAT=cmd/kube-controller-manager >"$CACHE/build-kcm.log" 2>&1 \
-  || { tail -30 "$CACHE/build-kcm.log" >&2; die "building kube-controller-manager failed (log: $CACHE/build-kcm.log)"; }
-
 mkdir -p "$BIN"
-for b in kube-apiserver kube-controller-manager; do
-  cp "_output/bin/$b" "$BIN/$b.tmp" && mv "$BIN/$b.tmp" "$BIN/$b"
+if [ ! -x "$BIN/pause" ]; then
+  gcc -Os -static -Wall -Werror -DVERSION=v$K8S_SRC_VERSION-remora -o "$BIN/pause.tmp" build/pause/linux/pause.c \
+    || die "compiling build/pause/linux/pause.c failed (needs gcc and libc6-dev)"
+  mv "$BIN/pause.tmp" "$BIN/pause"
+fi
+
+what=()
+for b in "${K8S_BINS[@]}"; do
+  [ -x "$BIN/$b" ] || what+=("cmd/$b")
 done
-# The build tree is 2.5 GB; only the binaries are needed again.
-rm -rf "$SRC_DIR/_output" "$SRC_DIR/.go/pkg"
-log "built $BIN/kube-apiserver and $BIN/kube-controller-manager"
+if [ ${#what[@]} -gt 0 ]; then
+  mkdir -p .go/src/k8s.io && ln -sfn ../../.. .go/src/k8s.io/kubernetes
+  # hack/lib/golang.sh takes the build tags out of GOFLAGS' -tags=; `providerless` compiles
+  # every cloud provider (and kubelet's AWS/GCE/Azure credential providers) out.
+  export GOPATH=$PWD/.go GOPROXY=off GOSUMDB=off CGO_ENABLED=0 HOME=$CACHE/gohome
+  export GOFLAGS="-mod=vendor -tags=providerless"
+  make WHAT="${what[*]}" >"$CACHE/build-k8s.log" 2>&1 \
+    || { tail -30 "$CACHE/build-k8s.log" >&2; die "building ${what[*]} failed (log: $CACHE/build-k8s.log)"; }
+  for w in "${what[@]}"; do
+    b=${w#cmd/}
+    # Refuse a binary built without the tag (hack/lib/golang.sh reads it from GOFLAGS):
+    # the node tier must not carry cloud providers that reach out. (kubelet 1.20's ECR
+    # credential provider is compiled in regardless; the node harness disables its
+    # metadata lookup and the node's network namespace has no route anyway.)
+    go version -m "_output/bin/$b" | grep -q -- '-tags=.*providerless' \
+      || die "_output/bin/$b was built without the providerless tag (see $CACHE/build-k8s.log)"
+    cp "_output/bin/$b" "$BIN/$b.tmp" && mv "$BIN/$b.tmp" "$BIN/$b"
+  done
+  # The build tree is several GB; only the binaries are needed again.
+  rm -rf "$SRC_DIR/_output" "$SRC_DIR/.go/pkg"
+fi
+log "built in $BIN: ${missing_bins[*]}"
 echo "$BIN"
