@@ -16,6 +16,7 @@
 
 pub mod deps;
 pub mod inspect;
+pub mod recipes;
 
 use std::collections::BTreeMap;
 use std::fs;

@@ -93,6 +93,43 @@ pub fn add_libraries_of(image: &mut Image, binary: &Path) -> Result<(), ImageErr
     Ok(())
 }
 
+/// The program interpreter (`PT_INTERP`, the dynamic loader) a 64-bit little-endian ELF
+/// file names, or `None` for a static one.
+pub fn interpreter(binary: &Path) -> Result<Option<PathBuf>, ImageError> {
+    let data =
+        std::fs::read(binary).map_err(super::io_ctx(format!("reading {}", binary.display())))?;
+    let not_elf = || ImageError::Ldd {
+        binary: binary.display().to_string(),
+        message: "not a 64-bit little-endian ELF file".into(),
+    };
+    if data.get(..6) != Some(b"\x7fELF\x02\x01".as_slice()) {
+        return Err(not_elf());
+    }
+    let u16_at = |o: usize| data.get(o..o + 2).map(|b| u16::from_le_bytes([b[0], b[1]]));
+    let u64_at = |o: usize| {
+        data.get(o..o + 8)
+            .and_then(|b| <[u8; 8]>::try_from(b).ok())
+            .map(u64::from_le_bytes)
+    };
+    let phoff = u64_at(0x20).ok_or_else(not_elf)? as usize;
+    let phentsize = u16_at(0x36).ok_or_else(not_elf)? as usize;
+    let phnum = u16_at(0x38).ok_or_else(not_elf)? as usize;
+    for i in 0..phnum {
+        let ph = phoff + i * phentsize;
+        let kind = data.get(ph..ph + 4).ok_or_else(not_elf)?;
+        if kind == 3u32.to_le_bytes() {
+            let off = u64_at(ph + 8).ok_or_else(not_elf)? as usize;
+            let size = u64_at(ph + 32).ok_or_else(not_elf)? as usize;
+            let raw = data.get(off..off + size).ok_or_else(not_elf)?;
+            let path = raw.split(|b| *b == 0).next().unwrap_or_default();
+            return Ok(Some(PathBuf::from(
+                String::from_utf8_lossy(path).into_owned(),
+            )));
+        }
+    }
+    Ok(None)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -137,5 +174,20 @@ mod tests {
             .collect();
         assert!(names.iter().any(|n| n.starts_with("libc.so")), "{names:?}");
         assert!(names.iter().any(|n| n.starts_with("ld-linux")), "{names:?}");
+        // ldd's loader line is the ELF interpreter.
+        let interp = interpreter(&exe).expect("ELF").expect("dynamic");
+        assert!(
+            libs.contains(&interp),
+            "{} not in {libs:?}",
+            interp.display()
+        );
+    }
+
+    #[test]
+    fn a_non_elf_file_is_an_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let f = dir.path().join("script");
+        std::fs::write(&f, b"#!/bin/sh\n").expect("write");
+        assert!(interpreter(&f).is_err());
     }
 }
