@@ -2,7 +2,7 @@
 //! turned off, kube-controller-manager, each a child process stopped by PID on drop.
 
 use std::{
-    net::TcpListener,
+    net::{IpAddr, Ipv4Addr, TcpListener},
     path::{Path, PathBuf},
     process::Command,
     time::{Duration, Instant},
@@ -33,6 +33,21 @@ pub struct ClusterOptions {
     /// Where kube-apiserver and kube-controller-manager are (default:
     /// [`prereqs::k8s_bin_dir`]).
     pub k8s_bin_dir: Option<PathBuf>,
+    /// A command every process is started through (e.g. entering a node's network
+    /// namespace); empty: started directly.
+    pub launcher: Vec<String>,
+    /// The apiserver's port (default: a free one). A node's forwarder reserves a host port
+    /// and the apiserver listens on the same number inside the node's namespace, so one
+    /// kubeconfig serves both sides.
+    pub api_port: Option<u16>,
+    /// kube-apiserver `--bind-address` (default 127.0.0.1).
+    pub bind_address: IpAddr,
+    /// kube-apiserver `--advertise-address`, the `kubernetes` Service's endpoint; also
+    /// named in its serving certificate (default 127.0.0.1).
+    pub advertise_address: IpAddr,
+    /// kube-controller-manager flags replacing the default controller set and
+    /// service-account credential mode (the kubeconfig, key and CA flags stay).
+    pub controller_manager_args: Option<Vec<String>>,
 }
 
 impl Default for ClusterOptions {
@@ -42,6 +57,11 @@ impl Default for ClusterOptions {
             extra_apiserver_args: Vec::new(),
             ready_timeout: Duration::from_secs(120),
             k8s_bin_dir: None,
+            launcher: Vec::new(),
+            api_port: None,
+            bind_address: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            advertise_address: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            controller_manager_args: None,
         }
     }
 }
@@ -59,6 +79,7 @@ pub struct Cluster {
     /// How kube-apiserver was started, to start it again after [`Cluster::stop_apiserver`].
     apiserver: (PathBuf, Vec<String>),
     ready_timeout: Duration,
+    launcher: Vec<String>,
 }
 
 /// `N` distinct free TCP ports on 127.0.0.1 (free when chosen; bind them promptly).
@@ -104,8 +125,13 @@ impl Cluster {
             .tempdir()
             .map_err(io_err("creating the cluster directory"))?;
         let root = dir.path().to_owned();
-        let pki = pki::generate(&root.join("pki"))?;
-        let [etcd_client, etcd_peer, etcd_metrics, api_port] = free_ports::<4>()?;
+        let extra_ips: Vec<IpAddr> = Some(opts.advertise_address)
+            .filter(|ip| !ip.is_loopback())
+            .into_iter()
+            .collect();
+        let pki = pki::generate_with(&root.join("pki"), &extra_ips)?;
+        let [etcd_client, etcd_peer, etcd_metrics, free_api_port] = free_ports::<4>()?;
+        let api_port = opts.api_port.unwrap_or(free_api_port);
         let api_url = format!("https://127.0.0.1:{api_port}");
         let kubeconfig = root.join("kubeconfig");
         write_kubeconfig(&kubeconfig, &api_url, &pki)?;
@@ -118,6 +144,7 @@ impl Cluster {
             pki,
             apiserver: (apiserver.clone(), Vec::new()),
             ready_timeout: opts.ready_timeout,
+            launcher: opts.launcher.clone(),
         };
 
         let etcd_url = format!("http://127.0.0.1:{etcd_client}");
@@ -142,8 +169,8 @@ impl Cluster {
         let p = &cluster.pki;
         let mut api_args = vec![
             format!("--etcd-servers={etcd_url}"),
-            "--bind-address=127.0.0.1".to_owned(),
-            "--advertise-address=127.0.0.1".to_owned(),
+            format!("--bind-address={}", opts.bind_address),
+            format!("--advertise-address={}", opts.advertise_address),
             format!("--secure-port={api_port}"),
             "--insecure-port=0".to_owned(),
             format!("--cert-dir={}", root.join("certs").display()),
@@ -157,6 +184,9 @@ impl Cluster {
             "--api-audiences=https://kubernetes.default.svc.cluster.local,remora".to_owned(),
             "--service-cluster-ip-range=10.96.0.0/16".to_owned(),
             "--allow-privileged=true".to_owned(),
+            // How the apiserver authenticates to kubelets (logs, exec) on a node.
+            format!("--kubelet-client-certificate={}", p.admin_cert.display()),
+            format!("--kubelet-client-key={}", p.admin_key.display()),
             "--enable-admission-plugins=NamespaceLifecycle,MutatingAdmissionWebhook,ValidatingAdmissionWebhook".to_owned(),
             "--profiling=false".to_owned(),
         ];
@@ -170,22 +200,24 @@ impl Cluster {
         if let Some(kcm) = kcm {
             let kc = cluster.kubeconfig.display().to_string();
             let p = &cluster.pki;
-            cluster.spawn(
-                "kube-controller-manager",
-                &kcm,
-                &[
-                    format!("--kubeconfig={kc}"),
-                    format!("--authentication-kubeconfig={kc}"),
-                    format!("--authorization-kubeconfig={kc}"),
-                    "--leader-elect=false".to_owned(),
-                    "--port=0".to_owned(),
-                    "--secure-port=0".to_owned(),
-                    format!("--service-account-private-key-file={}", p.sa_key.display()),
-                    format!("--root-ca-file={}", p.ca_cert.display()),
+            let mut args = vec![
+                format!("--kubeconfig={kc}"),
+                format!("--authentication-kubeconfig={kc}"),
+                format!("--authorization-kubeconfig={kc}"),
+                "--leader-elect=false".to_owned(),
+                "--port=0".to_owned(),
+                "--secure-port=0".to_owned(),
+                format!("--service-account-private-key-file={}", p.sa_key.display()),
+                format!("--root-ca-file={}", p.ca_cert.display()),
+            ];
+            match &opts.controller_manager_args {
+                Some(custom) => args.extend(custom.iter().cloned()),
+                None => args.extend([
                     "--use-service-account-credentials=false".to_owned(),
                     "--controllers=*,-nodeipam,-nodelifecycle,-cloud-node-lifecycle,-service,-route,-attachdetach,-persistentvolume-binder,-persistentvolume-expander,-pvc-protection,-pv-protection,-ttl".to_owned(),
-                ],
-            )?;
+                ]),
+            }
+            cluster.spawn("kube-controller-manager", &kcm, &args)?;
             cluster
                 .wait_for_service_account("default", "default", opts.ready_timeout)
                 .await?;
@@ -212,8 +244,12 @@ impl Cluster {
 
     fn spawn(&mut self, name: &str, binary: &Path, args: &[String]) -> Result<(), HarnessError> {
         let dir = self.dir()?.to_owned();
-        self.processes
-            .push(Process::start(name, binary, args, &[], &dir)?);
+        let process = if self.launcher.is_empty() {
+            Process::start(name, binary, args, &[], &dir)?
+        } else {
+            Process::start_via(&self.launcher, name, binary, args, &[], &dir)?
+        };
+        self.processes.push(process);
         Ok(())
     }
 

@@ -78,6 +78,25 @@ impl Process {
         })
     }
 
+    /// Starts `binary` through `launcher` (a command that ends by exec'ing its arguments,
+    /// such as `nsenter … --`), so that the PID is still the component's own.
+    pub fn start_via<S: AsRef<std::ffi::OsStr>>(
+        launcher: &[String],
+        name: &str,
+        binary: &Path,
+        args: &[S],
+        env: &[(&str, String)],
+        log_dir: &Path,
+    ) -> Result<Self, HarnessError> {
+        let Some((program, prefix)) = launcher.split_first() else {
+            return Self::start(name, binary, args, env, log_dir);
+        };
+        let mut all: Vec<std::ffi::OsString> = prefix.iter().map(Into::into).collect();
+        all.push(binary.as_os_str().to_owned());
+        all.extend(args.iter().map(|a| a.as_ref().to_owned()));
+        Self::start(name, Path::new(program), &all, env, log_dir)
+    }
+
     /// Fails with the log's tail if the process has exited.
     pub fn check_running(&mut self) -> Result<(), HarnessError> {
         match self.child.try_wait() {

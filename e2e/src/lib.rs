@@ -14,10 +14,12 @@ pub mod cluster;
 pub mod components;
 pub mod image;
 pub mod mesh;
+pub mod node;
 pub mod pki;
 pub mod prereqs;
 
 pub use cluster::{Cluster, ClusterOptions};
+pub use node::{Node, NodeOptions};
 
 /// What can go wrong while bringing a cluster up or talking to it.
 #[derive(Debug, thiserror::Error)]

@@ -1,8 +1,13 @@
 //! Fresh PKI for one test cluster: a CA, the apiserver's serving certificate (IP SAN
-//! 127.0.0.1), an admin client certificate in `system:masters`, and the service-account
-//! signing key pair. ECDSA P-256 throughout, generated in memory with rcgen.
+//! 127.0.0.1, plus the advertise address of a node), an admin client certificate in
+//! `system:masters`, the service-account signing key pair, and client certificates for
+//! further identities (kubelet, kube-proxy) on demand. ECDSA P-256 throughout, generated in
+//! memory with rcgen.
 
-use std::path::{Path, PathBuf};
+use std::{
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
 
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
@@ -43,6 +48,12 @@ fn write(path: &Path, contents: &str) -> Result<(), HarnessError> {
 
 /// Generates the cluster's PKI into `dir`.
 pub fn generate(dir: &Path) -> Result<Pki, HarnessError> {
+    generate_with(dir, &[])
+}
+
+/// Generates the cluster's PKI into `dir`; the apiserver's certificate also names
+/// `extra_ips` (a node's address, which pods reach it at).
+pub fn generate_with(dir: &Path, extra_ips: &[IpAddr]) -> Result<Pki, HarnessError> {
     std::fs::create_dir_all(dir).map_err(io_err(format!("creating {}", dir.display())))?;
 
     let ca_key = KeyPair::generate()?;
@@ -71,6 +82,9 @@ pub fn generate(dir: &Path) -> Result<Pki, HarnessError> {
     serving
         .subject_alt_names
         .push(SanType::IpAddress([10, 96, 0, 1].into()));
+    for ip in extra_ips {
+        serving.subject_alt_names.push(SanType::IpAddress(*ip));
+    }
     serving.distinguished_name = name("kube-apiserver", None);
     serving.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     let serving_cert = serving.signed_by(&serving_key, &issuer)?;
@@ -105,4 +119,75 @@ pub fn generate(dir: &Path) -> Result<Pki, HarnessError> {
     write(&pki.sa_key, &sa_key.serialize_pem())?;
     write(&pki.sa_pub, &sa_key.public_key_pem())?;
     Ok(pki)
+}
+
+impl Pki {
+    /// Issues a client certificate for user `cn` in groups `orgs`, signed by the cluster CA,
+    /// written to `dir/<file>.crt` and `dir/<file>.key`; returns (cert, key) paths.
+    pub fn issue_client(
+        &self,
+        dir: &Path,
+        file: &str,
+        cn: &str,
+        org: Option<&str>,
+    ) -> Result<(PathBuf, PathBuf), HarnessError> {
+        let ca_key_pem = std::fs::read_to_string(&self.ca_key)
+            .map_err(io_err(format!("reading {}", self.ca_key.display())))?;
+        let ca_key = KeyPair::from_pem(&ca_key_pem)?;
+        let issuer = Issuer::from_ca_cert_pem(&self.ca_pem, ca_key)?;
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.distinguished_name = name(cn, org);
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let cert = params.signed_by(&key, &issuer)?;
+        let (crt, pem_key) = (
+            dir.join(format!("{file}.crt")),
+            dir.join(format!("{file}.key")),
+        );
+        write(&crt, &cert.pem())?;
+        write(&pem_key, &key.serialize_pem())?;
+        Ok((crt, pem_key))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn issued_client_certificates_chain_to_the_ca_and_name_the_user_and_group() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pki = generate_with(dir.path(), &["10.244.0.1".parse().expect("ip")]).expect("pki");
+        let (crt, _) = pki
+            .issue_client(
+                dir.path(),
+                "kubelet",
+                "system:node:n1",
+                Some("system:nodes"),
+            )
+            .expect("issued");
+        let pem = std::fs::read_to_string(crt).expect("read");
+        let (_, der) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).expect("pem");
+        let cert = der.parse_x509().expect("x509");
+        let subject = cert.subject().to_string();
+        assert!(subject.contains("CN=system:node:n1"), "{subject}");
+        assert!(subject.contains("O=system:nodes"), "{subject}");
+        assert_eq!(cert.issuer().to_string(), "CN=remora-e2e-ca");
+
+        let serving = std::fs::read_to_string(&pki.serving_cert).expect("read");
+        let (_, der) = x509_parser::pem::parse_x509_pem(serving.as_bytes()).expect("pem");
+        let cert = der.parse_x509().expect("x509");
+        let sans = cert
+            .subject_alternative_name()
+            .expect("parsed")
+            .expect("has SANs");
+        assert!(
+            sans.value.general_names.iter().any(|n| matches!(
+                n,
+                x509_parser::extensions::GeneralName::IPAddress(ip) if *ip == [10, 244, 0, 1]
+            )),
+            "{:?}",
+            sans.value
+        );
+    }
 }
