@@ -13,10 +13,10 @@ SKIP_FILTER := $(strip \
   $(if $(REMORA_SKIP_NETNS),not binary(/^netns/)))
 NEXTEST_FILTER := $(if $(SKIP_FILTER),-E '$(SKIP_FILTER)')
 
-.PHONY: help test prereqs test-unit test-cluster test-netns crds crds-check fmt fmt-check lint demo bench
+.PHONY: help test prereqs test-unit test-cluster test-netns crds crds-check fmt fmt-check lint demo bench images kind-e2e
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
 test: prereqs crds-check ## every test tier this machine can run (installs prerequisites)
 	$(CARGO) test --workspace --locked --doc --quiet
@@ -70,3 +70,15 @@ bench: ## benchmarks (not part of make test; root): the proxy pair against a dir
 	fi
 	$(CARGO) bench --locked -p remora-proxy --bench pair
 	$(CARGO) run --release --locked -q -p remora-operator --example stream_bench
+
+# Container images, built without Docker or a registry (e2e/src/image): docker-archive
+# tarballs in target/images, named as config/ and the webhook's defaults reference them.
+# IMAGE_PROFILE=release for fat LTO (slower to build; see [profile.image] in Cargo.toml).
+IMAGE_PROFILE ?= image
+IMAGE_BINS := remora-operator remora-webhook remora-proxy remora-init remora-demo-app
+images: ## build the five image tarballs into target/images (release binaries + their libraries)
+	$(CARGO) build --locked --profile $(IMAGE_PROFILE) $(foreach b,$(IMAGE_BINS),-p $(b) --bin $(b))
+	$(CARGO) run --locked -q -p remora-e2e --bin remora-images -- --bin-dir target/$(IMAGE_PROFILE) --out target/images
+
+kind-e2e: images ## the kind tier (Docker + kind): create the cluster, load the images, install, run the node scenarios, delete it
+	./e2e/kind/kind-e2e.sh
