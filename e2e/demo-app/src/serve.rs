@@ -182,10 +182,10 @@ pub async fn run(args: ServeArgs, mut shutdown: watch::Receiver<bool>) -> Result
     let listener = TcpListener::bind(args.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
-    let grpc = match args.grpc_listen.0 {
-        Some(addr) => Some(tokio::spawn(grpc(addr, shutdown.clone()))),
-        None => None,
-    };
+    let grpc = args
+        .grpc_listen
+        .0
+        .map(|addr| tokio::spawn(grpc(addr, shutdown.clone())));
     eprintln!(
         "remora-demo-app: serving HTTP on {} (pod {}, version {})",
         args.listen, app.id.pod, app.id.version
