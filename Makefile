@@ -7,13 +7,15 @@ NEXTEST_PROFILE ?= $(if $(CI),ci,default)
 # opted-out tier are not run at all and are reported as filtered out: never "passed".
 #   REMORA_SKIP_CLUSTER=1  no real kube-apiserver tier (test binaries named cluster_*)
 #   REMORA_SKIP_NETNS=1    no network-namespace tier, needs root (test binaries named netns_*)
-SKIP_FILTER := $(strip \
-  $(if $(REMORA_SKIP_CLUSTER),not binary(/^cluster/)) \
-  $(if $(and $(REMORA_SKIP_CLUSTER),$(REMORA_SKIP_NETNS)),and) \
-  $(if $(REMORA_SKIP_NETNS),not binary(/^netns/)))
+#   REMORA_SKIP_NODE=1     no node tier: kubelet, containerd and kube-proxy in a network
+#                          namespace, needs root (test binaries named node_*)
+SKIP_TIERS := $(if $(REMORA_SKIP_CLUSTER),cluster) $(if $(REMORA_SKIP_NETNS),netns) $(if $(REMORA_SKIP_NODE),node)
+empty :=
+space := $(empty) $(empty)
+SKIP_FILTER := $(subst not_binary,not binary,$(subst $(space), and ,$(strip $(foreach t,$(SKIP_TIERS),not_binary(/^$(t)/)))))
 NEXTEST_FILTER := $(if $(SKIP_FILTER),-E '$(SKIP_FILTER)')
 
-.PHONY: help test prereqs test-unit test-cluster test-netns crds crds-check fmt fmt-check lint demo bench images kind-e2e
+.PHONY: help test prereqs test-unit test-cluster test-netns test-node crds crds-check fmt fmt-check lint demo bench images kind-e2e
 
 help: ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -22,22 +24,25 @@ test: prereqs crds-check ## every test tier this machine can run (installs prere
 	$(CARGO) test --workspace --locked --doc --quiet
 	$(CARGO) nextest run --workspace --locked --profile $(NEXTEST_PROFILE) $(NEXTEST_FILTER)
 
-prereqs: ## install test prerequisites (Debian packages, kube-apiserver built once and cached)
+prereqs: ## install test prerequisites (Debian packages, Kubernetes 1.20 components built once and cached)
 	@command -v cargo-nextest >/dev/null || { echo "cargo-nextest is missing: cargo install cargo-nextest --locked" >&2; exit 1; }
-ifeq ($(REMORA_SKIP_CLUSTER)$(REMORA_SKIP_NETNS),11)
-	@echo "prereqs: cluster and netns tiers opted out; nothing to install"
+ifeq ($(REMORA_SKIP_CLUSTER)$(REMORA_SKIP_NETNS)$(REMORA_SKIP_NODE),111)
+	@echo "prereqs: cluster, netns and node tiers opted out; nothing to install"
 else
 	./e2e/cluster/provision.sh >/dev/null
 endif
 
 test-unit: ## unit and golden tests only (no root, no cluster)
-	$(CARGO) nextest run --workspace --locked -E 'not binary(/^cluster/) and not binary(/^netns/)'
+	$(CARGO) nextest run --workspace --locked -E 'not binary(/^cluster/) and not binary(/^netns/) and not binary(/^node/)'
 
 test-cluster: prereqs ## the real kube-apiserver tier only
 	$(CARGO) nextest run --workspace --locked -E 'binary(/^cluster/)'
 
 test-netns: prereqs ## the network-namespace tier only (root)
 	$(CARGO) nextest run --workspace --locked -E 'binary(/^netns/)'
+
+test-node: prereqs ## the node tier only: a real kubelet, containerd and kube-proxy in a network namespace (root)
+	$(CARGO) nextest run --workspace --locked -E 'binary(/^node/)'
 
 crds: ## regenerate config/crd from the Rust types
 	$(CARGO) run --locked -q -p remora-crds --bin crdgen -- config/crd
