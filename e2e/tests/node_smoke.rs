@@ -18,7 +18,7 @@ fn busybox_image(dir: &std::path::Path) -> std::path::PathBuf {
         .entrypoint(["/bin/busybox"]);
     image.file(busybox, "/bin/busybox", 0o755).expect("busybox");
     for applet in [
-        "sh", "nc", "httpd", "sleep", "cat", "echo", "mkdir", "hostname",
+        "sh", "nc", "httpd", "sleep", "cat", "echo", "mkdir", "hostname", "nslookup",
     ] {
         image
             .symlink(&format!("/bin/{applet}"), "busybox")
@@ -150,6 +150,19 @@ async fn a_pod_runs_on_the_pod_network_and_its_service_answers_through_kube_prox
         body.ends_with("web\n"),
         "answer from the client pod: {body:?}"
     );
+
+    // The Service's name, from the pod, through the node's DNS responder.
+    let resolved = retry(|| {
+        node.kubectl(&[
+            "exec",
+            "client",
+            "--",
+            "nslookup",
+            "web.default.svc.cluster.local",
+        ])
+    })
+    .await;
+    assert!(resolved.contains(&cluster_ip), "nslookup: {resolved}");
 
     println!(
         "memory of the box: {} MiB",

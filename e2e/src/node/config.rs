@@ -190,7 +190,9 @@ pub fn kubelet_config(l: &Layout, client_ca: &Path) -> serde_json::Value {
         "cgroupsPerQOS": true,
         "failSwapOn": false,
         "protectKernelDefaults": false,
-        "clusterDomain": "cluster.local",
+        "clusterDomain": super::dns::CLUSTER_DOMAIN,
+        // The node's own DNS responder (Service names only), on the node address.
+        "clusterDNS": [NODE_IP.to_string()],
         "resolvConf": l.resolv_conf(),
         "evictionHard": {
             "memory.available": "50Mi",
@@ -285,6 +287,7 @@ mod tests {
         assert_eq!(c["authentication"]["anonymous"]["enabled"], false);
         assert_eq!(c["authorization"]["mode"], "Webhook");
         assert_eq!(c["address"], "10.244.0.1");
+        assert_eq!(c["clusterDNS"], serde_json::json!(["10.244.0.1"]));
     }
 
     #[test]

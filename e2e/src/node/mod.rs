@@ -10,9 +10,11 @@
 //! namespace and the cgroups, and restores the kernel settings kubelet changed.
 
 pub mod config;
+pub mod dns;
 pub mod forward;
 pub mod host;
 pub mod netns;
+pub mod netthread;
 pub mod pause;
 
 use std::{
@@ -71,6 +73,7 @@ pub struct Node {
     created_dirs: Vec<PathBuf>,
     holder: Option<Process>,
     forwarder: Option<Forwarder>,
+    dns: Option<netthread::NetnsThread>,
     cluster: Option<Cluster>,
     /// kube-scheduler, containerd, kubelet, kube-proxy.
     processes: Vec<Process>,
@@ -184,6 +187,7 @@ impl Node {
             created_dirs: Vec::new(),
             holder: None,
             forwarder: None,
+            dns: None,
             cluster: None,
             processes: Vec::new(),
             launcher: Vec::new(),
@@ -247,9 +251,9 @@ impl Node {
             &l.cni_conf_dir().join("10-remora.conflist"),
             &config::cni_conflist(&l),
         )?;
-        // No DNS server on this node: pods get an empty resolver configuration instead of
-        // the host's (which would point outside the node).
-        std::fs::write(l.resolv_conf(), "# remora node: no DNS server\n")
+        // kubelet's "host" resolver configuration: no upstream (the host's would point
+        // outside the node). Pods resolve through the node's own DNS responder.
+        std::fs::write(l.resolv_conf(), "# remora node: no upstream DNS\n")
             .map_err(io_err("writing resolv.conf"))?;
 
         self.cgroup = Some(NodeCgroup::create(&l.name)?);
@@ -323,6 +327,17 @@ impl Node {
             &l.kubelet_config(),
             &config::kubelet_config(&l, &pki.ca_cert),
         )?;
+
+        let netns_path = self
+            .netns
+            .as_ref()
+            .map(|n| n.path().to_owned())
+            .unwrap_or_default();
+        self.dns = Some(dns::start(
+            &netns_path,
+            (NODE_IP, 53).into(),
+            admin_kc.clone(),
+        )?);
 
         let admin = admin_kc.display().to_string();
         self.spawn(
@@ -571,6 +586,7 @@ impl Node {
         }
         self.torn_down = true;
         self.forwarder = None;
+        self.dns = None;
         // kubelet first (nothing restarts containers), then kube-proxy, the scheduler and
         // containerd: each killed by PID and reaped.
         for name in ["kubelet", "kube-proxy", "kube-scheduler", "containerd"] {
