@@ -75,6 +75,11 @@ pub fn recipe(name: &str, bin_dir: &Path, reference: &str) -> Result<Image, Imag
     add_binary(&mut image, &bin, &dst)?;
     if name == "remora-init" {
         add_iptables(&mut image)?;
+        // The legacy backend's tools take a lock file, by default /run/xtables.lock,
+        // which cannot be created on the init container's read-only root filesystem
+        // ("Fatal: can't open lock file"); /dev/shm is a writable tmpfs in every pod, and
+        // only this container runs iptables in the pod's network namespace.
+        image = image.env("XTABLES_LOCKFILE", "/dev/shm/xtables.lock");
     }
     Ok(image)
 }
@@ -248,6 +253,13 @@ mod tests {
         image.write(&path).expect("write");
         let got = inspect(&path).expect("inspect");
         assert_eq!(got.config["config"]["User"], "0:0");
+        let env = &got.config["config"]["Env"];
+        assert!(
+            env.as_array().is_some_and(|e| e
+                .iter()
+                .any(|v| v == "XTABLES_LOCKFILE=/dev/shm/xtables.lock")),
+            "{env}"
+        );
         for prog in [
             "iptables-nft-restore",
             "iptables-nft-save",
