@@ -20,7 +20,10 @@ NEXTEST_FILTER := $(if $(SKIP_FILTER),-E '$(SKIP_FILTER)')
 help: ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
-test: prereqs crds-check ## every test tier this machine can run (installs prerequisites)
+# The node tier installs Remora from its image tarballs (make images).
+NODE_IMAGES := $(if $(REMORA_SKIP_NODE),,images)
+
+test: prereqs crds-check $(NODE_IMAGES) ## every test tier this machine can run (installs prerequisites)
 	$(CARGO) test --workspace --locked --doc --quiet
 	$(CARGO) nextest run --workspace --locked --profile $(NEXTEST_PROFILE) $(NEXTEST_FILTER)
 
@@ -41,7 +44,7 @@ test-cluster: prereqs ## the real kube-apiserver tier only
 test-netns: prereqs ## the network-namespace tier only (root)
 	$(CARGO) nextest run --workspace --locked -E 'binary(/^netns/)'
 
-test-node: prereqs ## the node tier only: a real kubelet, containerd and kube-proxy in a network namespace (root)
+test-node: prereqs images ## the node tier only: a real kubelet, containerd and kube-proxy in a network namespace (root)
 	$(CARGO) nextest run --workspace --locked -E 'binary(/^node/)'
 
 crds: ## regenerate config/crd from the Rust types

@@ -13,6 +13,7 @@ pub mod config;
 pub mod dns;
 pub mod forward;
 pub mod host;
+pub mod install;
 pub mod netns;
 pub mod netthread;
 pub mod pause;
