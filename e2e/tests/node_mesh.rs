@@ -65,6 +65,42 @@ async fn samples_run_injected_and_talk_over_mtls_between_both_sidecars() {
         );
         let ip = pod_ip(p);
         assert!(ip.starts_with("10.244.0."), "{name}: pod IP {ip}");
+        // The app's readiness probe is rewritten to the proxy's admin port, and kubelet
+        // finds it passing (the pod is Ready): the proxy answers it.
+        let app = spec
+            .containers
+            .iter()
+            .find(|c| c.name != "remora-proxy")
+            .expect("an app container");
+        if let Some(probe) = &app.readiness_probe {
+            let port = probe.http_get.as_ref().map(|h| h.port.clone());
+            assert_eq!(
+                port,
+                Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(15020)),
+                "{name}: readiness probe not rewritten to the proxy"
+            );
+        }
+        // Classic sidecar: the proxy is the first container and its postStart hook holds
+        // the app back until it is ready, so the app cannot start before it.
+        assert_eq!(
+            spec.containers[0].name, "remora-proxy",
+            "{name}: proxy not first"
+        );
+        let started = |c: &str| {
+            p.status
+                .as_ref()
+                .and_then(|s| s.container_statuses.as_ref())
+                .and_then(|cs| cs.iter().find(|s| s.name == c))
+                .and_then(|s| s.state.as_ref())
+                .and_then(|s| s.running.as_ref())
+                .and_then(|r| r.started_at.clone())
+                .map(|t| t.0)
+        };
+        let (proxy, app_start) = (started("remora-proxy"), started(&app.name));
+        assert!(
+            proxy.is_some() && app_start.is_some() && proxy <= app_start,
+            "{name}: proxy started {proxy:?}, app {app_start:?}"
+        );
     }
     println!("{} pods injected and Ready", list.items.len());
 

@@ -95,6 +95,19 @@ async fn a_pod_runs_on_the_pod_network_and_its_service_answers_through_kube_prox
     println!("node Ready in {:.1} s", node.started_in().as_secs_f64());
     println!("node network:\n{}", node.describe_network());
 
+    // Isolation: no default route, and no link but loopback and the pod bridge.
+    let routes = node.exec_in_netns(&["ip", "route"]).expect("routes");
+    assert!(
+        !routes.contains("default"),
+        "a default route in the node: {routes}"
+    );
+    let links = node.exec_in_netns(&["ip", "-br", "link"]).expect("links");
+    let names: Vec<&str> = links
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    assert_eq!(names, ["lo", "cni0"], "links in the node before any pod");
+
     let images = tempfile::tempdir().expect("tempdir");
     node.import_image(&busybox_image(images.path()))
         .expect("busybox image imported");
@@ -163,6 +176,24 @@ async fn a_pod_runs_on_the_pod_network_and_its_service_answers_through_kube_prox
     })
     .await;
     assert!(resolved.contains(&cluster_ip), "nslookup: {resolved}");
+
+    // Every pod's host-side veth is a port of the bridge, nothing else appeared.
+    let links = node.exec_in_netns(&["ip", "-br", "link"]).expect("links");
+    for l in links.lines() {
+        let name = l.split_whitespace().next().unwrap_or_default();
+        assert!(
+            name == "lo" || name == "cni0" || name.starts_with("veth"),
+            "unexpected link in the node: {l}"
+        );
+    }
+    // kubelet's ECR credential provider is compiled in; it must not have looked for the
+    // cloud metadata address.
+    let kubelet_log =
+        std::fs::read_to_string(node.run_dir().join("kubelet.log")).expect("kubelet log");
+    assert!(
+        !kubelet_log.contains("169.254.169.254"),
+        "kubelet reached for cloud metadata"
+    );
 
     println!(
         "memory of the box: {} MiB",
