@@ -81,7 +81,7 @@ bench: ## benchmarks (not part of make test; root): the proxy pair against a dir
 
 # Container images, built without Docker or a registry (e2e/src/image): docker-archive
 # tarballs in target/images, named as config/ and the webhook's defaults reference them.
-# IMAGE_PROFILE=release for fat LTO (slower to build; see [profile.image] in Cargo.toml).
+# IMAGE_PROFILE=release keeps debug line tables (images 2-3 times larger; see [profile.image]).
 IMAGE_PROFILE ?= image
 IMAGE_BINS := remora-operator remora-webhook remora-proxy remora-init remora-demo-app
 images: ## build the five image tarballs into target/images (release binaries + their libraries)
