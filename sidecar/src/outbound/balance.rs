@@ -189,22 +189,18 @@ impl Picker {
         algorithm: LbAlgorithm,
         eps: &impl View<E>,
     ) -> Result<Self, TooManyEndpoints> {
-        let each = |f: &dyn Fn(&E) -> u64| -> Vec<u64> {
-            (0..eps.len()).filter_map(|i| eps.get(i).map(f)).collect()
-        };
+        let endpoints = || (0..eps.len()).filter_map(|i| eps.get(i));
         let kind = match algorithm {
             LbAlgorithm::LeastRequest => Kind::LeastRequest,
             LbAlgorithm::RoundRobin => Kind::RoundRobin,
             LbAlgorithm::Random => Kind::Random,
             LbAlgorithm::Weighted => {
-                let w: Vec<u32> = each(&|e| u64::from(e.weight()))
-                    .into_iter()
-                    .map(|w| w as u32)
-                    .collect();
-                Kind::Weighted(Schedule::new(&w))
+                let weights: Vec<u32> = endpoints().map(|e| e.weight()).collect();
+                Kind::Weighted(Schedule::new(&weights))
             }
             LbAlgorithm::ConsistentHash => {
-                Kind::ConsistentHash(Maglev::new(&each(&|e| e.hash_id()))?)
+                let ids: Vec<u64> = endpoints().map(|e| e.hash_id()).collect();
+                Kind::ConsistentHash(Maglev::new(&ids)?)
             }
         };
         Ok(Self {
