@@ -71,6 +71,10 @@ pub struct Settings {
     /// (true) or pooled HTTP/1 mTLS connections (false, the default: less CPU per request,
     /// more connections between proxies).
     pub mesh_http2: bool,
+    /// One JSON line per HTTP request and per TCP connection on stdout
+    /// (`--access-log`, `REMORA_PROXY_ACCESS_LOG`; the pod annotation
+    /// `config.remora.dev/access-log: "true"`).
+    pub access_log: bool,
 }
 
 impl Default for Settings {
@@ -92,6 +96,7 @@ impl Default for Settings {
             pod_ip: None,
             control: None,
             mesh_http2: false,
+            access_log: false,
         }
     }
 }

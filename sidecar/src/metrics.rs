@@ -72,6 +72,14 @@ pub struct ReasonLabels {
     pub reason: Static,
 }
 
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct RejectedLabels {
+    /// `policy` (a service's policy), `service` (a whole service piece) or `inbound`.
+    pub piece: Static,
+    /// `unparsable` or `invalid`.
+    pub reason: Static,
+}
+
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 fn latency_histogram() -> Histogram {
@@ -129,6 +137,9 @@ pub struct Metrics {
     pub control_stream_reconnects: Family<ReasonLabels, Counter>,
     /// Outbound subscriptions held now.
     pub control_subscriptions: Gauge,
+    /// Pieces of the operator's messages that did not parse or validate; the previous
+    /// version of each was kept.
+    pub config_rejected: Family<RejectedLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -161,6 +172,7 @@ impl Metrics {
             certificate_renewals: Family::default(),
             control_stream_reconnects: Family::default(),
             control_subscriptions: Gauge::default(),
+            config_rejected: Family::default(),
         };
         registry.register(
             "connections",
@@ -243,6 +255,11 @@ impl Metrics {
             "control_subscriptions",
             "Outbound config subscriptions held",
             m.control_subscriptions.clone(),
+        );
+        registry.register(
+            "config_rejected",
+            "Config pieces from the operator rejected (the previous version kept), by piece and reason",
+            m.config_rejected.clone(),
         );
         Self { registry, ..m }
     }

@@ -8,14 +8,17 @@
 //! - [`subscriptions`]: the pieces held, version rules, lazy outbound subscriptions and
 //!   their idle expiry; [`assemble`] (pure) builds the served config from them.
 //! - [`transport`]: TLS to the operator and the shared HTTP/2 channel.
-//! - [`message`], [`target`], [`ports`], [`backoff`]: wire format, names, port lists,
-//!   retry schedule.
+//! - [`received`] (pure): pieces that do not parse or validate keep their previous
+//!   version, so one inconsistent piece does not spoil a message.
+//! - [`message`], [`target`], [`ports`], [`backoff`]: line framing (the messages are
+//!   `remora_crds::wire`), names, port lists, retry schedule.
 
 pub mod assemble;
 pub mod backoff;
 pub mod certify;
 pub mod message;
 pub mod ports;
+pub mod received;
 pub mod stream;
 pub mod subscriptions;
 pub mod target;
@@ -175,10 +178,16 @@ impl Control {
             }
             let handler = move |m: Message| {
                 if let Message::Inbound {
-                    version, inbound, ..
+                    version,
+                    pod,
+                    inbound,
+                    locality,
                 } = m
                 {
-                    log_applied("inbound", subs.apply_inbound(Version(version), inbound));
+                    log_applied(
+                        "inbound",
+                        subs.apply_inbound(Version(version), &pod, inbound, locality),
+                    );
                 }
             };
             watch
