@@ -550,4 +550,13 @@ mod tests {
         assert!(parse(&["--opaque-ports=redis"]).is_err());
         assert!(parse(&["--unknown-destinations=Maybe"]).is_err());
     }
+
+    #[test]
+    fn the_access_log_flag() {
+        assert!(!parse(&[]).expect("flags").access_log, "off by default");
+        assert!(parse(&["--access-log"]).expect("flags").access_log);
+        assert!(parse(&["--access-log=true"]).expect("flags").access_log);
+        assert!(!parse(&["--access-log=false"]).expect("flags").access_log);
+        assert!(parse(&["--access-log=loud"]).is_err());
+    }
 }

@@ -488,6 +488,71 @@ mod tests {
     }
 
     #[test]
+    fn node_zones_and_pod_weights_version_only_the_pieces_they_reach() {
+        let mut snap = shop();
+        snap.pods
+            .get_mut(&ObjKey::new("shop", "reviews-1"))
+            .expect("pod")
+            .node = Some("n1".to_owned());
+        let mut index = Index::new(snap, Versioner::default());
+        let mut feed = Feed::default();
+        index.recompute(1_000);
+        let zone = |index: &Index| {
+            index
+                .inbound(&ObjKey::new("shop", "reviews-1"))
+                .map(|p| (p.version, p.value.locality.zone.clone()))
+        };
+        assert_eq!(zone(&index), Some((1_000, None)), "node not known yet");
+
+        assert!(index.apply(
+            &mut feed,
+            Update::Upsert(Obj::Node("n1".to_owned(), Some("zone-a".to_owned())))
+        ));
+        let changes = index.recompute(2_000);
+        assert_eq!(changes.inbound, vec![ObjKey::new("shop", "reviews-1")]);
+        assert!(changes.outbound.is_empty(), "a zone is no outbound news");
+        assert_eq!(zone(&index), Some((2_000, Some("zone-a".to_owned()))));
+        assert_eq!(
+            index
+                .inbound(&ObjKey::new("shop", "reviews-2"))
+                .map(|p| p.version),
+            Some(1_000),
+            "a pod on no node keeps its version"
+        );
+        assert!(
+            !index.apply(
+                &mut feed,
+                Update::Upsert(Obj::Node("n1".to_owned(), Some("zone-a".to_owned())))
+            ),
+            "the same zone (a Node status update) changes nothing"
+        );
+        assert!(index.apply(
+            &mut feed,
+            Update::Delete(Kind::Node, feed::namespace_key("n1"))
+        ));
+        index.recompute(3_000);
+        assert_eq!(zone(&index), Some((3_000, None)));
+
+        let mut pod = index.snapshot().pods[&ObjKey::new("shop", "reviews-1")].clone();
+        pod.weight = 7;
+        index.apply(
+            &mut feed,
+            Update::Upsert(Obj::Pod(ObjKey::new("shop", "reviews-1"), pod)),
+        );
+        let changes = index.recompute(4_000);
+        assert!(changes.outbound.contains(&dest("reviews", 9080)));
+        let weights: Vec<u32> = index
+            .outbound(&dest("reviews", 9080))
+            .expect("piece")
+            .value
+            .endpoints
+            .iter()
+            .map(|e| e.weight)
+            .collect();
+        assert_eq!(weights, [7, 1]);
+    }
+
+    #[test]
     fn a_burst_of_changes_yields_one_version_on_changed_pieces_only() {
         let mut index = Index::new(shop(), Versioner::default());
         index.recompute(1_000);
