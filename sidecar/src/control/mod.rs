@@ -273,28 +273,32 @@ async fn wait_for_identity(identity: &IdentityStore, stop: impl Future<Output = 
     }
 }
 
-/// The snapshot a new connection routes with. In Kubernetes mode an outbound destination
-/// without a route is subscribed to and waited for (at most the discovery timeout); a
-/// destination with a route marks its subscription used. Standalone mode: one load.
+/// The snapshot a new connection routes with, and the outbound route of its destination
+/// when the config has one (looked up once, here). In Kubernetes mode an outbound
+/// destination without a route is subscribed to and waited for (at most the discovery
+/// timeout); a destination with a route marks its subscription used. Standalone mode:
+/// one load.
 pub async fn snapshot_for(
     ctx: &Context,
     direction: Direction,
     orig_dst: OrigDstAddr,
-) -> Arc<Snapshot> {
+) -> (Arc<Snapshot>, Option<crate::outbound::Target>) {
     let snap = ctx.config.load();
-    let Some(control) = ctx
-        .control
-        .as_ref()
-        .filter(|_| direction == Direction::Outbound)
-    else {
-        return snap;
-    };
-    let target = Target(orig_dst.0);
-    if snap.routes.lookup(orig_dst.0).is_some() {
-        control.subscriptions.touch(target);
-        return snap;
+    if direction == Direction::Inbound {
+        return (snap, None);
     }
+    if let Some(route) = snap.routes.lookup(orig_dst.0).cloned() {
+        if let Some(control) = &ctx.control {
+            control.subscriptions.touch(Target(orig_dst.0));
+        }
+        return (snap, Some(route));
+    }
+    let Some(control) = &ctx.control else {
+        return (snap, None);
+    };
     drop(snap);
-    control.discover(target, &ctx.shutdown).await;
-    ctx.config.load()
+    control.discover(Target(orig_dst.0), &ctx.shutdown).await;
+    let snap = ctx.config.load();
+    let route = snap.routes.lookup(orig_dst.0).cloned();
+    (snap, route)
 }

@@ -378,8 +378,10 @@ mod tests {
         assert_eq!((e.duration, e.multiplier), (secs(30), 1));
         assert!(!h.is_available(t0 + secs(29)));
         assert_eq!(h.ejected_until(t0 + secs(1)), Some(e.until));
-        assert!(h.is_available(t0 + secs(30)));
-        assert_eq!(h.ejected_until(t0 + secs(30)), None);
+        // Health keeps milliseconds: the ejection ends within one of `until`.
+        let after = t0 + secs(30) + Duration::from_millis(1);
+        assert!(h.is_available(after));
+        assert_eq!(h.ejected_until(after), None);
         assert_eq!(d.ejected(t0 + secs(1)), 1);
         // Failures of requests that were in flight during the ejection do not count.
         assert_eq!(fail(&d, &h, 10, t0 + secs(1)), None);
