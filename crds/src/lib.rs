@@ -4,12 +4,18 @@
 //!   keep in their GitOps repositories, with schemas that carry their validation (feature
 //!   `kube`, on by default).
 //! - [`proxy`]: the derived proxy config, the model the operator streams to each sidecar
-//!   and that `remora-proxy --config` loads from a file. It and [`policy`] compile without
-//!   kube, so the proxy stays small.
+//!   and that `remora-proxy --config` loads from a file. It, [`policy`], [`check`] and
+//!   [`wire`] compile without kube, so the proxy stays small.
+//! - [`wire`]: the operator↔proxy contract (stream messages, certify), one definition
+//!   for both ends.
+//! - [`check`]: policy rules beyond serde, applied by the operator (status) and the proxy
+//!   (config validation) alike.
 
+pub mod check;
 pub mod duration;
 pub mod policy;
 pub mod proxy;
+pub mod wire;
 
 #[cfg(feature = "kube")]
 pub mod mesh_policy;

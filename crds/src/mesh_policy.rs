@@ -7,8 +7,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     policy::{
-        Authorization, CircuitBreaker, LoadBalancer, MtlsPolicy, OutlierDetection, RateLimit,
-        Retries, Timeouts, TrafficPolicy,
+        Authorization, CircuitBreaker, Fault, LoadBalancer, MtlsPolicy, OutlierDetection,
+        RateLimit, Retries, Timeouts, TrafficPolicy,
     },
     status::PolicyStatus,
 };
@@ -66,6 +66,10 @@ pub struct MeshPolicySpec {
     pub circuit_breaker: Option<CircuitBreaker>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outlier_detection: Option<OutlierDetection>,
+    /// Off unless set: delays and aborts injected by the calling proxies, for resilience
+    /// testing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fault: Option<Fault>,
     /// Inbound, per proxy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<RateLimit>,
@@ -83,6 +87,7 @@ impl MeshPolicySpec {
             retries: self.retries.clone(),
             circuit_breaker: self.circuit_breaker.clone(),
             outlier_detection: self.outlier_detection.clone(),
+            fault: self.fault.clone(),
         }
     }
 }

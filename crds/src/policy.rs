@@ -9,6 +9,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::duration::Duration;
 
+/// Pattern of a cookie path: absolute, no whitespace, no `;` (it would start an attribute).
+pub const COOKIE_PATH_PATTERN: &str = r"^/[^\s;]*$";
 /// Pattern of a SPIFFE ID as used by the mesh, or `*` for any authenticated identity.
 pub const IDENTITY_PATTERN: &str = r"^(\*|spiffe://[a-z0-9.-]+(/[A-Za-z0-9._~!$&'()*+,;=:@%-]+)+)$";
 /// An HTTP method token (RFC 9110), upper case as the mesh compares methods exactly.
@@ -65,6 +67,17 @@ pub struct HashCookie {
     /// Lifetime of a cookie the proxy sets; absent means a session cookie.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ttl: Option<Duration>,
+    /// `Path` of a cookie the proxy sets; `/` when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 1024), pattern(r"^/[^\s;]*$"))]
+    pub path: Option<String>,
+}
+
+impl HashCookie {
+    /// The path a cookie the proxy sets carries (`/` by default).
+    pub fn path(&self) -> &str {
+        self.path.as_deref().unwrap_or("/")
+    }
 }
 
 /// Key for `ConsistentHash`; the first of header, cookie and source IP that is set wins.
@@ -80,13 +93,36 @@ pub struct ConsistentHash {
     pub source_ip: bool,
 }
 
-/// Zone-aware routing.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+/// Zone-aware routing: a client proxy sends to endpoints of its own zone while at least
+/// `minHealthyPercent` of them are healthy (ready and not ejected), and spills over to
+/// every zone below that.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Locality {
     /// Prefer endpoints in the client's zone while they are healthy.
     #[serde(default)]
     pub prefer_same_zone: bool,
+    /// The share of the client zone's endpoints that must be healthy for traffic to stay
+    /// in the zone (default 70).
+    #[serde(default = "default_min_healthy_percent")]
+    #[schemars(range(min = 0, max = 100))]
+    pub min_healthy_percent: u32,
+}
+
+/// The spill-over threshold of [`Locality`] when unset.
+pub const DEFAULT_MIN_HEALTHY_PERCENT: u32 = 70;
+
+fn default_min_healthy_percent() -> u32 {
+    DEFAULT_MIN_HEALTHY_PERCENT
+}
+
+impl Default for Locality {
+    fn default() -> Self {
+        Self {
+            prefer_same_zone: false,
+            min_healthy_percent: DEFAULT_MIN_HEALTHY_PERCENT,
+        }
+    }
 }
 
 /// Load balancing.
@@ -205,6 +241,45 @@ pub struct RateLimit {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 10_000_000))]
     pub burst: Option<u32>,
+    /// One bucket per caller SPIFFE identity (callers without one share a bucket) instead
+    /// of one for the port.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub per_identity: bool,
+}
+
+/// A fixed delay added before a share of the requests is forwarded.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FaultDelay {
+    /// How long the request waits (counts against the request timeout).
+    pub fixed: Duration,
+    /// Share of requests delayed, 0–100.
+    #[schemars(range(min = 0, max = 100))]
+    pub percent: u32,
+}
+
+/// An immediate response, without calling the upstream, for a share of the requests.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FaultAbort {
+    /// The status of the response, 200–599.
+    #[schemars(range(min = 200, max = 599))]
+    pub http_status: u16,
+    /// Share of requests aborted, 0–100.
+    #[schemars(range(min = 0, max = 100))]
+    pub percent: u32,
+}
+
+/// Fault injection for resilience testing (Istio's `HTTPFaultInjection`, simplified),
+/// applied by the calling proxy to HTTP requests to the target. Off unless set; a request
+/// may be both delayed and then aborted (each drawn independently).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Fault {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delay: Option<FaultDelay>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub abort: Option<FaultAbort>,
 }
 
 /// What happens to a request that no rule matches.
@@ -279,6 +354,9 @@ pub struct TrafficPolicy {
     pub circuit_breaker: Option<CircuitBreaker>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outlier_detection: Option<OutlierDetection>,
+    /// Off unless set: injected delays and aborts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fault: Option<Fault>,
 }
 
 #[cfg(test)]
@@ -296,6 +374,7 @@ mod tests {
             PATH_PATTERN,
             DNS_LABEL_PATTERN,
             RETRY_ON_PATTERN,
+            COOKIE_PATH_PATTERN,
         ] {
             let literal = format!("r\"{p}\"");
             assert!(src.matches(&literal).count() >= 2, "no attribute uses {p}");
@@ -314,6 +393,36 @@ mod tests {
         let a: Authorization = serde_json::from_str("{}").expect("valid");
         assert_eq!(a.default, AuthorizationDefault::Allow);
         assert!(a.rules.is_empty());
+    }
+
+    #[test]
+    fn new_fields_default_and_stay_off_the_wire_when_unset() {
+        let l: Locality = serde_json::from_str(r#"{"preferSameZone": true}"#).expect("valid");
+        assert_eq!(l.min_healthy_percent, 70);
+        assert_eq!(Locality::default().min_healthy_percent, 70);
+        let r: RateLimit = serde_json::from_str(r#"{"requestsPerSecond": 5}"#).expect("valid");
+        assert!(!r.per_identity);
+        assert_eq!(
+            serde_json::to_value(&r).expect("json"),
+            serde_json::json!({"requestsPerSecond": 5})
+        );
+        let c: HashCookie = serde_json::from_str(r#"{"name": "sid"}"#).expect("valid");
+        assert_eq!(c.path(), "/");
+        assert_eq!(
+            serde_json::to_value(&c).expect("json"),
+            serde_json::json!({"name": "sid"})
+        );
+        let p: TrafficPolicy = serde_json::from_str("{}").expect("valid");
+        assert_eq!(p.fault, None);
+        let f: Fault = serde_json::from_str(
+            r#"{"delay": {"fixed": "100ms", "percent": 10}, "abort": {"httpStatus": 503, "percent": 5}}"#,
+        )
+        .expect("valid");
+        assert_eq!(
+            f.delay.map(|d| (d.fixed.get().as_millis(), d.percent)),
+            Some((100, 10))
+        );
+        assert_eq!(f.abort.map(|a| (a.http_status, a.percent)), Some((503, 5)));
     }
 
     #[test]

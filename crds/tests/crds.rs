@@ -86,4 +86,65 @@ fn samples_round_trip_and_defaults_apply() {
         serde_yaml::from_str(&repo_file("config/samples/trafficsplit-canary.yaml")).expect("split");
     assert_eq!(ts.spec.backends.iter().map(|b| b.weight).sum::<u32>(), 100);
     assert_eq!(ts.spec.mirror.map(|m| m.percent), Some(10));
+    let locality = docs[0]
+        .spec
+        .load_balancer
+        .as_ref()
+        .and_then(|l| l.locality.as_ref())
+        .expect("locality");
+    assert_eq!(locality.min_healthy_percent, 70);
+    assert!(
+        docs[0]
+            .spec
+            .rate_limit
+            .as_ref()
+            .is_some_and(|r| r.per_identity)
+    );
+}
+
+#[test]
+fn the_fault_sample_is_valid_and_off_by_default() {
+    let mp: MeshPolicy =
+        serde_yaml::from_str(&repo_file("config/samples/meshpolicy-fault.yaml")).expect("sample");
+    let fault = mp.spec.fault.as_ref().expect("fault");
+    assert_eq!(fault.delay.as_ref().map(|d| d.percent), Some(10));
+    assert_eq!(fault.abort.as_ref().map(|a| a.http_status), Some(503));
+    let problems = remora_crds::check::traffic_policy(&mp.spec.traffic_policy());
+    assert!(problems.is_empty(), "{problems:?}");
+    let cookie = mp
+        .spec
+        .load_balancer
+        .and_then(|l| l.consistent_hash)
+        .and_then(|h| h.cookie)
+        .expect("cookie");
+    assert_eq!(cookie.path(), "/ratings");
+    let plain: MeshPolicy = serde_yaml::from_str(
+        "apiVersion: remora.dev/v1alpha1\nkind: MeshPolicy\nmetadata: {name: a}\nspec: {}\n",
+    )
+    .expect("minimal");
+    assert_eq!(plain.spec.fault, None, "no fault unless asked for");
+}
+
+#[test]
+fn schema_carries_the_new_fields_ranges() {
+    let schema = serde_json::to_value(MeshPolicy::crd()).expect("json");
+    let spec = &schema["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"];
+    let fault = &spec["fault"]["properties"];
+    assert_eq!(fault["abort"]["properties"]["httpStatus"]["minimum"], 200.0);
+    assert_eq!(fault["abort"]["properties"]["httpStatus"]["maximum"], 599.0);
+    assert_eq!(fault["delay"]["properties"]["percent"]["maximum"], 100.0);
+    assert!(fault["delay"]["properties"]["fixed"]["pattern"].is_string());
+    let lb = &spec["loadBalancer"]["properties"];
+    let locality = &lb["locality"]["properties"]["minHealthyPercent"];
+    assert_eq!(
+        (locality["default"].clone(), locality["maximum"].clone()),
+        (70.into(), 100.0.into())
+    );
+    assert!(
+        lb["consistentHash"]["properties"]["cookie"]["properties"]["path"]["pattern"].is_string()
+    );
+    assert_eq!(
+        spec["rateLimit"]["properties"]["perIdentity"]["type"],
+        "boolean"
+    );
 }

@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::core::v1::Service;
-use remora_crds::{MeshPolicySpec, TrafficSplitSpec, policy::LbAlgorithm};
+use remora_crds::{MeshPolicySpec, TrafficSplitSpec, check, policy::MtlsMode};
 
 /// A Service port as clients see it: number and protocol (`TCP` when unset).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -51,35 +51,25 @@ impl ServiceInfo {
 /// The Services of one namespace that exist, by name.
 pub type Services = BTreeMap<String, ServiceInfo>;
 
-/// Cross-field problems of a `MeshPolicySpec`, each a sentence for a condition message.
+/// Problems of a `MeshPolicySpec` the schema cannot catch, each a sentence for a
+/// condition message: the policy rules shared with the proxy ([`remora_crds::check`]) and
+/// those relating the inbound fields to each other.
 pub fn mesh_policy_spec(spec: &MeshPolicySpec) -> Vec<String> {
-    let mut problems = Vec::new();
-    if let Some(lb) = &spec.load_balancer {
-        let has_key = lb
-            .consistent_hash
-            .as_ref()
-            .is_some_and(|h| h.header.is_some() || h.cookie.is_some() || h.source_ip);
-        match lb.algorithm {
-            LbAlgorithm::ConsistentHash if !has_key => problems.push(
-                "loadBalancer.algorithm ConsistentHash needs loadBalancer.consistentHash with a \
-                 header, a cookie or sourceIP"
-                    .to_owned(),
-            ),
-            LbAlgorithm::ConsistentHash => {}
-            other if lb.consistent_hash.is_some() => problems.push(format!(
-                "loadBalancer.consistentHash is set but loadBalancer.algorithm is {other:?}, \
-                 not ConsistentHash"
-            )),
-            _ => {}
-        }
+    let mut found = check::traffic_policy(&spec.traffic_policy());
+    if let Some(r) = &spec.rate_limit {
+        found.extend(check::rate_limit(r));
     }
-    if let Some(backoff) = spec.retries.as_ref().and_then(|r| r.backoff.as_ref())
-        && backoff.base.get() > backoff.max.get()
-    {
-        problems.push(format!(
-            "retries.backoff.base ({}) is longer than retries.backoff.max ({})",
-            backoff.base, backoff.max
-        ));
+    let mut problems: Vec<String> = found.iter().map(ToString::to_string).collect();
+    let mtls_disabled = spec
+        .mtls
+        .as_ref()
+        .is_some_and(|m| m.mode == MtlsMode::Disabled);
+    if mtls_disabled && spec.rate_limit.as_ref().is_some_and(|r| r.per_identity) {
+        problems.push(
+            "rateLimit.perIdentity needs mTLS: with mtls.mode Disabled no caller has an \
+             identity"
+                .to_owned(),
+        );
     }
     problems
 }
@@ -215,7 +205,7 @@ pub(crate) mod tests {
     use remora_crds::{
         duration::Duration,
         mesh_policy::TargetRef,
-        policy::{Backoff, ConsistentHash, LoadBalancer, Retries},
+        policy::{Backoff, ConsistentHash, LbAlgorithm, LoadBalancer, MtlsPolicy, Retries},
         traffic_split::{SplitBackend, SplitMatch, SplitMirror},
     };
 
@@ -307,6 +297,43 @@ pub(crate) mod tests {
             mesh_policy_spec(&spec),
             vec!["retries.backoff.base (2s) is longer than retries.backoff.max (250ms)".to_owned()]
         );
+    }
+
+    #[test]
+    fn new_policy_fields_are_checked() {
+        let spec: MeshPolicySpec = serde_json::from_value(serde_json::json!({
+            "fault": {},
+            "loadBalancer": {"algorithm": "ConsistentHash",
+                             "consistentHash": {"cookie": {"name": "sid", "ttl": "0s"}}},
+            "rateLimit": {"requestsPerSecond": 5, "perIdentity": true},
+            "mtls": {"mode": "Disabled"},
+        }))
+        .expect("schema-valid");
+        assert_eq!(
+            mesh_policy_spec(&spec),
+            vec![
+                "loadBalancer.consistentHash.cookie.ttl must be longer than 0 (leave it out for \
+                 a session cookie)"
+                    .to_owned(),
+                "fault needs a delay, an abort or both".to_owned(),
+                "rateLimit.perIdentity needs mTLS: with mtls.mode Disabled no caller has an \
+                 identity"
+                    .to_owned(),
+            ]
+        );
+        let ok: MeshPolicySpec = serde_json::from_value(serde_json::json!({
+            "fault": {"delay": {"fixed": "100ms", "percent": 10}, "abort": {"httpStatus": 503, "percent": 5}},
+            "loadBalancer": {"locality": {"preferSameZone": true}},
+            "rateLimit": {"requestsPerSecond": 5, "perIdentity": true},
+            "mtls": {"mode": "Permissive"},
+        }))
+        .expect("schema-valid");
+        assert_eq!(mesh_policy_spec(&ok), Vec::<String>::new());
+        let mut strict = ok;
+        strict.mtls = Some(MtlsPolicy {
+            mode: MtlsMode::Strict,
+        });
+        assert_eq!(mesh_policy_spec(&strict), Vec::<String>::new());
     }
 
     #[test]

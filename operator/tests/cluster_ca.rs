@@ -20,11 +20,12 @@ use kube::{
 };
 use prometheus_client::registry::Registry;
 use rcgen::{CertificateParams, KeyPair, PublicKeyData, SanType};
+use remora_crds::wire::CertifyResponse;
 use remora_e2e::{Cluster, ClusterOptions};
 use remora_operator::ca::{
     Ca, CaOptions, TrustDomain,
     metrics::{CaMetrics, Reason},
-    server::{self, CertifyResponse},
+    server,
 };
 use ring::{
     rand::SystemRandom,

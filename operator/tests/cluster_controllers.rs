@@ -374,3 +374,87 @@ async fn traffic_split_backends_must_exist_and_expose_the_root_ports() {
     .await;
     op.stop().await;
 }
+
+#[tokio::test]
+async fn new_policy_fields_are_checked_by_the_schema_and_the_operator() {
+    let (_cluster, client) = cluster().await;
+    let op = operator(&client, "op-fields").await;
+    let ns = "fields";
+    namespace(&client, ns).await;
+    service(&client, ns, "reviews", &[9080]).await;
+    mesh_policy(&client, ns, "reviews", Some("reviews")).await;
+    let api: Api<MeshPolicy> = Api::namespaced(client.clone(), ns);
+    let patch = |spec: serde_json::Value| {
+        let api = api.clone();
+        async move {
+            api.patch(
+                "reviews",
+                &PatchParams::default(),
+                &Patch::Merge(serde_json::json!({ "spec": spec })),
+            )
+            .await
+        }
+    };
+
+    // Every new field, valid: accepted, and the schema filled in the locality default.
+    patch(serde_json::json!({
+        "fault": {"delay": {"fixed": "100ms", "percent": 10}, "abort": {"httpStatus": 503, "percent": 5}},
+        "loadBalancer": {"algorithm": "ConsistentHash",
+                         "consistentHash": {"cookie": {"name": "sid", "path": "/shop"}},
+                         "locality": {"preferSameZone": true}},
+        "rateLimit": {"requestsPerSecond": 10, "perIdentity": true},
+    }))
+    .await
+    .expect("a valid spec");
+    let p = wait_conditions(
+        &api,
+        "reviews",
+        policy_status,
+        ("True", "Accepted"),
+        ("True", "ResolvedRefs"),
+    )
+    .await;
+    let locality = p
+        .spec
+        .load_balancer
+        .as_ref()
+        .and_then(|l| l.locality.as_ref())
+        .expect("locality");
+    assert_eq!(locality.min_healthy_percent, 70);
+
+    // What the schema holds: the API server refuses it.
+    for bad in [
+        serde_json::json!({"fault": {"abort": {"httpStatus": 99, "percent": 5}}}),
+        serde_json::json!({"fault": {"delay": {"fixed": "100ms", "percent": 101}}}),
+        serde_json::json!({"loadBalancer": {"locality": {"minHealthyPercent": 101}}}),
+        serde_json::json!({"loadBalancer": {"consistentHash": {"cookie": {"name": "sid", "path": "shop"}}}}),
+    ] {
+        let err = patch(bad.clone()).await.expect_err("the schema refuses it");
+        assert!(err.to_string().contains("Invalid"), "{bad}: {err}");
+    }
+
+    // What only the operator checks: Accepted=False, reason Invalid, with the field.
+    patch(serde_json::json!({"fault": {"delay": null, "abort": null}}))
+        .await
+        .expect("schema-valid");
+    let p = wait_conditions(
+        &api,
+        "reviews",
+        policy_status,
+        ("False", "Invalid"),
+        ("True", "ResolvedRefs"),
+    )
+    .await;
+    let message = p
+        .status
+        .as_ref()
+        .and_then(|s| s.condition("Accepted"))
+        .map(|c| c.message.clone())
+        .unwrap_or_default();
+    assert!(
+        message.contains("fault needs a delay, an abort or both"),
+        "{message}"
+    );
+    wait_event(&client, ns, "reviews", "Warning", "Invalid").await;
+    op.stop().await;
+}

@@ -1,18 +1,19 @@
 //! The discovery index against a real kube-apiserver 1.20: it detects that only
 //! `discovery.k8s.io/v1beta1` EndpointSlices are served, follows Services, slices, Pods
-//! and policies into the derived config, and its versions only grow — also across an
+//! and policies into the derived config (a Pod's weight annotation into its endpoints, its
+//! Node's zone into its inbound piece), and its versions only grow — also across an
 //! operator restart.
 
 mod support;
 
 use std::{net::SocketAddr, time::Instant};
 
-use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::core::v1::{Node, Pod, Service};
 use kube::{
     Api,
-    api::{DeleteParams, PostParams},
+    api::{DeleteParams, Patch, PatchParams, PostParams},
 };
-use remora_operator::index::api::SliceApi;
+use remora_operator::index::{api::SliceApi, model::ObjKey};
 use support::*;
 
 const NS: &str = "idx";
@@ -29,12 +30,23 @@ async fn index_follows_the_cluster_and_versions_only_grow_across_a_restart() {
         .expect("cluster IP allocated")
         .parse()
         .expect("IP");
+    let nodes: Api<Node> = Api::all(client.clone());
+    nodes
+        .create(
+            &PostParams::default(),
+            &from_json(serde_json::json!({
+                "metadata": {"name": "idx-node", "labels": {"topology.kubernetes.io/zone": "zone-b"}},
+            })),
+        )
+        .await
+        .expect("node created");
     let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
     pods.create(
         &PostParams::default(),
         &from_json(serde_json::json!({
-            "metadata": {"name": "reviews-1", "annotations": {"remora.dev/injected": "test"}},
-            "spec": {"serviceAccountName": "reviews", "containers": [
+            "metadata": {"name": "reviews-1", "annotations": {
+                "remora.dev/injected": "test", "config.remora.dev/weight": "4"}},
+            "spec": {"serviceAccountName": "reviews", "nodeName": "idx-node", "containers": [
                 {"name": "app", "image": "reviews", "ports": [{"containerPort": 8080}]}
             ]},
         })),
@@ -69,6 +81,41 @@ async fn index_follows_the_cluster_and_versions_only_grow_across_a_restart() {
     );
     assert_eq!(e.zone.as_deref(), Some("zone-a"));
     assert!(e.meshed && e.ready);
+    assert_eq!(e.weight, 4, "the Pod's weight annotation");
+
+    // The Pod's proxy learns its zone from its Node, and a relabelled Node moves it.
+    let pod_key = ObjKey::new(NS, "reviews-1");
+    let zone_of = |want: &'static str| {
+        let index = op.index.clone();
+        let pod_key = pod_key.clone();
+        async move {
+            eventually(&format!("inbound piece in {want}"), || {
+                let index = index.clone();
+                let pod_key = pod_key.clone();
+                async move {
+                    let index = index.read();
+                    let piece = index.inbound(&pod_key).ok_or("no inbound piece")?;
+                    match piece.value.locality.zone.as_deref() {
+                        Some(z) if z == want => Ok(piece.version),
+                        other => Err(format!("zone {other:?}")),
+                    }
+                }
+            })
+            .await
+        }
+    };
+    let zoned = zone_of("zone-b").await;
+    nodes
+        .patch(
+            "idx-node",
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({
+                "metadata": {"labels": {"topology.kubernetes.io/zone": "zone-c"}}
+            })),
+        )
+        .await
+        .expect("node relabelled");
+    assert!(zone_of("zone-c").await > zoned, "a newer version");
     assert_eq!(
         op.index.read().destination_of(SocketAddr::new(vip, 9080)),
         Some(&reviews(NS))

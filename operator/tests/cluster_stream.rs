@@ -17,10 +17,8 @@ use std::{
 use hyper::StatusCode;
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::{Api, Client, api::PostParams};
-use remora_operator::{
-    ca::{CaMaterial, Issuer, TrustDomain},
-    stream::message::Message,
-};
+use remora_crds::wire::Message;
+use remora_operator::ca::{CaMaterial, Issuer, TrustDomain};
 use stream_client::{ClientCert, Conn, Options, Watch, client_cert, connect};
 use support::*;
 
@@ -322,6 +320,7 @@ async fn inbound_config_is_for_the_pods_own_identity_only() {
             pod,
             inbound,
             version,
+            ..
         } => {
             assert_eq!(pod, "shop/reviews-1");
             assert!(inbound.is_some());

@@ -9,7 +9,7 @@ use std::{
 
 use axum::{
     Router,
-    extract::{ConnectInfo, State},
+    extract::{ConnectInfo, Query, State},
     http::{HeaderValue, StatusCode, Uri, header},
     response::{IntoResponse, Response},
     routing::{get, post},
@@ -67,6 +67,7 @@ pub fn router(ctx: Arc<Context>) -> Router {
         .route("/metrics", get(metrics))
         .route("/config_dump", get(config_dump))
         .route("/endpoints", get(endpoints))
+        .route("/explain", get(explain))
         .route("/app-health/{container}/{probe}", get(app_health))
         .route("/shutdown", post(shutdown))
         .route(
@@ -142,21 +143,84 @@ async fn config_dump(State(ctx): State<Arc<Context>>) -> Response {
 
 async fn endpoints(State(ctx): State<Arc<Context>>) -> Response {
     let snap = ctx.config.load();
-    let mut services: Vec<serde_json::Value> = snap
-        .routes
-        .endpoint_sets()
-        .iter()
-        .map(|set| {
-            let eps: Vec<serde_json::Value> = set
-                .ready
-                .iter()
-                .map(|ep| serde_json::json!({ "address": ep.addr.to_string(), "identity": ep.identity.as_deref(), "meshed": ep.meshed }))
-                .collect();
-            serde_json::json!({ "service": &*set.service, "ready": eps })
-        })
-        .collect();
-    services.sort_by(|a, b| a["service"].as_str().cmp(&b["service"].as_str()));
-    json(&serde_json::json!({ "version": snap.version(), "services": services }))
+    let mut body = crate::outbound::explain::endpoints(&snap.routes, std::time::Instant::now());
+    body["version"] = serde_json::json!(snap.version());
+    json(&body)
+}
+
+/// `/explain?dst=10.96.0.12:9080[&method=GET][&path=/x][&header=name:value]...[&client=ip]`:
+/// the decision the proxy would make now for such a request.
+async fn explain(
+    State(ctx): State<Arc<Context>>,
+    Query(params): Query<Vec<(String, String)>>,
+) -> Response {
+    let mut dst = None;
+    let mut method = None;
+    let mut path = None;
+    let mut client = None;
+    let mut headers = http::HeaderMap::new();
+    for (k, v) in params {
+        match k.as_str() {
+            "dst" => dst = Some(v),
+            "method" => method = Some(v),
+            "path" => path = Some(v),
+            "client" => client = Some(v),
+            "header" => {
+                let Some((name, value)) = v.split_once(':') else {
+                    return text(
+                        StatusCode::BAD_REQUEST,
+                        format!("header {v:?} is not name:value\n"),
+                    );
+                };
+                match (
+                    http::HeaderName::try_from(name.trim()),
+                    HeaderValue::try_from(value.trim()),
+                ) {
+                    (Ok(n), Ok(v)) => {
+                        headers.append(n, v);
+                    }
+                    _ => {
+                        return text(
+                            StatusCode::BAD_REQUEST,
+                            format!("header {v:?} is not valid\n"),
+                        );
+                    }
+                }
+            }
+            other => {
+                return text(
+                    StatusCode::BAD_REQUEST,
+                    format!("unknown parameter {other:?}\n"),
+                );
+            }
+        }
+    }
+    let Some(dst) = dst else {
+        return text(StatusCode::BAD_REQUEST, "dst=<ip:port> is required\n");
+    };
+    let Ok(dst) = dst.parse::<SocketAddr>() else {
+        return text(
+            StatusCode::BAD_REQUEST,
+            format!("dst {dst:?} is not ip:port\n"),
+        );
+    };
+    let client = match client.map(|c| c.parse::<IpAddr>()) {
+        None => None,
+        Some(Ok(ip)) => Some(ip),
+        Some(Err(_)) => return text(StatusCode::BAD_REQUEST, "client is not an IP address\n"),
+    };
+    let snap = ctx.config.load();
+    let mut body = crate::outbound::explain::explain(
+        &snap.routes,
+        dst,
+        method.as_deref(),
+        path.as_deref(),
+        &headers,
+        client,
+        std::time::Instant::now(),
+    );
+    body["version"] = serde_json::json!(snap.version());
+    json(&body)
 }
 
 async fn app_health(State(ctx): State<Arc<Context>>, uri: Uri) -> Response {

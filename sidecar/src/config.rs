@@ -14,8 +14,9 @@ use arc_swap::ArcSwap;
 use remora_crds::proxy::{ConfigError, ProxyConfig};
 
 use crate::{
+    inbound::{LimiterRegistry, Limiters},
     metrics::{Metrics, ReasonLabels, Static},
-    route::RouteTable,
+    outbound::{RouteTable, endpoint::Registry, service::ServiceRegistry},
 };
 
 /// One config version, compiled for the data path.
@@ -23,14 +24,48 @@ use crate::{
 pub struct Snapshot {
     pub config: ProxyConfig,
     pub routes: RouteTable,
+    pub limiters: Limiters,
+}
+
+/// The long-lived state config versions are compiled against: endpoints, per-service
+/// state (breakers, budgets, outlier detectors) and inbound rate limiters. What a new
+/// version still lists keeps its state.
+#[derive(Debug)]
+pub struct Compiler {
+    pub endpoints: Arc<Registry>,
+    pub services: ServiceRegistry,
+    pub limiters: LimiterRegistry,
+}
+
+impl Compiler {
+    pub fn new(endpoints: Arc<Registry>) -> Self {
+        Self {
+            endpoints,
+            services: ServiceRegistry::default(),
+            limiters: LimiterRegistry::default(),
+        }
+    }
+
+    /// Compiles `config` for the data path.
+    pub fn compile(&self, config: ProxyConfig) -> Snapshot {
+        let mut generation = self.endpoints.generation();
+        let routes = RouteTable::new(
+            &config.outbound,
+            config.locality.zone.as_deref(),
+            &mut generation,
+            &self.services,
+        );
+        generation.commit();
+        let limiters = self.limiters.compile(&config.inbound);
+        Snapshot {
+            config,
+            routes,
+            limiters,
+        }
+    }
 }
 
 impl Snapshot {
-    pub fn new(config: ProxyConfig) -> Self {
-        let routes = RouteTable::new(&config.outbound);
-        Self { config, routes }
-    }
-
     pub fn version(&self) -> u64 {
         self.config.version
     }
@@ -65,10 +100,11 @@ impl RejectReason {
 #[derive(Debug)]
 pub struct ConfigStore {
     current: ArcSwap<Snapshot>,
+    compiler: Compiler,
 }
 
 impl ConfigStore {
-    pub fn new(initial: ProxyConfig, metrics: &Metrics) -> Self {
+    pub fn new(initial: ProxyConfig, metrics: &Metrics, endpoints: Arc<Registry>) -> Self {
         metrics
             .config_version
             .set(i64::try_from(initial.version).unwrap_or(i64::MAX));
@@ -78,8 +114,10 @@ impl ConfigStore {
                 reason: Static("applied"),
             })
             .inc();
+        let compiler = Compiler::new(endpoints);
         Self {
-            current: ArcSwap::from_pointee(Snapshot::new(initial)),
+            current: ArcSwap::from_pointee(compiler.compile(initial)),
+            compiler,
         }
     }
 
@@ -114,7 +152,7 @@ impl ConfigStore {
     /// would wrongly refuse. The caller validated it.
     pub fn install(&self, config: ProxyConfig, metrics: &Metrics) -> u64 {
         let version = config.version;
-        self.current.store(Arc::new(Snapshot::new(config)));
+        self.current.store(Arc::new(self.compiler.compile(config)));
         metrics
             .config_version
             .set(i64::try_from(version).unwrap_or(i64::MAX));
@@ -230,10 +268,11 @@ mod tests {
 
     #[test]
     fn versions_only_grow() {
-        let metrics = Metrics::new();
+        let metrics = Arc::new(Metrics::new());
         let store = ConfigStore::new(
             ProxyConfig::from_yaml("version: 5").expect("valid"),
             &metrics,
+            Registry::without_identity(metrics.clone()),
         );
         let err = store
             .apply(
@@ -287,6 +326,7 @@ mod tests {
         let store = Arc::new(ConfigStore::new(
             load_file(&path).expect("initial"),
             &metrics,
+            Registry::without_identity(metrics.clone()),
         ));
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let task = {

@@ -18,14 +18,14 @@ use tokio::{
 use crate::{
     Context,
     addr::{ClientAddr, Direction, LocalAddr, OrigDstAddr},
-    authz::{self, Access},
     detect::{self, Detection, OpaqueReason, Protocol},
     http::{self, ConnMeta},
+    inbound::{self, Admission},
     io::PrefixedIo,
     listen::resolve_orig_dst,
     metrics::{DirLabels, Metrics, OutcomeLabels, Peer, ReasonLabels, Static},
-    route::{Target, authority_of},
-    tcp, tls,
+    outbound::{self, Target, endpoint::authority_of},
+    tls,
 };
 
 /// Counts a connection as open while alive.
@@ -102,17 +102,18 @@ pub async fn serve(
     ctx.metrics.connection(direction, "accepted");
     let _ = stream.set_nodelay(true);
 
-    // Kubernetes mode: an outbound destination without a route is asked for first.
-    let snap = crate::control::snapshot_for(&ctx, direction, orig_dst).await;
+    // Kubernetes mode: an outbound destination without a route is asked for first. The
+    // route found here is the connection's: resolved once, handed down.
+    let (snap, route) = crate::control::snapshot_for(&ctx, direction, orig_dst).await;
     let (declared, upstream, mtls) = match direction {
         Direction::Inbound => {
             let policy = snap.config.inbound.for_port(orig_dst.0.port());
             (policy.protocol, Upstream::Addr(orig_dst.0), policy.mtls)
         }
-        Direction::Outbound => match snap.routes.lookup(orig_dst.0) {
+        Direction::Outbound => match route {
             Some(target) => (
                 target.service().protocol,
-                Upstream::Route(target.clone()),
+                Upstream::Route(target),
                 MtlsMode::Disabled,
             ),
             None => match snap.config.outbound.unknown_destinations {
@@ -316,83 +317,53 @@ async fn proceed<I>(
         return;
     }
 
-    if direction == Direction::Inbound {
-        let snap = ctx.config.load();
-        let port = orig_dst.0.port();
-        let allowed = authz::allowed(
-            snap.config.inbound.for_port(port).authorization,
-            peer.0.as_deref(),
-            Access { port, http: None },
-        );
-        let outcome = if allowed { "allow" } else { "deny" };
-        ctx.metrics
-            .authz
-            .get_or_create(&OutcomeLabels {
-                direction,
-                outcome: Static(outcome),
-            })
-            .inc();
-        if !allowed {
-            ctx.metrics.connection(direction, "unauthorized");
-            let peer = peer.0.as_deref().unwrap_or("an unauthenticated client");
-            tracing::info!(%client, %peer, port, "TCP connection denied by authorization policy");
-            return;
-        }
+    if direction == Direction::Inbound
+        && let Admission::Refused(refusal) =
+            inbound::admit(&ctx, direction, client, orig_dst.0.port(), &peer, None)
+    {
+        ctx.metrics.connection(direction, refusal_label(&refusal));
+        return;
     }
+    let start = std::time::SystemTime::now();
+    let started = std::time::Instant::now();
+    let outcome = match upstream {
+        Upstream::Addr(addr) => {
+            let ep = ctx.registry.adhoc(addr);
+            let idle = ctx.settings.tcp_idle_timeout;
+            outbound::tcp::relay(&ctx, conn.into(), &ep, false, &mut io, prefix, idle).await
+        }
+        Upstream::Route(target) => {
+            outbound::tcp::route(&ctx, conn.into(), &target, &mut io, prefix).await
+        }
+    };
+    if let Some(log) = &ctx.access_log {
+        log.connection(
+            direction,
+            client,
+            orig_dst,
+            outcome.upstream,
+            &peer,
+            outcome.bytes,
+            outcome.flags,
+            start,
+            started.elapsed(),
+        );
+    }
+}
 
-    let (addr, mesh_identity) = match upstream {
-        Upstream::Addr(a) => (a, None),
-        Upstream::Route(target) => match target.pick(None) {
-            Ok(ep) => (ep.addr, if ep.meshed { ep.identity.clone() } else { None }),
-            Err(e) => {
-                ctx.metrics.connection(direction, "no_endpoints");
-                tracing::info!(%direction, %client, %orig_dst, reason = %e, "connection refused");
-                return;
-            }
-        },
-    };
-    let connect =
-        tokio::time::timeout(ctx.settings.connect_timeout, TcpStream::connect(addr)).await;
-    let mut upstream = match connect {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            ctx.metrics.connection(direction, "connect_failed");
-            tracing::info!(%direction, %client, %orig_dst, upstream = %addr, error = %e, "upstream connect failed");
-            return;
+fn refusal_label(r: &inbound::Refusal) -> &'static str {
+    match r {
+        inbound::Refusal::Unauthorized { .. } => "unauthorized",
+        inbound::Refusal::RateLimited { .. } => "rate_limited",
+    }
+}
+
+impl From<Conn> for outbound::tcp::ConnFacts {
+    fn from(c: Conn) -> Self {
+        Self {
+            direction: c.direction,
+            client: c.client,
+            orig_dst: c.orig_dst,
         }
-        Err(_) => {
-            ctx.metrics.connection(direction, "connect_timeout");
-            tracing::info!(%direction, %client, %orig_dst, upstream = %addr, "upstream connect timed out");
-            return;
-        }
-    };
-    let _ = upstream.set_nodelay(true);
-    let idle = ctx.settings.tcp_idle_timeout;
-    let result = match (mesh_identity, ctx.identity.current()) {
-        (Some(expected), Some(identity)) => {
-            match tls::connect(&identity, &expected, addr, upstream, &ctx.metrics).await {
-                Ok(mut tls) => {
-                    tcp::proxy(&ctx.metrics, direction, &mut io, prefix, &mut tls, idle).await
-                }
-                Err(_) => {
-                    ctx.metrics.connection(direction, "tls_handshake_failed");
-                    return;
-                }
-            }
-        }
-        _ => {
-            tcp::proxy(
-                &ctx.metrics,
-                direction,
-                &mut io,
-                prefix,
-                &mut upstream,
-                idle,
-            )
-            .await
-        }
-    };
-    if let Err(e) = result {
-        tracing::debug!(%direction, %client, upstream = %addr, error = %e, "TCP connection ended with an error");
     }
 }

@@ -5,23 +5,24 @@
 //! listeners and serves until [`Shutdown`](shutdown::Shutdown) is triggered; the binary
 //! (`main.rs`) only parses flags, sets up logging and turns SIGTERM into that trigger.
 
+pub mod access_log;
 pub mod addr;
 pub mod admin;
 pub mod app_health;
-pub mod authz;
 pub mod config;
 pub mod conn;
 pub mod control;
 pub mod detect;
 pub mod http;
 pub mod identity;
+pub mod inbound;
 pub mod io;
 pub mod lifecycle;
 pub mod listen;
 pub mod metrics;
 pub mod orig_dst;
+pub mod outbound;
 pub mod pool;
-pub mod route;
 pub mod shutdown;
 pub mod tcp;
 pub mod tls;
@@ -71,6 +72,10 @@ pub struct Settings {
     /// (true) or pooled HTTP/1 mTLS connections (false, the default: less CPU per request,
     /// more connections between proxies).
     pub mesh_http2: bool,
+    /// One JSON line per HTTP request and per TCP connection on stdout
+    /// (`--access-log`, `REMORA_PROXY_ACCESS_LOG`; the pod annotation
+    /// `config.remora.dev/access-log: "true"`).
+    pub access_log: bool,
 }
 
 impl Default for Settings {
@@ -92,6 +97,7 @@ impl Default for Settings {
             pod_ip: None,
             control: None,
             mesh_http2: false,
+            access_log: false,
         }
     }
 }
@@ -106,7 +112,9 @@ pub struct Context {
     pub config: Arc<ConfigStore>,
     pub identity: Arc<IdentityStore>,
     pub shutdown: Shutdown,
-    pub clients: http::Clients,
+    /// Every upstream endpoint, with its pools, load and health.
+    pub registry: Arc<outbound::endpoint::Registry>,
+    pub access_log: Option<access_log::AccessLog>,
     pub log: Option<LogLevel>,
     /// The control-plane client (Kubernetes mode only).
     pub control: Option<Arc<control::Control>>,
@@ -157,7 +165,7 @@ async fn prune_pools(ctx: Arc<Context>) {
             _ = tokio::time::sleep(POOL_SWEEP_EVERY) => {}
             _ = &mut stop => return,
         }
-        let pruned = ctx.clients.prune(POOL_IDLE);
+        let pruned = ctx.registry.prune(POOL_IDLE);
         if pruned > 0 {
             tracing::debug!(pruned, "forgot idle upstream pools");
         }
@@ -231,7 +239,11 @@ impl Proxy {
             let _ = identity.reload(files, &metrics);
             seen
         });
-        let config = Arc::new(ConfigStore::new(config, &metrics));
+        let registry = Arc::new(outbound::endpoint::Registry::new(
+            outbound::dial::Dialer::new(identity.clone(), metrics.clone()),
+            settings.connect_timeout,
+        ));
+        let config = Arc::new(ConfigStore::new(config, &metrics, registry.clone()));
         let control = settings.control.clone().map(|c| {
             let control =
                 control::Control::new(c, config.clone(), identity.clone(), metrics.clone());
@@ -244,12 +256,10 @@ impl Proxy {
                 .chain(&inbound_addrs)
                 .copied()
                 .collect(),
-            clients: http::Clients::new(
-                settings.connect_timeout,
-                config.clone(),
-                identity.clone(),
-                metrics.clone(),
-            ),
+            registry,
+            access_log: settings
+                .access_log
+                .then(|| access_log::AccessLog::stdout(metrics.clone())),
             config,
             identity,
             metrics,

@@ -178,6 +178,17 @@ struct Args {
     /// CPU is the bottleneck.
     #[arg(long, env = "REMORA_PROXY_WORKER_THREADS", default_value_t = 1)]
     worker_threads: usize,
+    /// Log one JSON line per HTTP request and per TCP connection (set by the webhook from
+    /// the pod annotation `config.remora.dev/access-log: "true"`).
+    #[arg(
+        long,
+        env = "REMORA_PROXY_ACCESS_LOG",
+        default_value_t = false,
+        action = clap::ArgAction::Set,
+        num_args = 0..=1,
+        default_missing_value = "true"
+    )]
+    access_log: bool,
 }
 
 /// Kubernetes mode: certify with the operator and serve the config it streams.
@@ -358,6 +369,7 @@ async fn run(args: Args, log: LogLevel) -> anyhow::Result<()> {
         config_poll_interval: args.config_poll_interval.get(),
         control,
         mesh_http2: args.mesh_protocol == MeshProtocol::H2,
+        access_log: args.access_log,
     };
     let proxy = Proxy::start(settings, initial, Some(log)).await?;
     let ctx = proxy.context().clone();
@@ -537,5 +549,14 @@ mod tests {
         assert!(parse(&["--operator-addr=no-port"]).is_err());
         assert!(parse(&["--opaque-ports=redis"]).is_err());
         assert!(parse(&["--unknown-destinations=Maybe"]).is_err());
+    }
+
+    #[test]
+    fn the_access_log_flag() {
+        assert!(!parse(&[]).expect("flags").access_log, "off by default");
+        assert!(parse(&["--access-log"]).expect("flags").access_log);
+        assert!(parse(&["--access-log=true"]).expect("flags").access_log);
+        assert!(!parse(&["--access-log=false"]).expect("flags").access_log);
+        assert!(parse(&["--access-log=loud"]).is_err());
     }
 }

@@ -42,6 +42,27 @@ impl EncodeLabelValue for Peer {
     }
 }
 
+/// A service name as a label value.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Name(pub Arc<str>);
+
+impl EncodeLabelValue for Name {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
+        encoder.write_str(&self.0)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct ServiceLabels {
+    pub service: Name,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct ServiceOutcomeLabels {
+    pub service: Name,
+    pub outcome: Static,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct DirLabels {
     pub direction: Direction,
@@ -69,6 +90,14 @@ pub struct RequestLabels {
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct ReasonLabels {
+    pub reason: Static,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct RejectedLabels {
+    /// `policy` (a service's policy), `service` (a whole service piece) or `inbound`.
+    pub piece: Static,
+    /// `unparsable` or `invalid`.
     pub reason: Static,
 }
 
@@ -129,6 +158,29 @@ pub struct Metrics {
     pub control_stream_reconnects: Family<ReasonLabels, Counter>,
     /// Outbound subscriptions held now.
     pub control_subscriptions: Gauge,
+    /// Pieces of the operator's messages that did not parse or validate; the previous
+    /// version of each was kept.
+    pub config_rejected: Family<RejectedLabels, Counter>,
+    /// Retry decisions by service: `retried`, `budget_exhausted`, `body_not_replayable`.
+    pub retries: Family<ServiceOutcomeLabels, Counter>,
+    /// Requests and connections refused by a service's circuit breaker, by cause
+    /// (`max-connections`, `max-pending-requests`, `max-requests`, `circuit-open`).
+    pub breaker_refusals: Family<ServiceOutcomeLabels, Counter>,
+    /// Endpoints ejected by outlier detection.
+    pub ejections: Family<ServiceLabels, Counter>,
+    /// Error-rate breaker state by service (0 closed, 1 open, 2 half-open), at scrape time.
+    pub breaker_state: Family<ServiceLabels, Gauge>,
+    /// Endpoints ejected now, by service, at scrape time.
+    pub ejected_endpoints: Family<ServiceLabels, Gauge>,
+    /// Injected faults (`abort`, `delay`).
+    pub faults: Family<ReasonLabels, Counter>,
+    /// Mirrored requests: `sent`, `failed`, `timed_out`, `no_endpoints`,
+    /// `skipped_streamed_body`.
+    pub mirror: Family<ReasonLabels, Counter>,
+    /// Inbound requests (`http`) and connections (`tcp`) refused by the rate limit.
+    pub rate_limited: Family<OutcomeLabels, Counter>,
+    /// Access log lines dropped because the writer fell behind.
+    pub access_log_dropped: Counter,
 }
 
 impl Default for Metrics {
@@ -161,7 +213,54 @@ impl Metrics {
             certificate_renewals: Family::default(),
             control_stream_reconnects: Family::default(),
             control_subscriptions: Gauge::default(),
+            config_rejected: Family::default(),
+            retries: Family::default(),
+            breaker_refusals: Family::default(),
+            ejections: Family::default(),
+            breaker_state: Family::default(),
+            ejected_endpoints: Family::default(),
+            faults: Family::default(),
+            mirror: Family::default(),
+            rate_limited: Family::default(),
+            access_log_dropped: Counter::default(),
         };
+        for (name, help, metric) in [
+            ("retries", "Retry decisions by service", &m.retries),
+            (
+                "breaker_refusals",
+                "Requests and connections refused by circuit breakers, by cause",
+                &m.breaker_refusals,
+            ),
+        ] {
+            registry.register(name, help, metric.clone());
+        }
+        registry.register(
+            "ejections",
+            "Endpoints ejected by outlier detection",
+            m.ejections.clone(),
+        );
+        registry.register(
+            "breaker_state",
+            "Error-rate breaker state (0 closed, 1 open, 2 half-open)",
+            m.breaker_state.clone(),
+        );
+        registry.register(
+            "ejected_endpoints",
+            "Endpoints ejected now",
+            m.ejected_endpoints.clone(),
+        );
+        registry.register("faults", "Injected faults", m.faults.clone());
+        registry.register("mirror", "Mirrored requests by outcome", m.mirror.clone());
+        registry.register(
+            "rate_limited",
+            "Inbound requests and connections refused by the rate limit",
+            m.rate_limited.clone(),
+        );
+        registry.register(
+            "access_log_dropped",
+            "Access log lines dropped because the writer fell behind",
+            m.access_log_dropped.clone(),
+        );
         registry.register(
             "connections",
             "Accepted connections by outcome",
@@ -244,6 +343,11 @@ impl Metrics {
             "Outbound config subscriptions held",
             m.control_subscriptions.clone(),
         );
+        registry.register(
+            "config_rejected",
+            "Config pieces from the operator rejected (the previous version kept), by piece and reason",
+            m.config_rejected.clone(),
+        );
         Self { registry, ..m }
     }
 
@@ -253,6 +357,53 @@ impl Metrics {
             .get_or_create(&OutcomeLabels {
                 direction,
                 outcome: Static(outcome),
+            })
+            .inc();
+    }
+
+    /// Counts a retry decision.
+    pub fn count_retry(&self, service: &Arc<str>, outcome: &'static str) {
+        self.retries
+            .get_or_create(&ServiceOutcomeLabels {
+                service: Name(service.clone()),
+                outcome: Static(outcome),
+            })
+            .inc();
+    }
+
+    /// Counts a breaker refusal.
+    pub fn count_overflow(&self, service: &Arc<str>, cause: &'static str) {
+        self.breaker_refusals
+            .get_or_create(&ServiceOutcomeLabels {
+                service: Name(service.clone()),
+                outcome: Static(cause),
+            })
+            .inc();
+    }
+
+    /// Counts an ejection.
+    pub fn count_ejection(&self, service: &Arc<str>) {
+        self.ejections
+            .get_or_create(&ServiceLabels {
+                service: Name(service.clone()),
+            })
+            .inc();
+    }
+
+    /// Counts an injected fault.
+    pub fn count_fault(&self, kind: &'static str) {
+        self.faults
+            .get_or_create(&ReasonLabels {
+                reason: Static(kind),
+            })
+            .inc();
+    }
+
+    /// Counts a mirrored request's outcome.
+    pub fn count_mirror(&self, outcome: &'static str) {
+        self.mirror
+            .get_or_create(&ReasonLabels {
+                reason: Static(outcome),
             })
             .inc();
     }

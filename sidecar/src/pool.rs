@@ -28,7 +28,7 @@ use hyper::body::{Body, Frame, SizeHint};
 use hyper::{body::Incoming, client::conn::http1::SendRequest};
 use tower::Service;
 
-use crate::tls::EndpointConnector;
+use crate::outbound::dial::Connector;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -46,6 +46,12 @@ fn copy_of<B: Replay>(req: &Request<B>) -> Option<Request<B>> {
     if !req.method().is_idempotent() {
         return None;
     }
+    replay_of(req)
+}
+
+/// A copy of any request whose body can be sent again (retries decide on idempotence
+/// themselves; mirrors copy every method).
+pub fn replay_of<B: Replay>(req: &Request<B>) -> Option<Request<B>> {
     let mut copy = Request::new(req.body().replay()?);
     *copy.method_mut() = req.method().clone();
     *copy.uri_mut() = req.uri().clone();
@@ -90,7 +96,7 @@ struct Idle<B> {
 
 /// The HTTP/1 connections of one endpoint; `B` is the request body.
 pub struct H1Pool<B> {
-    connector: EndpointConnector,
+    connector: Connector,
     idle_timeout: Duration,
     idle: Mutex<Vec<Idle<B>>>,
 }
@@ -123,7 +129,7 @@ where
     B::Error: Into<BoxError>,
 {
     /// Idle connections older than `idle_timeout` are closed, not used.
-    pub fn new(connector: EndpointConnector, idle_timeout: Duration) -> Self {
+    pub fn new(connector: Connector, idle_timeout: Duration) -> Self {
         Self {
             connector,
             idle_timeout,

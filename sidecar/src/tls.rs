@@ -1,30 +1,20 @@
 //! Mesh mTLS on the wire: the identity in force (swapped atomically when its files
 //! change, after the new files pass every check), handshakes on both sides with failures
-//! counted by reason, and the hyper connector that dials meshed endpoints over mTLS.
+//! counted by reason. Dialing lives in `outbound::dial`.
 
 use std::{
     future::Future,
     io,
     net::SocketAddr,
     path::Path,
-    pin::Pin,
     sync::Arc,
-    task::{Context as TaskContext, Poll},
     time::{Duration, SystemTime},
 };
 
 use arc_swap::ArcSwapOption;
-use http::{Uri, uri::Scheme};
-use hyper_util::{
-    client::legacy::connect::{Connected, Connection, HttpConnector},
-    rt::TokioIo,
-};
 use remora_crds::proxy::IdentityFiles;
 use rustls::{CertificateError, pki_types::ServerName};
-use tokio::{
-    io::{AsyncRead, AsyncWrite},
-    net::TcpStream,
-};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_rustls::{TlsAcceptor, TlsConnector, client, server};
 
 use crate::{
@@ -273,159 +263,5 @@ fn identity_mismatch(e: &io::Error) -> Option<&crate::identity::IdentityMismatch
             (&*o.0 as &(dyn std::error::Error + 'static)).downcast_ref()
         }
         _ => None,
-    }
-}
-
-/// An upstream connection: plain TCP or mesh mTLS.
-#[derive(Debug)]
-pub enum UpstreamIo {
-    Plain(TokioIo<TcpStream>),
-    Tls(Box<TokioIo<client::TlsStream<TcpStream>>>),
-}
-
-impl hyper::rt::Read for UpstreamIo {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut TaskContext<'_>,
-        buf: hyper::rt::ReadBufCursor<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Self::Plain(io) => Pin::new(io).poll_read(cx, buf),
-            Self::Tls(io) => Pin::new(&mut **io).poll_read(cx, buf),
-        }
-    }
-}
-
-impl hyper::rt::Write for UpstreamIo {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut TaskContext<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Self::Plain(io) => Pin::new(io).poll_write(cx, buf),
-            Self::Tls(io) => Pin::new(&mut **io).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Self::Plain(io) => Pin::new(io).poll_flush(cx),
-            Self::Tls(io) => Pin::new(&mut **io).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Self::Plain(io) => Pin::new(io).poll_shutdown(cx),
-            Self::Tls(io) => Pin::new(&mut **io).poll_shutdown(cx),
-        }
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        match self {
-            Self::Plain(io) => io.is_write_vectored(),
-            Self::Tls(io) => io.is_write_vectored(),
-        }
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut TaskContext<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Self::Plain(io) => Pin::new(io).poll_write_vectored(cx, bufs),
-            Self::Tls(io) => Pin::new(&mut **io).poll_write_vectored(cx, bufs),
-        }
-    }
-}
-
-impl Connection for UpstreamIo {
-    fn connected(&self) -> Connected {
-        match self {
-            Self::Plain(io) => io.connected(),
-            Self::Tls(_) => Connected::new(),
-        }
-    }
-}
-
-/// Dials one upstream endpoint for a pooled HTTP client, whatever the request URI says
-/// (the URI keeps the request's own authority, so HTTP/2 `:authority` and pool keys follow
-/// the application, while the connection goes to the balanced endpoint). With `mtls`, the
-/// connection is mesh mTLS to the identity the config lists for that endpoint.
-#[derive(Clone, Debug)]
-pub struct EndpointConnector {
-    http: HttpConnector,
-    dial: Uri,
-    addr: SocketAddr,
-    mtls: bool,
-    config: Arc<ConfigStore>,
-    identity: Arc<IdentityStore>,
-    metrics: Arc<Metrics>,
-}
-
-impl EndpointConnector {
-    pub fn new(
-        addr: SocketAddr,
-        mtls: bool,
-        connect_timeout: Duration,
-        config: Arc<ConfigStore>,
-        identity: Arc<IdentityStore>,
-        metrics: Arc<Metrics>,
-    ) -> Self {
-        let mut http = HttpConnector::new();
-        http.set_nodelay(true);
-        http.set_connect_timeout(Some(connect_timeout));
-        let mut parts = http::uri::Parts::default();
-        parts.scheme = Some(Scheme::HTTP);
-        parts.authority = Some(crate::route::authority_of(addr));
-        parts.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
-        let dial = Uri::from_parts(parts).unwrap_or_default();
-        Self {
-            http,
-            dial,
-            addr,
-            mtls,
-            config,
-            identity,
-            metrics,
-        }
-    }
-}
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-impl tower::Service<Uri> for EndpointConnector {
-    type Response = UpstreamIo;
-    type Error = BoxError;
-    type Future = Pin<Box<dyn Future<Output = Result<UpstreamIo, BoxError>> + Send>>;
-
-    fn poll_ready(&mut self, cx: &mut TaskContext<'_>) -> Poll<Result<(), Self::Error>> {
-        self.http.poll_ready(cx).map_err(Into::into)
-    }
-
-    fn call(&mut self, _uri: Uri) -> Self::Future {
-        let this = self.clone();
-        let mut http = self.http.clone();
-        Box::pin(async move {
-            let tcp = http.call(this.dial.clone()).await?;
-            if !this.mtls {
-                return Ok(UpstreamIo::Plain(tcp));
-            }
-            let addr = this.addr;
-            let expected = this
-                .config
-                .load()
-                .routes
-                .meshed_identity(addr)
-                .ok_or_else(|| format!("no identity is configured for meshed endpoint {addr}"))?;
-            let identity = this
-                .identity
-                .current()
-                .ok_or("no workload identity loaded")?;
-            let tls = connect(&identity, &expected, addr, tcp.into_inner(), &this.metrics).await?;
-            Ok(UpstreamIo::Tls(Box::new(TokioIo::new(tls))))
-        })
     }
 }

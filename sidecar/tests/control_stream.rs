@@ -118,7 +118,6 @@ async fn next_version(rx: &mut mpsc::UnboundedReceiver<Message>) -> u64 {
         .expect("a message in time")
         .expect("the watch runs")
         .version()
-        .0
 }
 
 #[tokio::test]

@@ -369,7 +369,7 @@ async fn outbound_vip_round_robins_over_ready_endpoints() {
     let (a, b) = (http_echo().await, http_echo().await);
     let vip: SocketAddr = "10.96.0.12:9080".parse().expect("addr");
     let yaml = format!(
-        "outbound:\n  services:\n  - name: reviews.shop\n    addresses: [\"{vip}\"]\n    endpoints:\n    - {{address: \"{a}\"}}\n    - {{address: \"{b}\"}}\n    - {{address: \"127.0.0.1:1\", ready: false}}\n"
+        "outbound:\n  services:\n  - name: reviews.shop\n    addresses: [\"{vip}\"]\n    policy: {{loadBalancer: {{algorithm: RoundRobin}}}}\n    endpoints:\n    - {{address: \"{a}\"}}\n    - {{address: \"{b}\"}}\n    - {{address: \"127.0.0.1:1\", ready: false}}\n"
     );
     let proxy = start(settings(vip), &yaml).await;
     let mut send = h1(proxy.outbound_addrs[0]).await;
@@ -696,12 +696,13 @@ async fn admin_endpoints() {
     let (_, eps) = admin_get(admin, "/endpoints").await;
     let eps: serde_json::Value = serde_json::from_str(&eps).expect("json");
     assert_eq!(
-        eps["services"][0]["ready"][0]["address"],
+        eps["services"][0]["endpoints"][0]["address"],
         backend.to_string()
     );
+    // Not meshed: no identity is expected of it (plain connections).
     assert_eq!(
-        eps["services"][0]["ready"][0]["identity"],
-        "spiffe://cluster.local/ns/shop/sa/reviews"
+        eps["services"][0]["endpoints"][0]["identity"],
+        serde_json::Value::Null
     );
     assert_eq!(
         admin_get(admin, "/log-level").await,

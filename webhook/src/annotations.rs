@@ -39,6 +39,13 @@ pub const LOG_LEVEL: &str = "config.remora.dev/log-level";
 pub const NATIVE_SIDECAR: &str = "config.remora.dev/native-sidecar";
 /// `config.remora.dev/shutdown-grace-period`
 pub const SHUTDOWN_GRACE_PERIOD: &str = "config.remora.dev/shutdown-grace-period";
+/// `config.remora.dev/access-log`: `"true"` turns on the proxy's JSON access log.
+pub const ACCESS_LOG: &str = "config.remora.dev/access-log";
+/// `config.remora.dev/weight`: the pod's endpoint weight for the `Weighted` algorithm,
+/// read by the operator; checked here so a bad value is refused at creation.
+pub const WEIGHT: &str = "config.remora.dev/weight";
+/// The largest endpoint weight (as the derived config's `MAX_WEIGHT`).
+pub const MAX_ENDPOINT_WEIGHT: u32 = remora_crds::proxy::MAX_WEIGHT;
 
 /// Every knob the injector knows; any other `config.remora.dev/*` key is rejected.
 pub const KNOWN_KNOBS: &[&str] = &[
@@ -53,6 +60,8 @@ pub const KNOWN_KNOBS: &[&str] = &[
     LOG_LEVEL,
     NATIVE_SIDECAR,
     SHUTDOWN_GRACE_PERIOD,
+    ACCESS_LOG,
+    WEIGHT,
 ];
 
 /// The log levels the proxy accepts.
@@ -384,6 +393,22 @@ pub struct PodOverrides {
     pub native_sidecar: Option<bool>,
     /// How long the proxy drains on shutdown.
     pub shutdown_grace_period: Option<Duration>,
+    /// The proxy's JSON access log on (`true`) or off (`false`).
+    pub access_log: Option<bool>,
+    /// The pod's endpoint weight (the operator applies it; validated here).
+    pub weight: Option<u32>,
+}
+
+fn boolean(key: &str, v: &str) -> Result<bool, AnnotationError> {
+    match v.trim() {
+        "true" | "enabled" => Ok(true),
+        "false" | "disabled" => Ok(false),
+        _ => Err(AnnotationError::new(
+            key,
+            v,
+            "expected \"true\" or \"false\"",
+        )),
+    }
 }
 
 /// Parses and validates every `config.remora.dev/*` annotation of a pod.
@@ -422,18 +447,22 @@ pub fn parse_overrides(
                 }
                 o.log_level = Some(level);
             }
-            NATIVE_SIDECAR => {
-                o.native_sidecar = Some(match v.trim() {
-                    "true" | "enabled" => true,
-                    "false" | "disabled" => false,
-                    _ => {
-                        return Err(AnnotationError::new(
-                            key,
-                            v,
-                            "expected \"true\" or \"false\"",
-                        ));
-                    }
-                });
+            NATIVE_SIDECAR => o.native_sidecar = Some(boolean(key, v)?),
+            ACCESS_LOG => o.access_log = Some(boolean(key, v)?),
+            WEIGHT => {
+                o.weight = Some(
+                    v.trim()
+                        .parse::<u32>()
+                        .ok()
+                        .filter(|w| (1..=MAX_ENDPOINT_WEIGHT).contains(w))
+                        .ok_or_else(|| {
+                            AnnotationError::new(
+                                key,
+                                v,
+                                format!("expected an integer from 1 to {MAX_ENDPOINT_WEIGHT}"),
+                            )
+                        })?,
+                );
             }
             SHUTDOWN_GRACE_PERIOD => {
                 o.shutdown_grace_period = Some(parse_duration(v).ok_or_else(|| {
@@ -548,9 +577,12 @@ mod tests {
             (LOG_LEVEL, "Debug"),
             (NATIVE_SIDECAR, "false"),
             (SHUTDOWN_GRACE_PERIOD, "10s"),
+            (ACCESS_LOG, "true"),
+            (WEIGHT, "25"),
             ("unrelated.example.com/x", "whatever"),
         ]))
         .expect("valid");
+        assert_eq!((o.access_log, o.weight), (Some(true), Some(25)));
         assert_eq!(o.skip_inbound_ports.to_string(), "9090");
         assert_eq!(o.log_level.as_deref(), Some("debug"));
         assert_eq!(o.native_sidecar, Some(false));
@@ -570,6 +602,16 @@ mod tests {
         assert_eq!(err.key, LOG_LEVEL);
         let err = parse_overrides(&ann(&[(PROXY_MEMORY_LIMIT, "lots")])).expect_err("quantity");
         assert_eq!(err.key, PROXY_MEMORY_LIMIT);
+        let err = parse_overrides(&ann(&[(ACCESS_LOG, "yes")])).expect_err("access log");
+        assert_eq!(err.key, ACCESS_LOG);
+        for bad in ["0", "1000001", "-1", "2.5", "heavy", ""] {
+            let err = parse_overrides(&ann(&[(WEIGHT, bad)])).expect_err(bad);
+            assert_eq!(err.key, WEIGHT);
+            assert!(err.reason.contains("1 to 1000000"), "{err}");
+        }
+        let o =
+            parse_overrides(&ann(&[(ACCESS_LOG, "false"), (WEIGHT, "1000000")])).expect("bounds");
+        assert_eq!((o.access_log, o.weight), (Some(false), Some(1_000_000)));
     }
 
     #[test]

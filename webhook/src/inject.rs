@@ -556,6 +556,9 @@ fn proxy_container(
     if !o.opaque_ports.is_empty() {
         envs.push(env("REMORA_PROXY_OPAQUE_PORTS", o.opaque_ports.to_string()));
     }
+    if let Some(on) = o.access_log {
+        envs.push(env("REMORA_PROXY_ACCESS_LOG", on.to_string()));
+    }
     if !app_probes.is_empty() {
         let json =
             serde_json::to_string(app_probes).map_err(|e| InjectError::Serialize(e.to_string()))?;

@@ -127,6 +127,8 @@ const POD_CASES: &[(&str, &str, bool, Expect)] = &[
         Expect::Injected,
     ),
     ("ann-log-level", "ann-log-level", true, Expect::Injected),
+    ("ann-access-log", "ann-access-log", true, Expect::Injected),
+    ("ann-weight", "ann-weight", true, Expect::Injected),
     (
         "ann-native-sidecar-true",
         "ann-native-sidecar-true",
@@ -160,6 +162,12 @@ const POD_CASES: &[(&str, &str, bool, Expect)] = &[
         "bad-native-sidecar",
         true,
         Expect::Error("config.remora.dev/native-sidecar"),
+    ),
+    (
+        "bad-weight",
+        "bad-weight",
+        true,
+        Expect::Error("config.remora.dev/weight"),
     ),
     (
         "bad-unknown-knob",

@@ -25,7 +25,8 @@ use axum::{
 };
 use k8s_openapi::api::core::v1::Secret;
 use kube::{Api, Client};
-use serde::{Deserialize, Serialize};
+use remora_crds::wire::{CertifyRequest, CertifyResponse, ErrorBody};
+use serde::Serialize;
 use tokio::{net::TcpListener, sync::watch};
 
 use super::{
@@ -145,26 +146,6 @@ impl From<CertifyError> for Refusal {
         };
         Self::new(status, reason, e.to_string())
     }
-}
-
-#[derive(Debug, Deserialize)]
-struct CertifyRequest {
-    csr: String,
-    #[serde(default)]
-    token: Option<String>,
-}
-
-/// The JSON body of a successful certify.
-#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "camelCase")]
-pub struct CertifyResponse {
-    pub spiffe_id: String,
-    pub certificate: String,
-    pub chain: String,
-    pub trust_bundle: String,
-    pub not_before: u64,
-    pub not_after: u64,
-    pub serial: String,
 }
 
 fn unix_secs(t: SystemTime) -> u64 {
@@ -366,7 +347,10 @@ async fn certify(State(ca): State<Arc<Ca>>, headers: HeaderMap, body: Body) -> R
             let msg = format!("reading the body (at most {MAX_BODY} bytes): {e}");
             return json(
                 StatusCode::PAYLOAD_TOO_LARGE,
-                &serde_json::json!({"error": Reason::MalformedRequest.as_str(), "message": msg}),
+                &ErrorBody {
+                    error: Reason::MalformedRequest.as_str().to_owned(),
+                    message: msg,
+                },
             );
         }
     };
@@ -374,7 +358,10 @@ async fn certify(State(ca): State<Arc<Ca>>, headers: HeaderMap, body: Body) -> R
         Ok(issued) => json(StatusCode::OK, &CertifyResponse::from(issued)),
         Err(r) => json(
             r.status,
-            &serde_json::json!({"error": r.reason.as_str(), "message": r.message}),
+            &ErrorBody {
+                error: r.reason.as_str().to_owned(),
+                message: r.message,
+            },
         ),
     }
 }

@@ -23,7 +23,7 @@ use remora_crds::{
     MeshPolicy, TrafficSplit,
     proxy::{
         Endpoint, HeaderRoute, InboundConfig, InboundPolicy, Mirror, OutboundService, Protocol,
-        Split, WeightedBackend,
+        ProxyLocality, Split, WeightedBackend,
     },
 };
 
@@ -45,6 +45,13 @@ impl std::fmt::Display for Destination {
             self.service.name, self.service.namespace, self.port
         )
     }
+}
+
+/// What a Pod's proxy gets on its inbound stream: its inbound config and where it runs.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PodPiece {
+    pub inbound: InboundConfig,
+    pub locality: ProxyLocality,
 }
 
 /// The mesh name of a Service: `<name>.<namespace>`.
@@ -275,6 +282,7 @@ impl<'a> Lookup<'a> {
                 let identity = pod
                     .filter(|p| p.meshed)
                     .map(|p| snap.spiffe_id(&dest.service.namespace, &p.service_account));
+                let weight = pod.map_or(remora_crds::proxy::DEFAULT_ENDPOINT_WEIGHT, |p| p.weight);
                 for ip in &e.addresses {
                     let address = SocketAddr::new(*ip, target.port);
                     out.entry(address).or_insert_with(|| Endpoint {
@@ -285,6 +293,7 @@ impl<'a> Lookup<'a> {
                         serving: e.serving,
                         terminating: e.terminating,
                         meshed,
+                        weight,
                     });
                 }
             }
@@ -411,6 +420,23 @@ fn inbound_policy(p: &MeshPolicy, protocol: Option<Protocol>) -> InboundPolicy {
     }
 }
 
+impl Lookup<'_> {
+    /// The piece a Pod's proxy watches: [`Lookup::inbound`] and the zone of its node.
+    pub fn pod(&self, pod_key: &ObjKey) -> Option<PodPiece> {
+        let inbound = self.inbound(pod_key)?;
+        let zone = self
+            .snap
+            .pods
+            .get(pod_key)
+            .and_then(|p| self.snap.zone_of(p))
+            .cloned();
+        Some(PodPiece {
+            inbound,
+            locality: ProxyLocality { zone },
+        })
+    }
+}
+
 /// Every destination of the snapshot (TCP ports of every Service).
 pub fn destinations(snap: &Snapshot) -> Vec<Destination> {
     snap.services
@@ -436,6 +462,11 @@ pub fn outbound(snap: &Snapshot, dest: &Destination) -> Option<OutboundService> 
 /// The inbound piece of one Pod (builds a [`Lookup`]; use one [`Lookup`] for many).
 pub fn inbound(snap: &Snapshot, pod_key: &ObjKey) -> Option<InboundConfig> {
     Lookup::new(snap).inbound(pod_key)
+}
+
+/// The whole piece of one Pod, zone included (builds a [`Lookup`]).
+pub fn pod(snap: &Snapshot, pod_key: &ObjKey) -> Option<PodPiece> {
+    Lookup::new(snap).pod(pod_key)
 }
 
 #[cfg(test)]
@@ -599,6 +630,7 @@ pub(crate) mod tests {
                     serving: true,
                     terminating: false,
                     meshed: true,
+                    weight: 1,
                 },
                 Endpoint {
                     address: "10.244.0.8:8080".parse().expect("addr"),
@@ -608,6 +640,7 @@ pub(crate) mod tests {
                     serving: false,
                     terminating: false,
                     meshed: false,
+                    weight: 1,
                 },
             ]
         );
@@ -623,6 +656,32 @@ pub(crate) mod tests {
         assert_eq!(outbound(&s, &dest("shop", "reviews", 1)), None);
         assert_eq!(outbound(&s, &dest("shop", "nope", 9080)), None);
         assert_eq!(destinations(&s).len(), 4);
+    }
+
+    #[test]
+    fn pod_weights_reach_the_endpoints_and_node_zones_the_pod_piece() {
+        let mut s = shop();
+        s.pods.get_mut(&k("shop", "reviews-1")).expect("pod").weight = 5;
+        let out = outbound(&s, &dest("shop", "reviews", 9080)).expect("destination");
+        let weights: Vec<u32> = out.endpoints.iter().map(|e| e.weight).collect();
+        assert_eq!(weights, [5, 1], "annotated, and the default");
+
+        let piece = super::pod(&s, &k("shop", "reviews-1")).expect("pod");
+        assert_eq!(
+            piece.locality,
+            ProxyLocality::default(),
+            "not scheduled yet"
+        );
+        assert_eq!(Some(piece.inbound), inbound(&s, &k("shop", "reviews-1")));
+        s.pods.get_mut(&k("shop", "reviews-1")).expect("pod").node = Some("n1".to_owned());
+        let zone =
+            |s: &Snapshot| super::pod(s, &k("shop", "reviews-1")).and_then(|p| p.locality.zone);
+        assert_eq!(zone(&s), None, "a node the index does not know");
+        s.nodes.insert("n1".to_owned(), None);
+        assert_eq!(zone(&s), None, "a node without a zone label");
+        s.nodes.insert("n1".to_owned(), Some("zone-b".to_owned()));
+        assert_eq!(zone(&s).as_deref(), Some("zone-b"));
+        assert_eq!(super::pod(&s, &k("shop", "nope")), None);
     }
 
     #[test]
@@ -754,6 +813,7 @@ pub(crate) mod tests {
             rate_limit: Some(RateLimit {
                 requests_per_second: rps,
                 burst: None,
+                per_identity: false,
             }),
             ..MeshPolicySpec::default()
         };
@@ -821,6 +881,7 @@ pub(crate) mod tests {
                     rate_limit: Some(RateLimit {
                         requests_per_second: 10,
                         burst: None,
+                        per_identity: false,
                     }),
                     ..MeshPolicySpec::default()
                 },

@@ -13,6 +13,7 @@
 //! - a slice changes → its Service's destinations and the inbound pieces of the Pods it
 //!   lists, before and after the change;
 //! - a Pod changes → its inbound piece and the destinations whose slices list it;
+//! - a Node changes (its zone) → the inbound pieces of the Pods on it;
 //! - Namespaces, MeshPolicies, TrafficSplits and relists are rare and broad: everything.
 
 use std::collections::{BTreeSet, HashMap};

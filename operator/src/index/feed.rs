@@ -16,16 +16,18 @@ pub enum Kind {
     Service,
     EndpointSlice,
     Pod,
+    Node,
     Namespace,
     MeshPolicy,
     TrafficSplit,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 6] = [
+    pub const ALL: [Kind; 7] = [
         Kind::Service,
         Kind::EndpointSlice,
         Kind::Pod,
+        Kind::Node,
         Kind::Namespace,
         Kind::MeshPolicy,
         Kind::TrafficSplit,
@@ -36,6 +38,7 @@ impl Kind {
             Self::Service => "Service",
             Self::EndpointSlice => "EndpointSlice",
             Self::Pod => "Pod",
+            Self::Node => "Node",
             Self::Namespace => "Namespace",
             Self::MeshPolicy => "MeshPolicy",
             Self::TrafficSplit => "TrafficSplit",
@@ -50,6 +53,8 @@ pub enum Obj {
     /// `None`: the slice belongs to no Service (nothing to index).
     EndpointSlice(ObjKey, Option<SliceState>),
     Pod(ObjKey, PodState),
+    /// Name and zone.
+    Node(String, Option<String>),
     /// Name and labels.
     Namespace(String, BTreeMap<String, String>),
     MeshPolicy(Box<MeshPolicy>),
@@ -74,6 +79,7 @@ impl Obj {
             Self::Service(..) => Kind::Service,
             Self::EndpointSlice(..) => Kind::EndpointSlice,
             Self::Pod(..) => Kind::Pod,
+            Self::Node(..) => Kind::Node,
             Self::Namespace(..) => Kind::Namespace,
             Self::MeshPolicy(_) => Kind::MeshPolicy,
             Self::TrafficSplit(_) => Kind::TrafficSplit,
@@ -83,14 +89,14 @@ impl Obj {
     fn key(&self) -> ObjKey {
         match self {
             Self::Service(k, _) | Self::EndpointSlice(k, _) | Self::Pod(k, _) => k.clone(),
-            Self::Namespace(name, _) => namespace_key(name),
+            Self::Namespace(name, _) | Self::Node(name, _) => namespace_key(name),
             Self::MeshPolicy(p) => ObjKey::of(&**p),
             Self::TrafficSplit(s) => ObjKey::of(&**s),
         }
     }
 }
 
-/// Namespaces are keyed by name with an empty namespace.
+/// Namespaces (and Nodes) are keyed by name with an empty namespace.
 pub fn namespace_key(name: &str) -> ObjKey {
     ObjKey::new(String::new(), name)
 }
@@ -118,6 +124,7 @@ fn keys(snap: &Snapshot, kind: Kind) -> Vec<ObjKey> {
         Kind::Service => snap.services.keys().cloned().collect(),
         Kind::EndpointSlice => snap.slices.keys().cloned().collect(),
         Kind::Pod => snap.pods.keys().cloned().collect(),
+        Kind::Node => snap.nodes.keys().map(|n| namespace_key(n)).collect(),
         Kind::Namespace => snap.namespaces.keys().map(|n| namespace_key(n)).collect(),
         Kind::MeshPolicy => snap.policies.keys().cloned().collect(),
         Kind::TrafficSplit => snap.splits.keys().cloned().collect(),
@@ -129,6 +136,7 @@ fn remove(snap: &mut Snapshot, kind: Kind, key: &ObjKey) -> bool {
         Kind::Service => snap.services.remove(key).is_some(),
         Kind::EndpointSlice => snap.slices.remove(key).is_some(),
         Kind::Pod => snap.pods.remove(key).is_some(),
+        Kind::Node => snap.nodes.remove(&key.name).is_some(),
         Kind::Namespace => snap.namespaces.remove(&key.name).is_some(),
         Kind::MeshPolicy => snap.policies.remove(key).is_some(),
         Kind::TrafficSplit => snap.splits.remove(key).is_some(),
@@ -157,6 +165,7 @@ impl Feed {
                     Obj::EndpointSlice(k, Some(s)) => upsert(&mut snap.slices, k, s),
                     Obj::EndpointSlice(k, None) => snap.slices.remove(&k).is_some(),
                     Obj::Pod(k, p) => upsert(&mut snap.pods, k, p),
+                    Obj::Node(name, zone) => upsert(&mut snap.nodes, name, zone),
                     Obj::Namespace(name, labels) => upsert(&mut snap.namespaces, name, labels),
                     // Status and metadata churn (the controllers' own writes) change no
                     // derived config: compare what derivation reads.

@@ -23,10 +23,10 @@ use std::{
     net::SocketAddr,
 };
 
-use remora_crds::proxy::{InboundConfig, OutboundService};
+use remora_crds::proxy::OutboundService;
 
 use self::{
-    derive::Destination,
+    derive::{Destination, PodPiece},
     dirty::{Dirty, Relations},
     feed::{Feed, Kind, Obj, Update},
     model::{ObjKey, Snapshot},
@@ -62,7 +62,7 @@ impl Changes {
 pub struct Index {
     snapshot: Snapshot,
     outbound: BTreeMap<Destination, Versioned<OutboundService>>,
-    inbound: BTreeMap<ObjKey, Versioned<InboundConfig>>,
+    inbound: BTreeMap<ObjKey, Versioned<PodPiece>>,
     /// Address → the destinations having it, sorted; the last one answers (as if the
     /// destinations had been entered in order, each overwriting the one before).
     by_address: HashMap<SocketAddr, Vec<Destination>>,
@@ -87,7 +87,7 @@ type Derived<K, V> = Vec<(K, Option<V>)>;
 /// Freshly derived pieces: outbound and inbound.
 type Pieces = (
     Derived<Destination, OutboundService>,
-    Derived<ObjKey, InboundConfig>,
+    Derived<ObjKey, PodPiece>,
 );
 
 /// Derives the pieces of `dests` and `pods`.
@@ -106,7 +106,7 @@ fn pieces(
     let inbound = pods
         .into_iter()
         .map(|k| {
-            let piece = lookup.inbound(&k);
+            let piece = lookup.pod(&k);
             (k, piece)
         })
         .collect();
@@ -185,6 +185,8 @@ enum Touch {
     Service(ObjKey),
     Slice(ObjKey),
     Pod(ObjKey),
+    /// A Node: the Pods on it (their zone).
+    Node(String),
 }
 
 impl Index {
@@ -229,6 +231,8 @@ impl Index {
                 Touch::Slice(k.clone())
             }
             Update::Upsert(Obj::Pod(k, _)) | Update::Delete(Kind::Pod, k) => Touch::Pod(k.clone()),
+            Update::Upsert(Obj::Node(name, _)) => Touch::Node(name.clone()),
+            Update::Delete(Kind::Node, k) => Touch::Node(k.name.clone()),
             Update::RelistStart(_) => Touch::None,
             _ => Touch::All,
         };
@@ -246,6 +250,18 @@ impl Index {
                 self.dirty.slice(&k.namespace, old, new);
             }
         }
+        if let Update::Upsert(Obj::Pod(k, new)) = &update
+            && let Some(e) = &new.weight_error
+            && self
+                .snapshot
+                .pods
+                .get(k)
+                .is_none_or(|old| old.weight_error != new.weight_error)
+        {
+            // Once per Pod and value: the webhook refuses such pods at creation, so this
+            // is an annotation changed later.
+            tracing::warn!(pod = %k, "{e}");
+        }
         let changed = feed.apply(&mut self.snapshot, update);
         if changed {
             match touch {
@@ -256,6 +272,15 @@ impl Index {
                 }
                 Touch::Pod(k) => {
                     self.dirty.pods.insert(k);
+                }
+                Touch::Node(name) => {
+                    let on_node = self
+                        .snapshot
+                        .pods
+                        .iter()
+                        .filter(|(_, p)| p.node.as_deref() == Some(name.as_str()))
+                        .map(|(k, _)| k.clone());
+                    self.dirty.inbound.extend(on_node);
                 }
             }
         }
@@ -418,8 +443,8 @@ impl Index {
         self.by_address.get(&addr).and_then(|d| d.last())
     }
 
-    /// The inbound piece of a Pod.
-    pub fn inbound(&self, pod: &ObjKey) -> Option<&Versioned<InboundConfig>> {
+    /// The inbound piece of a Pod (with its zone).
+    pub fn inbound(&self, pod: &ObjKey) -> Option<&Versioned<PodPiece>> {
         self.inbound.get(pod)
     }
 
@@ -460,6 +485,71 @@ mod tests {
             "nothing changed, no version"
         );
         assert_eq!(index.version(), 1_000);
+    }
+
+    #[test]
+    fn node_zones_and_pod_weights_version_only_the_pieces_they_reach() {
+        let mut snap = shop();
+        snap.pods
+            .get_mut(&ObjKey::new("shop", "reviews-1"))
+            .expect("pod")
+            .node = Some("n1".to_owned());
+        let mut index = Index::new(snap, Versioner::default());
+        let mut feed = Feed::default();
+        index.recompute(1_000);
+        let zone = |index: &Index| {
+            index
+                .inbound(&ObjKey::new("shop", "reviews-1"))
+                .map(|p| (p.version, p.value.locality.zone.clone()))
+        };
+        assert_eq!(zone(&index), Some((1_000, None)), "node not known yet");
+
+        assert!(index.apply(
+            &mut feed,
+            Update::Upsert(Obj::Node("n1".to_owned(), Some("zone-a".to_owned())))
+        ));
+        let changes = index.recompute(2_000);
+        assert_eq!(changes.inbound, vec![ObjKey::new("shop", "reviews-1")]);
+        assert!(changes.outbound.is_empty(), "a zone is no outbound news");
+        assert_eq!(zone(&index), Some((2_000, Some("zone-a".to_owned()))));
+        assert_eq!(
+            index
+                .inbound(&ObjKey::new("shop", "reviews-2"))
+                .map(|p| p.version),
+            Some(1_000),
+            "a pod on no node keeps its version"
+        );
+        assert!(
+            !index.apply(
+                &mut feed,
+                Update::Upsert(Obj::Node("n1".to_owned(), Some("zone-a".to_owned())))
+            ),
+            "the same zone (a Node status update) changes nothing"
+        );
+        assert!(index.apply(
+            &mut feed,
+            Update::Delete(Kind::Node, feed::namespace_key("n1"))
+        ));
+        index.recompute(3_000);
+        assert_eq!(zone(&index), Some((3_000, None)));
+
+        let mut pod = index.snapshot().pods[&ObjKey::new("shop", "reviews-1")].clone();
+        pod.weight = 7;
+        index.apply(
+            &mut feed,
+            Update::Upsert(Obj::Pod(ObjKey::new("shop", "reviews-1"), pod)),
+        );
+        let changes = index.recompute(4_000);
+        assert!(changes.outbound.contains(&dest("reviews", 9080)));
+        let weights: Vec<u32> = index
+            .outbound(&dest("reviews", 9080))
+            .expect("piece")
+            .value
+            .endpoints
+            .iter()
+            .map(|e| e.weight)
+            .collect();
+        assert_eq!(weights, [7, 1]);
     }
 
     #[test]
@@ -598,6 +688,10 @@ mod tests {
         if g.chance(20) {
             p.opaque_ports.insert(8080);
         }
+        p.node = g.chance(80).then(|| g.pick(&["n1", "n2"]).to_owned());
+        if g.chance(20) {
+            p.weight = 1 + g.below(5) as u32;
+        }
         p
     }
 
@@ -615,6 +709,7 @@ mod tests {
             rate_limit: g.chance(50).then(|| RateLimit {
                 requests_per_second: 1 + g.below(10) as u32,
                 burst: None,
+                per_identity: g.chance(30),
             }),
             ..MeshPolicySpec::default()
         };
@@ -717,6 +812,17 @@ mod tests {
                     Update::Delete(Kind::TrafficSplit, k(name))
                 } else {
                     Update::Upsert(Obj::TrafficSplit(Box::new(random_split(g, ns, name))))
+                }
+            }
+            95..=96 => {
+                let name = g.pick(&["n1", "n2", "n3"]);
+                if delete {
+                    Update::Delete(Kind::Node, feed::namespace_key(name))
+                } else {
+                    let zone = g
+                        .chance(80)
+                        .then(|| g.pick(&["zone-a", "zone-b"]).to_owned());
+                    Update::Upsert(Obj::Node(name.to_owned(), zone))
                 }
             }
             _ => {

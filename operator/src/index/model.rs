@@ -1,6 +1,6 @@
 //! The cluster state the index derives from, reduced to what derivation reads, and the
 //! conversions from Kubernetes objects (Services, EndpointSlices `v1` and `v1beta1`,
-//! Pods, Namespaces). Pure: objects in, plain values out.
+//! Pods, Nodes, Namespaces). Pure: objects in, plain values out.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -12,13 +12,19 @@ use k8s_openapi::api::{
     discovery::v1::EndpointSlice,
 };
 use kube::ResourceExt;
-use remora_crds::{MeshPolicy, TrafficSplit, proxy::Protocol};
+use remora_crds::{
+    MeshPolicy, TrafficSplit,
+    proxy::{DEFAULT_ENDPOINT_WEIGHT, MAX_WEIGHT, Protocol},
+};
 use serde::Deserialize;
 
 /// Pod annotation the webhook sets on injected pods.
 pub const INJECTED_ANNOTATION: &str = "remora.dev/injected";
 /// Pod (or Service) annotation listing opaque ports: `3306,6379` or ranges `8000-8010`.
 pub const OPAQUE_PORTS_ANNOTATION: &str = "config.remora.dev/opaque-ports";
+/// Pod annotation giving the pod's endpoints a weight for the `Weighted` algorithm:
+/// an integer 1..=1000000 (default 1).
+pub const WEIGHT_ANNOTATION: &str = "config.remora.dev/weight";
 /// EndpointSlice label naming its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// Node/topology label carrying the zone (EndpointSlice `v1beta1` topology key).
@@ -318,7 +324,7 @@ pub struct PodPort {
 }
 
 /// A Pod as the index needs it.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PodState {
     pub service_account: String,
     pub ips: Vec<IpAddr>,
@@ -326,6 +332,50 @@ pub struct PodState {
     pub meshed: bool,
     pub opaque_ports: BTreeSet<u16>,
     pub ports: Vec<PodPort>,
+    /// `spec.nodeName`, once scheduled.
+    pub node: Option<String>,
+    /// Its endpoints' weight ([`WEIGHT_ANNOTATION`]; 1 when absent or unusable).
+    pub weight: u32,
+    /// Why the weight annotation was not usable (the weight is then 1).
+    pub weight_error: Option<String>,
+}
+
+impl Default for PodState {
+    fn default() -> Self {
+        Self {
+            service_account: String::new(),
+            ips: Vec::new(),
+            meshed: false,
+            opaque_ports: BTreeSet::new(),
+            ports: Vec::new(),
+            node: None,
+            weight: DEFAULT_ENDPOINT_WEIGHT,
+            weight_error: None,
+        }
+    }
+}
+
+/// Reads the weight annotation: `Ok(None)` when absent, the reason when it is not an
+/// integer in 1..=1000000. The webhook refuses such pods at creation; the annotation
+/// may still be changed afterwards.
+pub fn weight(value: Option<&String>) -> Result<Option<u32>, String> {
+    let Some(v) = value else { return Ok(None) };
+    match v.trim().parse::<u32>() {
+        Ok(w) if (1..=MAX_WEIGHT).contains(&w) => Ok(Some(w)),
+        _ => Err(format!(
+            "{WEIGHT_ANNOTATION}={v:?} is not an integer in 1..={MAX_WEIGHT}; using weight \
+             {DEFAULT_ENDPOINT_WEIGHT}"
+        )),
+    }
+}
+
+/// The zone of a Node (its `topology.kubernetes.io/zone` label), from the Node or its
+/// metadata.
+pub fn node_zone(node: &impl ResourceExt) -> Option<String> {
+    node.labels()
+        .get(ZONE_LABEL)
+        .filter(|z| !z.is_empty())
+        .cloned()
 }
 
 impl PodState {
@@ -357,6 +407,10 @@ impl PodState {
                     .collect()
             })
             .unwrap_or_default();
+        let (weight, weight_error) = match weight(pod.annotations().get(WEIGHT_ANNOTATION)) {
+            Ok(w) => (w.unwrap_or(DEFAULT_ENDPOINT_WEIGHT), None),
+            Err(e) => (DEFAULT_ENDPOINT_WEIGHT, Some(e)),
+        };
         Self {
             service_account: spec
                 .and_then(|s| s.service_account_name.clone())
@@ -366,6 +420,11 @@ impl PodState {
             meshed: pod.annotations().contains_key(INJECTED_ANNOTATION),
             opaque_ports: opaque_ports(pod.annotations().get(OPAQUE_PORTS_ANNOTATION)),
             ports,
+            node: spec
+                .and_then(|s| s.node_name.clone())
+                .filter(|n| !n.is_empty()),
+            weight,
+            weight_error,
         }
     }
 }
@@ -412,6 +471,8 @@ pub struct Snapshot {
     /// By slice key; a Service may have several.
     pub slices: BTreeMap<ObjKey, SliceState>,
     pub pods: BTreeMap<ObjKey, PodState>,
+    /// Nodes that exist, with their zone.
+    pub nodes: BTreeMap<String, Option<String>>,
     /// Namespaces that exist, with their labels.
     pub namespaces: BTreeMap<String, BTreeMap<String, String>>,
     pub policies: BTreeMap<ObjKey, MeshPolicy>,
@@ -429,6 +490,11 @@ impl Snapshot {
     /// Records a Namespace.
     pub fn set_namespace(&mut self, ns: &Namespace) {
         self.namespaces.insert(ns.name_any(), ns.labels().clone());
+    }
+
+    /// The zone of the node Pod `pod` runs on, if known.
+    pub fn zone_of(&self, pod: &PodState) -> Option<&String> {
+        self.nodes.get(pod.node.as_ref()?)?.as_ref()
     }
 
     /// The slices of Service `svc`.
@@ -452,6 +518,7 @@ impl Snapshot {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use k8s_openapi::api::core::v1::Node;
     use pretty_assertions::assert_eq;
 
     fn from<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> T {
@@ -564,11 +631,44 @@ mod tests {
                 port: 9080
             }]
         );
+        assert_eq!((p.node, p.weight, p.weight_error), (None, 1, None));
         let bare = PodState::from_pod(&Pod::default());
         assert_eq!(
             (bare.service_account.as_str(), bare.meshed),
             ("default", false)
         );
+    }
+
+    #[test]
+    fn weights_and_nodes() {
+        let pod = |w: &str| -> PodState {
+            PodState::from_pod(&from(serde_json::json!({
+                "metadata": {"name": "a", "annotations": {WEIGHT_ANNOTATION: w}},
+                "spec": {"nodeName": "n1", "containers": []},
+            })))
+        };
+        let p = pod("30");
+        assert_eq!((p.weight, p.node.as_deref()), (30, Some("n1")));
+        assert_eq!(p.weight_error, None);
+        assert_eq!(pod(" 1000000 ").weight, 1_000_000);
+        for bad in ["0", "1000001", "-3", "heavy", "1.5", ""] {
+            let p = pod(bad);
+            assert_eq!(p.weight, 1, "{bad:?}");
+            let e = p.weight_error.expect("an error");
+            assert!(
+                e.contains(WEIGHT_ANNOTATION) && e.contains("1..=1000000"),
+                "{e}"
+            );
+        }
+        let node: Node = from(serde_json::json!({
+            "metadata": {"name": "n1", "labels": {ZONE_LABEL: "zone-b"}}
+        }));
+        assert_eq!(node_zone(&node).as_deref(), Some("zone-b"));
+        assert_eq!(node_zone(&Node::default()), None);
+        let mut snap = Snapshot::new("cluster.local");
+        snap.nodes.insert("n1".to_owned(), node_zone(&node));
+        assert_eq!(snap.zone_of(&pod("2")).map(String::as_str), Some("zone-b"));
+        assert_eq!(snap.zone_of(&PodState::default()), None);
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! The index's Kubernetes side: watches Services, EndpointSlices (the version detected at
-//! start), Pods, Namespaces and both CRDs, applies their events to the snapshot
+//! start), Pods, Nodes (metadata only: their zone label), Namespaces and both CRDs, applies their events to the snapshot
 //! ([`super::feed`]), and recomputes the derived config once per debounced burst. Readers
 //! hold an [`IndexHandle`]: the index behind a lock, the latest version on a watch
 //! channel, and whether the first full list is in.
@@ -12,12 +12,12 @@ use std::{
 
 use futures::{StreamExt, stream::BoxStream};
 use k8s_openapi::api::{
-    core::v1::{Namespace, Pod, Service},
+    core::v1::{Namespace, Node, Pod, Service},
     discovery::v1::EndpointSlice,
 };
 use kube::{
-    Api, Client, Resource,
-    api::{ApiResource, DynamicObject, GroupVersionKind},
+    Api, Client, Resource, ResourceExt,
+    api::{ApiResource, DynamicObject, GroupVersionKind, PartialObjectMeta},
     runtime::{
         WatchStreamExt,
         watcher::{self, Event},
@@ -32,7 +32,7 @@ use super::{
     api::{self, SliceApi},
     debounce::Debouncer,
     feed::{Feed, Kind, Obj, Update},
-    model::{ObjKey, SliceState, Snapshot},
+    model::{ObjKey, SliceState, Snapshot, node_zone},
     version::{Versioner, now_micros},
 };
 use crate::metrics::IndexMetrics;
@@ -197,6 +197,37 @@ where
         })
 }
 
+/// Nodes, as metadata only: the zone label is all the index reads, and a Node's status
+/// (images, conditions) is large and changes often.
+fn nodes(client: Client, metrics: IndexMetrics) -> BoxStream<'static, Update> {
+    let kind = Kind::Node;
+    watcher::watcher(
+        Api::<PartialObjectMeta<Node>>::all(client),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .filter_map(move |ev| {
+        let update = match ev {
+            Ok(Event::Apply(m) | Event::InitApply(m)) => {
+                Some(Update::Upsert(Obj::Node(m.name_any(), node_zone(&m))))
+            }
+            Ok(Event::Delete(m)) => Some(Update::Delete(
+                kind,
+                super::feed::namespace_key(&m.name_any()),
+            )),
+            Ok(Event::Init) => Some(Update::RelistStart(kind)),
+            Ok(Event::InitDone) => Some(Update::RelistDone(kind)),
+            Err(e) => {
+                tracing::warn!(kind = kind.as_str(), "index watch: {e}");
+                metrics.watch_error(kind.as_str());
+                None
+            }
+        };
+        futures::future::ready(update)
+    })
+    .boxed()
+}
+
 fn v1beta1_slices(client: Client, metrics: IndexMetrics) -> BoxStream<'static, Update> {
     let gvk = GroupVersionKind::gvk("discovery.k8s.io", "v1beta1", "EndpointSlice");
     let ar = ApiResource::from_gvk_with_plural(&gvk, "endpointslices");
@@ -289,11 +320,12 @@ pub async fn run(
             ObjKey::of,
             metrics.clone(),
         ),
+        nodes(client.clone(), metrics.clone()),
         updates(
             Api::<Namespace>::all(client.clone()),
             Kind::Namespace,
             |n: Namespace| Some(Obj::namespace(&n)),
-            |n: &Namespace| super::feed::namespace_key(&kube::ResourceExt::name_any(n)),
+            |n: &Namespace| super::feed::namespace_key(&n.name_any()),
             metrics.clone(),
         ),
         updates(

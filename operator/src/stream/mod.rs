@@ -5,13 +5,13 @@
 //!
 //! - [`request`]: query parsing (pure); [`auth`]: who may watch what (pure);
 //! - [`piece`]: what a subscription carries, read from the index (pure);
-//! - [`message`]: the lines; [`metrics`]: subscribers, messages, refusals;
+//! - [`metrics`]: subscribers, messages, refusals (the lines themselves are
+//!   [`remora_crds::wire::Message`], the type the proxy reads too);
 //! - [`subscriber`]: one subscription's loop (latest version only, heartbeats);
 //! - [`peer`]: the caller's SPIFFE ID from the TLS connection;
 //! - this module: the routes.
 
 pub mod auth;
-pub mod message;
 pub mod metrics;
 pub mod peer;
 pub mod piece;
@@ -28,6 +28,7 @@ use axum::{
     response::{IntoResponse, Response},
     routing::get,
 };
+use remora_crds::wire::ErrorBody;
 use tokio::sync::watch;
 
 use self::{
@@ -54,14 +55,17 @@ impl StreamState {
     fn refuse(&self, peer: &Peer, r: &Refusal) -> Response {
         self.metrics.refused(r.reason());
         tracing::info!(peer = %peer.addr, caller = ?peer.spiffe_id, reason = r.reason(), "watch refused: {r}");
-        let body = serde_json::json!({"error": r.reason(), "message": r.to_string()});
+        let body = ErrorBody {
+            error: r.reason().to_owned(),
+            message: r.to_string(),
+        };
         (
             r.status(),
             [(
                 header::CONTENT_TYPE,
                 HeaderValue::from_static("application/json"),
             )],
-            body.to_string(),
+            serde_json::to_string(&body).unwrap_or_default(),
         )
             .into_response()
     }

@@ -4,9 +4,11 @@
 
 use std::collections::BTreeSet;
 
-use remora_crds::proxy::{InboundConfig, OutboundService};
+use remora_crds::proxy::{InboundConfig, OutboundService, ProxyLocality};
 
-use super::{message::Message, request::Target};
+use remora_crds::wire::Message;
+
+use super::request::Target;
 use crate::index::{
     Index,
     derive::{Destination, mesh_name},
@@ -97,12 +99,16 @@ pub fn outbound(index: &Index, target: &Target, target_text: &str) -> Reading {
     }
 }
 
-/// The inbound reading of `pod`.
+/// The inbound reading of `pod`, with the zone it runs in.
 pub fn inbound(index: &Index, pod: &ObjKey) -> Reading {
     let piece = index.inbound(pod);
-    let (version, inbound): (u64, Option<InboundConfig>) = match piece {
-        Some(p) => (p.version, Some(p.value.clone())),
-        None => (index.version(), None),
+    let (version, inbound, locality): (u64, Option<InboundConfig>, ProxyLocality) = match piece {
+        Some(p) => (
+            p.version,
+            Some(p.value.inbound.clone()),
+            p.value.locality.clone(),
+        ),
+        None => (index.version(), None, ProxyLocality::default()),
     };
     Reading {
         version,
@@ -111,6 +117,7 @@ pub fn inbound(index: &Index, pod: &ObjKey) -> Reading {
             version,
             pod: pod.to_string(),
             inbound,
+            locality,
         },
     }
 }

@@ -8,10 +8,10 @@ use std::{convert::Infallible, time::Duration};
 
 use axum::body::Bytes;
 use futures::Stream;
+use remora_crds::wire::Message;
 use tokio::{sync::watch, time::Instant};
 
 use super::{
-    message::Message,
     metrics::{StreamMetrics, SubscriberGuard},
     piece::{self, Reading, Sent},
     request::Target,

@@ -15,10 +15,8 @@ use hyper::{
 };
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rcgen::KeyPair;
-use remora_operator::{
-    ca::{Issuer, ServiceAccountId},
-    stream::message::Message,
-};
+use remora_crds::wire::Message;
+use remora_operator::ca::{Issuer, ServiceAccountId};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
 
 /// The name the operator's serving certificate carries (default flags).

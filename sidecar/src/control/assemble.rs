@@ -16,6 +16,7 @@
 //!   local list keeps server-speaks-first protocols from stalling in detection.
 //! - **`unknownDestinations`** comes from the proxy's flag (the operator's pieces do not
 //!   carry it).
+//! - **Locality** (the proxy's zone) comes with the inbound piece (unknown before it).
 //! - **Version** is the largest version among the pieces (0 with none).
 //!
 //! The result is validated ([`ProxyConfig::validate`]) before it is returned.
@@ -24,7 +25,7 @@ use std::collections::HashSet;
 
 use remora_crds::proxy::{
     ConfigError, InboundConfig, OutboundConfig, OutboundService, Protocol, ProxyConfig,
-    UnknownDestinations,
+    ProxyLocality, UnknownDestinations,
 };
 
 use super::{
@@ -38,6 +39,8 @@ pub struct InboundPiece {
     pub version: Version,
     /// `None` when the operator says the pod is gone.
     pub inbound: Option<InboundConfig>,
+    /// Where the pod runs, sent beside the inbound config.
+    pub locality: ProxyLocality,
 }
 
 /// One outbound subscription's piece as last received.
@@ -103,6 +106,9 @@ pub fn assemble<'a>(
     let config = ProxyConfig {
         version: version.0,
         identity: None,
+        locality: inbound_piece
+            .map(|p| p.locality.clone())
+            .unwrap_or_default(),
         inbound: inbound(inbound_piece, &local.opaque_ports),
         outbound: OutboundConfig {
             unknown_destinations: local.unknown_destinations,
@@ -222,13 +228,17 @@ mod tests {
         let inbound = InboundPiece {
             version: Version(12),
             inbound: Some(InboundConfig::default()),
+            locality: ProxyLocality {
+                zone: Some("zone-b".to_owned()),
+            },
         };
         let p = piece(7, vec![]);
+        let config = assemble(Some(&inbound), [(t("10.0.0.1:80"), &p)], &rules).expect("valid");
+        assert_eq!(config.version, 12);
         assert_eq!(
-            assemble(Some(&inbound), [(t("10.0.0.1:80"), &p)], &rules)
-                .expect("valid")
-                .version,
-            12
+            config.locality.zone.as_deref(),
+            Some("zone-b"),
+            "the zone rides with the inbound piece"
         );
     }
 
@@ -252,6 +262,7 @@ mod tests {
         let piece = InboundPiece {
             version: Version(1),
             inbound: Some(from_operator),
+            ..Default::default()
         };
         let rules = LocalRules {
             unknown_destinations: UnknownDestinations::Deny,

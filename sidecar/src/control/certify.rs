@@ -15,10 +15,10 @@ use bytes::Bytes;
 use http::{Request, StatusCode, header};
 use http_body_util::{BodyExt as _, Full, Limited};
 use rcgen::{CertificateParams, DistinguishedName, KeyPair, PKCS_ECDSA_P256_SHA256};
+use remora_crds::wire::{CertifyRequest, CertifyResponse, ErrorBody};
 use rustls::pki_types::{
     CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, UnixTime, pem::PemObject,
 };
-use serde::Deserialize;
 
 use super::{
     backoff::Backoff,
@@ -65,6 +65,8 @@ pub enum CertifyError {
     Transport(#[from] TransportError),
     #[error("building the certify request: {0}")]
     Request(#[from] http::Error),
+    #[error("encoding the certify request: {0}")]
+    Encode(#[from] serde_json::Error),
     #[error("the operator did not answer within {REQUEST_TIMEOUT:?}")]
     Timeout,
     #[error("the operator refused: {status} {reason}: {message}")]
@@ -85,7 +87,7 @@ impl CertifyError {
     /// The metric label.
     pub fn label(&self) -> &'static str {
         match self {
-            Self::Key(_) | Self::Request(_) => "internal",
+            Self::Key(_) | Self::Request(_) | Self::Encode(_) => "internal",
             Self::Token { .. } | Self::EmptyToken(_) => "token_file",
             Self::Transport(t) => t.label(),
             Self::Timeout => "timeout",
@@ -113,29 +115,6 @@ pub fn renew_at(not_before: u64, not_after: u64) -> SystemTime {
     let lifetime = not_after.saturating_sub(not_before);
     let offset = lifetime / 10 * RENEW_AT_TENTHS + lifetime % 10 * RENEW_AT_TENTHS / 10;
     UNIX_EPOCH + Duration::from_secs(not_before.saturating_add(offset))
-}
-
-/// The answer to a successful certify.
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct CertifyResponse {
-    spiffe_id: String,
-    certificate: String,
-    #[serde(default)]
-    chain: String,
-    trust_bundle: String,
-    not_before: u64,
-    not_after: u64,
-    #[serde(default)]
-    serial: String,
-}
-
-#[derive(Debug, Deserialize)]
-struct Refusal {
-    #[serde(default)]
-    error: String,
-    #[serde(default)]
-    message: String,
 }
 
 /// A certificate ready to install, and when to renew it.
@@ -208,7 +187,10 @@ async fn read_token(path: &PathBuf) -> Result<String, CertifyError> {
 pub async fn certify_once(settings: &CertifySettings) -> Result<Certified, CertifyError> {
     let token = read_token(&settings.token_file).await?;
     let (key, csr) = key_and_csr()?;
-    let body = serde_json::json!({ "csr": csr, "token": token }).to_string();
+    let body = serde_json::to_vec(&CertifyRequest {
+        csr,
+        token: Some(token),
+    })?;
     let req = Request::post(settings.endpoint.uri("/v1/certify")?)
         .header(header::CONTENT_TYPE, "application/json")
         .body(Full::new(Bytes::from(body)))?;
@@ -227,7 +209,7 @@ pub async fn certify_once(settings: &CertifySettings) -> Result<Certified, Certi
         .await
         .map_err(|_| CertifyError::Timeout)??;
     if status != StatusCode::OK {
-        let refusal: Refusal = serde_json::from_slice(&body).unwrap_or(Refusal {
+        let refusal: ErrorBody = serde_json::from_slice(&body).unwrap_or_else(|_| ErrorBody {
             error: String::new(),
             message: String::from_utf8_lossy(&body).chars().take(512).collect(),
         });

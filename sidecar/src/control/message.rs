@@ -1,53 +1,15 @@
-//! The stream's wire format (docs/stream.md): ndjson, one message per line, each with a
-//! `type` and a `version`. Parsing only; what a message does to the served config is
+//! The stream's framing (docs/stream.md): ndjson, one message per line. The messages are
+//! the shared wire types ([`remora_crds::wire`]); what one does to the served config is
 //! decided by `subscriptions` and `assemble`.
 
 use bytes::{Buf as _, BytesMut};
-use remora_crds::proxy::{InboundConfig, OutboundService};
-use serde::Deserialize;
-
-use super::target::Version;
 
 /// Longest line accepted (an outbound piece with many endpoints is a few hundred KiB).
 pub const MAX_LINE: usize = 16 * 1024 * 1024;
 
-/// One message of a watch stream. Unknown fields are ignored (newer operators may add
-/// some); an unknown `type` is an error the client logs and skips.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(tag = "type", rename_all = "lowercase")]
-pub enum Message {
-    Inbound {
-        version: u64,
-        #[serde(default)]
-        pod: String,
-        /// `null` when the pod is gone.
-        inbound: Option<InboundConfig>,
-    },
-    Outbound {
-        version: u64,
-        #[serde(default)]
-        target: String,
-        #[serde(default)]
-        services: Vec<OutboundService>,
-    },
-    Heartbeat {
-        version: u64,
-    },
-}
-
-impl Message {
-    pub fn version(&self) -> Version {
-        match self {
-            Self::Inbound { version, .. }
-            | Self::Outbound { version, .. }
-            | Self::Heartbeat { version } => Version(*version),
-        }
-    }
-
-    pub fn parse(line: &[u8]) -> Result<Self, serde_json::Error> {
-        serde_json::from_slice(line)
-    }
-}
+/// One message of a watch stream, each piece parsed on its own (the shared wire type,
+/// [`remora_crds::wire::Message`]).
+pub use remora_crds::wire::ReceivedMessage as Message;
 
 /// Why the line splitter gave up on a stream.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -85,40 +47,7 @@ impl Lines {
 
 #[cfg(test)]
 mod tests {
-    use remora_crds::proxy::Protocol;
-
     use super::*;
-
-    #[test]
-    fn parses_the_documented_messages() {
-        let m = Message::parse(br#"{"type":"inbound","version":7,"pod":"shop/r-1","inbound":{"ports":{"6379":{"protocol":"opaque"}}}}"#).expect("inbound");
-        let Message::Inbound {
-            version,
-            pod,
-            inbound: Some(inbound),
-        } = m
-        else {
-            panic!("an inbound message: {m:?}");
-        };
-        assert_eq!((version, pod.as_str()), (7, "shop/r-1"));
-        assert_eq!(inbound.for_port(6379).protocol, Protocol::Opaque);
-        let gone =
-            Message::parse(br#"{"type":"inbound","version":8,"pod":"shop/r-1","inbound":null}"#)
-                .expect("null inbound");
-        assert!(matches!(gone, Message::Inbound { inbound: None, .. }));
-        let out = Message::parse(br#"{"type":"outbound","version":9,"target":"10.96.0.1:80","services":[{"name":"a.b","addresses":["10.96.0.1:80"]}],"extra":1}"#).expect("outbound");
-        assert_eq!(out.version(), Version(9));
-        let Message::Outbound { services, .. } = out else {
-            panic!("outbound");
-        };
-        assert_eq!(services[0].name, "a.b");
-        assert_eq!(
-            Message::parse(br#"{"type":"heartbeat","version":3}"#).expect("heartbeat"),
-            Message::Heartbeat { version: 3 }
-        );
-        assert!(Message::parse(br#"{"type":"gossip","version":3}"#).is_err());
-        assert!(Message::parse(br#"{"type":"heartbeat"}"#).is_err());
-    }
 
     #[test]
     fn lines_survive_any_chunking() {

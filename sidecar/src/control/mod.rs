@@ -8,14 +8,17 @@
 //! - [`subscriptions`]: the pieces held, version rules, lazy outbound subscriptions and
 //!   their idle expiry; [`assemble`] (pure) builds the served config from them.
 //! - [`transport`]: TLS to the operator and the shared HTTP/2 channel.
-//! - [`message`], [`target`], [`ports`], [`backoff`]: wire format, names, port lists,
-//!   retry schedule.
+//! - [`received`] (pure): pieces that do not parse or validate keep their previous
+//!   version, so one inconsistent piece does not spoil a message.
+//! - [`message`], [`target`], [`ports`], [`backoff`]: line framing (the messages are
+//!   `remora_crds::wire`), names, port lists, retry schedule.
 
 pub mod assemble;
 pub mod backoff;
 pub mod certify;
 pub mod message;
 pub mod ports;
+pub mod received;
 pub mod stream;
 pub mod subscriptions;
 pub mod target;
@@ -175,10 +178,16 @@ impl Control {
             }
             let handler = move |m: Message| {
                 if let Message::Inbound {
-                    version, inbound, ..
+                    version,
+                    pod,
+                    inbound,
+                    locality,
                 } = m
                 {
-                    log_applied("inbound", subs.apply_inbound(Version(version), inbound));
+                    log_applied(
+                        "inbound",
+                        subs.apply_inbound(Version(version), &pod, inbound, locality),
+                    );
                 }
             };
             watch
@@ -264,28 +273,32 @@ async fn wait_for_identity(identity: &IdentityStore, stop: impl Future<Output = 
     }
 }
 
-/// The snapshot a new connection routes with. In Kubernetes mode an outbound destination
-/// without a route is subscribed to and waited for (at most the discovery timeout); a
-/// destination with a route marks its subscription used. Standalone mode: one load.
+/// The snapshot a new connection routes with, and the outbound route of its destination
+/// when the config has one (looked up once, here). In Kubernetes mode an outbound
+/// destination without a route is subscribed to and waited for (at most the discovery
+/// timeout); a destination with a route marks its subscription used. Standalone mode:
+/// one load.
 pub async fn snapshot_for(
     ctx: &Context,
     direction: Direction,
     orig_dst: OrigDstAddr,
-) -> Arc<Snapshot> {
+) -> (Arc<Snapshot>, Option<crate::outbound::Target>) {
     let snap = ctx.config.load();
-    let Some(control) = ctx
-        .control
-        .as_ref()
-        .filter(|_| direction == Direction::Outbound)
-    else {
-        return snap;
-    };
-    let target = Target(orig_dst.0);
-    if snap.routes.lookup(orig_dst.0).is_some() {
-        control.subscriptions.touch(target);
-        return snap;
+    if direction == Direction::Inbound {
+        return (snap, None);
     }
+    if let Some(route) = snap.routes.lookup(orig_dst.0).cloned() {
+        if let Some(control) = &ctx.control {
+            control.subscriptions.touch(Target(orig_dst.0));
+        }
+        return (snap, Some(route));
+    }
+    let Some(control) = &ctx.control else {
+        return (snap, None);
+    };
     drop(snap);
-    control.discover(target, &ctx.shutdown).await;
-    ctx.config.load()
+    control.discover(Target(orig_dst.0), &ctx.shutdown).await;
+    let snap = ctx.config.load();
+    let route = snap.routes.lookup(orig_dst.0).cloned();
+    (snap, route)
 }

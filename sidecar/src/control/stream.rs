@@ -141,7 +141,7 @@ impl Watch {
                 if let Message::Heartbeat { .. } = message {
                     continue;
                 }
-                let version = message.version();
+                let version = Version(message.version());
                 *since = Some(since.map_or(version, |s| s.max(version)));
                 handler.handle(message);
             }

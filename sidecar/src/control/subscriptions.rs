@@ -12,9 +12,14 @@
 //! of the pieces' versions, so it may *go down* when the subscription holding the max is
 //! dropped; the store's "strictly newer" rule of the standalone file therefore does not
 //! apply here ([`ConfigStore::install`]): the per-piece rule is what keeps stale data out.
+//!
+//! Before that, each piece of a message is checked on its own ([`received`]): a service
+//! (or its policy) or an inbound piece this proxy cannot use keeps its previous version,
+//! is counted in `remora_proxy_config_rejected_total{piece,reason}` and logged once per
+//! (name, reason); the rest of the message applies.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     sync::{
         Arc, Mutex, RwLock,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -22,17 +27,25 @@ use std::{
     time::{Duration, Instant},
 };
 
-use remora_crds::proxy::{InboundConfig, OutboundService};
+use remora_crds::{
+    proxy::{InboundConfig, OutboundService, ProxyLocality},
+    wire::Received,
+};
 use tokio::{sync::watch, task::AbortHandle};
 
 use super::{
     assemble::{self, InboundPiece, LocalRules, OutboundPiece},
+    received::{self, Rejection},
     target::{Target, Version},
 };
 use crate::{
     config::{ConfigStore, RejectReason},
-    metrics::Metrics,
+    metrics::{Metrics, RejectedLabels, Static},
 };
+
+/// Distinct rejections remembered for logging once; past this the memory starts afresh
+/// (a reason may then be logged once more).
+const MAX_LOGGED_REJECTIONS: usize = 1024;
 
 /// One outbound subscription.
 #[derive(Debug)]
@@ -71,6 +84,8 @@ pub struct Subscriptions {
     outbound: RwLock<HashMap<Target, Subscription>>,
     /// Serialises assemble + install, so the last install reflects the latest pieces.
     assembling: Mutex<()>,
+    /// (name, reason) of the rejections logged already.
+    logged: Mutex<HashSet<(String, String)>>,
 }
 
 impl Subscriptions {
@@ -90,6 +105,36 @@ impl Subscriptions {
             inbound_received: AtomicBool::new(false),
             outbound: RwLock::new(HashMap::new()),
             assembling: Mutex::new(()),
+            logged: Mutex::new(HashSet::new()),
+        }
+    }
+
+    /// Counts a rejected piece, and logs it the first time its (name, reason) comes up.
+    fn rejected(&self, r: &Rejection) {
+        self.metrics
+            .config_rejected
+            .get_or_create(&RejectedLabels {
+                piece: Static(r.part.as_str()),
+                reason: Static(r.why.as_str()),
+            })
+            .inc();
+        let first = {
+            let mut logged = self.logged.lock().unwrap_or_else(|p| p.into_inner());
+            if logged.len() >= MAX_LOGGED_REJECTIONS {
+                logged.clear();
+            }
+            logged.insert((r.name.clone(), r.detail.clone()))
+        };
+        if first {
+            tracing::warn!(
+                name = %r.name,
+                piece = r.part.as_str(),
+                reason = r.why.as_str(),
+                kept_previous = r.kept_previous,
+                "a config piece from the operator is unusable here ({}); {}",
+                r.detail,
+                if r.kept_previous { "keeping its previous version" } else { "it has no previous version to keep" },
+            );
         }
     }
 
@@ -141,14 +186,44 @@ impl Subscriptions {
         }
     }
 
-    /// Applies the inbound piece at `version` (`None`: the pod is gone).
-    pub fn apply_inbound(&self, version: Version, inbound: Option<InboundConfig>) -> Applied {
+    /// Applies the inbound piece of `pod` at `version` (`None`: the pod is gone), with
+    /// the proxy's locality. An unusable piece keeps the previous one; with none yet it
+    /// is rejected (the proxy stays unready rather than guess).
+    pub fn apply_inbound(
+        &self,
+        version: Version,
+        pod: &str,
+        inbound: Option<Received<InboundConfig>>,
+        locality: ProxyLocality,
+    ) -> Applied {
         let previous = {
             let mut held = self.inbound.lock().unwrap_or_else(|p| p.into_inner());
             if held.as_ref().is_some_and(|p| p.version >= version) {
                 return Applied::Ignored;
             }
-            held.replace(InboundPiece { version, inbound })
+            let inbound = match inbound {
+                None => None,
+                Some(r) => {
+                    let before = held.as_ref().and_then(|p| p.inbound.as_ref());
+                    match received::inbound(pod, r, before) {
+                        Ok((config, rejection)) => {
+                            if let Some(r) = rejection {
+                                self.rejected(&r);
+                            }
+                            Some(config)
+                        }
+                        Err(r) => {
+                            self.rejected(&r);
+                            return Applied::Rejected(format!("{}: {}", r.name, r.detail));
+                        }
+                    }
+                }
+            };
+            held.replace(InboundPiece {
+                version,
+                inbound,
+                locality,
+            })
         };
         match self.reassemble() {
             Ok(v) => {
@@ -163,13 +238,15 @@ impl Subscriptions {
     }
 
     /// Applies the outbound piece of `target` at `version`.
+    /// Each unusable service (or policy) keeps its previous version: from this target's
+    /// last piece, else from the config served now.
     pub fn apply_outbound(
         &self,
         target: Target,
         version: Version,
-        services: Vec<OutboundService>,
+        services: Vec<Received<OutboundService>>,
     ) -> Applied {
-        let previous = {
+        let (previous, rejections) = {
             let mut subs = self.outbound.write().unwrap_or_else(|p| p.into_inner());
             let Some(sub) = subs.get_mut(&target) else {
                 return Applied::Ignored;
@@ -177,8 +254,28 @@ impl Subscriptions {
             if sub.piece.as_ref().is_some_and(|p| p.version >= version) {
                 return Applied::Ignored;
             }
-            sub.piece.replace(OutboundPiece { version, services })
+            let served = self.store.load();
+            let before = sub.piece.as_ref();
+            let (services, rejections) = received::services(services, |name| {
+                before
+                    .and_then(|p| p.services.iter().find(|s| s.name == name))
+                    .or_else(|| {
+                        served
+                            .config
+                            .outbound
+                            .services
+                            .iter()
+                            .find(|s| s.name == name)
+                    })
+            });
+            (
+                sub.piece.replace(OutboundPiece { version, services }),
+                rejections,
+            )
         };
+        for r in &rejections {
+            self.rejected(r);
+        }
         let result = match self.reassemble() {
             Ok(v) => Applied::Installed(v),
             Err(e) => {
@@ -331,7 +428,14 @@ mod tests {
             unknown_destinations: UnknownDestinations::Deny,
             opaque_ports: "6379".parse().expect("ports"),
         };
-        let store = Arc::new(ConfigStore::new(Default::default(), &metrics));
+        let registry = Arc::new(crate::outbound::endpoint::Registry::new(
+            crate::outbound::dial::Dialer::new(
+                Arc::new(crate::tls::IdentityStore::default()),
+                metrics.clone(),
+            ),
+            Duration::from_secs(1),
+        ));
+        let store = Arc::new(ConfigStore::new(Default::default(), &metrics, registry));
         let s = Arc::new(Subscriptions::new(
             rules,
             timeout,
@@ -358,6 +462,12 @@ mod tests {
         }
     }
 
+    const POD: &str = "shop/web-1";
+
+    fn recv(services: Vec<OutboundService>) -> Vec<Received<OutboundService>> {
+        services.into_iter().map(Received::from).collect()
+    }
+
     fn idle_task() -> AbortHandle {
         tokio::spawn(std::future::pending::<()>()).abort_handle()
     }
@@ -371,16 +481,27 @@ mod tests {
         );
         assert!(!s.inbound_received());
         assert_eq!(
-            s.apply_inbound(Version(5), Some(InboundConfig::default())),
+            s.apply_inbound(
+                Version(5),
+                POD,
+                Some(InboundConfig::default().into()),
+                ProxyLocality::default()
+            ),
             Applied::Installed(Version(5))
         );
         assert!(s.inbound_received());
-        assert_eq!(s.apply_inbound(Version(5), None), Applied::Ignored);
-        assert_eq!(s.apply_inbound(Version(4), None), Applied::Ignored);
+        assert_eq!(
+            s.apply_inbound(Version(5), POD, None, ProxyLocality::default()),
+            Applied::Ignored
+        );
+        assert_eq!(
+            s.apply_inbound(Version(4), POD, None, ProxyLocality::default()),
+            Applied::Ignored
+        );
 
         let t = target("10.96.0.1:80");
         assert_eq!(
-            s.apply_outbound(t, Version(9), vec![]),
+            s.apply_outbound(t, Version(9), recv(vec![])),
             Applied::Ignored,
             "no subscription"
         );
@@ -391,7 +512,7 @@ mod tests {
         }
         let svc = service("a.ns", "10.96.0.1:80", "127.0.0.1:8080");
         assert_eq!(
-            s.apply_outbound(t, Version(9), vec![svc.clone()]),
+            s.apply_outbound(t, Version(9), recv(vec![svc.clone()])),
             Applied::Installed(Version(9))
         );
         assert!(
@@ -400,7 +521,10 @@ mod tests {
         );
         let addr: SocketAddr = "10.96.0.1:80".parse().expect("addr");
         assert!(store.load().routes.lookup(addr).is_some());
-        assert_eq!(s.apply_outbound(t, Version(8), vec![]), Applied::Ignored);
+        assert_eq!(
+            s.apply_outbound(t, Version(8), recv(vec![])),
+            Applied::Ignored
+        );
         assert!(store.load().routes.lookup(addr).is_some(), "stale ignored");
         assert_eq!(
             store.load().config.inbound.for_port(6379).protocol,
@@ -418,7 +542,7 @@ mod tests {
         s.apply_outbound(
             t1,
             Version(3),
-            vec![service("a.ns", "10.96.0.1:80", "127.0.0.1:1")],
+            recv(vec![service("a.ns", "10.96.0.1:80", "127.0.0.1:1")]),
         );
         let mut broken = service("b.ns", "10.96.0.2:80", "127.0.0.1:2");
         broken.split = Some(remora_crds::proxy::Split {
@@ -429,7 +553,7 @@ mod tests {
             ..Default::default()
         });
         assert!(matches!(
-            s.apply_outbound(t2, Version(4), vec![broken]),
+            s.apply_outbound(t2, Version(4), recv(vec![broken])),
             Applied::Rejected(_)
         ));
         assert_eq!(store.load().version(), 3);
@@ -446,11 +570,104 @@ mod tests {
             s.apply_outbound(
                 t2,
                 Version(4),
-                vec![service("b.ns", "10.96.0.2:80", "127.0.0.1:2")]
+                recv(vec![service("b.ns", "10.96.0.2:80", "127.0.0.1:2")])
             ),
             Applied::Installed(Version(4)),
             "the rolled-back version may come again, valid"
         );
+    }
+
+    fn received(services: serde_json::Value) -> Vec<Received<OutboundService>> {
+        let line = serde_json::json!({"type": "outbound", "version": 1, "services": services});
+        match remora_crds::wire::ReceivedMessage::parse(line.to_string().as_bytes())
+            .expect("envelope")
+        {
+            remora_crds::wire::Message::Outbound { services, .. } => services,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn an_unusable_policy_keeps_the_previous_one_counted_and_logged_once() {
+        let (s, store, metrics) = subs(Duration::from_millis(10));
+        let t = target("10.96.0.1:80");
+        s.discover(t, idle_task).await;
+        let piece = |algorithm: &str, ep: &str| {
+            received(serde_json::json!([{
+                "name": "a.ns", "addresses": ["10.96.0.1:80"],
+                "policy": {"loadBalancer": {"algorithm": algorithm}},
+                "endpoints": [{"address": ep}]}]))
+        };
+        assert_eq!(
+            s.apply_outbound(t, Version(1), piece("RoundRobin", "127.0.0.1:1")),
+            Applied::Installed(Version(1))
+        );
+        assert_eq!(
+            s.apply_outbound(t, Version(2), piece("Maglev", "127.0.0.1:2")),
+            Applied::Installed(Version(2)),
+            "the rest of the message applies"
+        );
+        let served = store.load();
+        let svc = &served.config.outbound.services[0];
+        assert_eq!(
+            svc.policy
+                .as_ref()
+                .and_then(|p| p.load_balancer.as_ref())
+                .map(|l| l.algorithm),
+            Some(remora_crds::policy::LbAlgorithm::RoundRobin),
+            "the previous policy"
+        );
+        assert_eq!(svc.endpoints[0].address.to_string(), "127.0.0.1:2");
+        s.apply_outbound(t, Version(3), piece("Maglev", "127.0.0.1:3"));
+        let text = metrics.encode();
+        assert!(
+            text.contains(
+                r#"remora_proxy_config_rejected_total{piece="policy",reason="unparsable"} 2"#
+            ),
+            "{text}"
+        );
+        assert_eq!(
+            s.logged.lock().expect("lock").len(),
+            1,
+            "logged once per (service, reason)"
+        );
+        // The previous policy survives as the new previous one.
+        let served = store.load();
+        assert!(served.config.outbound.services[0].policy.is_some());
+        assert_eq!(served.version(), 3);
+    }
+
+    #[tokio::test]
+    async fn an_unusable_first_inbound_piece_keeps_the_proxy_unready() {
+        let (s, _, metrics) = subs(Duration::from_millis(10));
+        let line = br#"{"type":"inbound","version":4,"pod":"shop/web-1","inbound":{"default":{"mtls":"Sometimes"}},"locality":{"zone":"zone-a"}}"#;
+        let remora_crds::wire::Message::Inbound {
+            version,
+            pod,
+            inbound,
+            locality,
+        } = remora_crds::wire::ReceivedMessage::parse(line).expect("envelope")
+        else {
+            panic!("inbound");
+        };
+        assert!(matches!(
+            s.apply_inbound(Version(version), &pod, inbound, locality.clone()),
+            Applied::Rejected(_)
+        ));
+        assert!(!s.inbound_received());
+        assert!(metrics.encode().contains(
+            r#"remora_proxy_config_rejected_total{piece="inbound",reason="unparsable"} 1"#
+        ));
+        assert_eq!(
+            s.apply_inbound(
+                Version(5),
+                &pod,
+                Some(InboundConfig::default().into()),
+                locality
+            ),
+            Applied::Installed(Version(5))
+        );
+        assert!(s.inbound_received());
     }
 
     #[tokio::test]
@@ -461,16 +678,16 @@ mod tests {
         let handle = task.abort_handle();
         s.discover(t1, || handle).await;
         s.discover(t2, idle_task).await;
-        s.apply_inbound(Version(2), None);
+        s.apply_inbound(Version(2), POD, None, ProxyLocality::default());
         s.apply_outbound(
             t1,
             Version(7),
-            vec![service("a.ns", "10.96.0.1:80", "127.0.0.1:1")],
+            recv(vec![service("a.ns", "10.96.0.1:80", "127.0.0.1:1")]),
         );
         s.apply_outbound(
             t2,
             Version(5),
-            vec![service("b.ns", "10.96.0.2:80", "127.0.0.1:2")],
+            recv(vec![service("b.ns", "10.96.0.2:80", "127.0.0.1:2")]),
         );
         assert_eq!(store.load().version(), 7);
         assert!(

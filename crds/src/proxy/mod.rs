@@ -2,21 +2,22 @@
 //! cluster state and streamed to the proxy, or loaded from a YAML file in standalone mode
 //! (`remora-proxy --config`). Plain serde types; no kube.
 //!
-//! [`ProxyConfig::from_yaml`] parses *and* validates, so a config that reaches the proxy's
-//! data path is coherent: ports in range, unique addresses, splits that name known
-//! services with a non-zero total weight, well-formed identities.
+//! [`ProxyConfig::from_yaml`] parses *and* validates ([`validate`]), so a config that
+//! reaches the proxy's data path is coherent: ports in range, unique addresses, splits
+//! that name known services with a non-zero total weight, well-formed identities, policy
+//! values in range.
 
-use std::{
-    collections::{BTreeMap, HashMap, HashSet},
-    net::SocketAddr,
-    path::PathBuf,
-};
+mod validate;
+
+use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+pub use self::validate::{ConfigError, is_spiffe_id};
 use crate::policy::{Authorization, MtlsMode, RateLimit, TrafficPolicy};
 
-/// The largest weight of a split backend (same bound as the `TrafficSplit` CRD).
+/// The largest weight of a split backend (same bound as the `TrafficSplit` CRD), and of
+/// an endpoint.
 pub const MAX_WEIGHT: u32 = 1_000_000;
 
 /// One proxy's whole config.
@@ -29,10 +30,31 @@ pub struct ProxyConfig {
     /// Certificate files, in standalone mode only (in Kubernetes the proxy certifies itself).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub identity: Option<IdentityFiles>,
+    /// Where this proxy runs (for locality-aware balancing).
+    #[serde(default, skip_serializing_if = "ProxyLocality::is_empty")]
+    pub locality: ProxyLocality,
     #[serde(default)]
     pub inbound: InboundConfig,
     #[serde(default)]
     pub outbound: OutboundConfig,
+}
+
+/// Where a proxy runs. In Kubernetes the operator sends it with the pod's inbound piece
+/// (from Pod `spec.nodeName` → the Node's `topology.kubernetes.io/zone` label), so the
+/// proxy has it before it turns ready; standalone files may set it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ProxyLocality {
+    /// The zone of the proxy's node; unknown when absent (locality preference then has
+    /// no zone to prefer and balances over every zone).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zone: Option<String>,
+}
+
+impl ProxyLocality {
+    pub fn is_empty(&self) -> bool {
+        self.zone.is_none()
+    }
 }
 
 /// Where a standalone proxy reads its identity from.
@@ -283,241 +305,27 @@ pub struct Endpoint {
     /// The endpoint runs a Remora proxy: talk mTLS to it.
     #[serde(default)]
     pub meshed: bool,
+    /// Relative weight for the `Weighted` algorithm, 1..=1,000,000 (default 1; from the
+    /// pod annotation `config.remora.dev/weight`).
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub weight: u32,
 }
+
+/// An endpoint's weight when none is given.
+pub const DEFAULT_ENDPOINT_WEIGHT: u32 = 1;
 
 fn yes() -> bool {
     true
 }
 
-/// A config file or message that cannot be used. The path names the offending field.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("config is not valid YAML for the proxy config model: {0}")]
-    Parse(#[from] serde_yaml::Error),
-    #[error("{path}: {reason}")]
-    Invalid { path: String, reason: String },
+fn one() -> u32 {
+    DEFAULT_ENDPOINT_WEIGHT
 }
 
-fn invalid(path: impl Into<String>, reason: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid {
-        path: path.into(),
-        reason: reason.into(),
-    }
-}
-
-/// Is `id` a SPIFFE ID of the shape the mesh issues (`spiffe://<domain>/<path>`)?
-pub fn is_spiffe_id(id: &str) -> bool {
-    let Some(rest) = id.strip_prefix("spiffe://") else {
-        return false;
-    };
-    let Some((domain, path)) = rest.split_once('/') else {
-        return false;
-    };
-    !domain.is_empty()
-        && domain
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-')
-        && !path.is_empty()
-        && path.split('/').all(|seg| {
-            !seg.is_empty()
-                && seg != "."
-                && seg != ".."
-                && seg.bytes().all(|b| b.is_ascii_graphic())
-        })
-}
-
-impl ProxyConfig {
-    /// Parse and validate a standalone config file's contents.
-    pub fn from_yaml(text: &str) -> Result<Self, ConfigError> {
-        let config: Self = serde_yaml::from_str(text)?;
-        config.validate()?;
-        Ok(config)
-    }
-
-    /// Check what serde cannot: cross references, ranges and identities.
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        if let Some(id) = self
-            .identity
-            .as_ref()
-            .filter(|id| !is_spiffe_id(&id.spiffe_id))
-        {
-            return Err(invalid(
-                "identity.spiffeId",
-                format!(
-                    "{:?} is not a SPIFFE ID (spiffe://<trust-domain>/<path>)",
-                    id.spiffe_id
-                ),
-            ));
-        }
-        validate_inbound("inbound.default", &self.inbound.default)?;
-        for (port, policy) in &self.inbound.ports {
-            let path = format!("inbound.ports.{port}");
-            if *port == 0 {
-                return Err(invalid(path, "port 0 is not a valid port (1..=65535)"));
-            }
-            validate_inbound(&path, policy)?;
-        }
-        self.outbound.validate()
-    }
-}
-
-fn validate_inbound(path: &str, policy: &InboundPolicy) -> Result<(), ConfigError> {
-    if let Some(authz) = &policy.authorization {
-        for (i, rule) in authz.rules.iter().enumerate() {
-            let rule_path = format!("{path}.authorization.rules[{i}]");
-            if let Some(from) = &rule.from {
-                for id in &from.identities {
-                    if id != "*" && !is_spiffe_id(id) {
-                        return Err(invalid(
-                            format!("{rule_path}.from.identities"),
-                            format!("{id:?} is neither a SPIFFE ID nor \"*\""),
-                        ));
-                    }
-                }
-            }
-            if let Some(to) = &rule.to {
-                if to.ports.contains(&0) {
-                    return Err(invalid(
-                        format!("{rule_path}.to.ports"),
-                        "port 0 is not a valid port (1..=65535)",
-                    ));
-                }
-                for p in &to.paths {
-                    if !p.starts_with('/') {
-                        return Err(invalid(
-                            format!("{rule_path}.to.paths"),
-                            format!("{p:?} must start with '/'"),
-                        ));
-                    }
-                }
-            }
-        }
-    }
-    if policy
-        .rate_limit
-        .as_ref()
-        .is_some_and(|rl| rl.requests_per_second == 0)
-    {
-        return Err(invalid(
-            format!("{path}.rateLimit.requestsPerSecond"),
-            "must be at least 1",
-        ));
-    }
-    Ok(())
-}
-
-impl OutboundConfig {
-    fn validate(&self) -> Result<(), ConfigError> {
-        let mut names = HashSet::new();
-        let mut owners: HashMap<SocketAddr, &str> = HashMap::new();
-        for (i, svc) in self.services.iter().enumerate() {
-            let path = format!("outbound.services[{i}]");
-            if svc.name.is_empty() {
-                return Err(invalid(format!("{path}.name"), "must not be empty"));
-            }
-            if !names.insert(svc.name.as_str()) {
-                return Err(invalid(
-                    format!("{path}.name"),
-                    format!("service {:?} is listed twice", svc.name),
-                ));
-            }
-            for addr in &svc.addresses {
-                if addr.port() == 0 {
-                    return Err(invalid(
-                        format!("{path}.addresses"),
-                        format!("{addr} has port 0"),
-                    ));
-                }
-                if let Some(other) = owners.insert(*addr, &svc.name) {
-                    return Err(invalid(
-                        format!("{path}.addresses"),
-                        format!("{addr} already belongs to service {other:?}"),
-                    ));
-                }
-            }
-            for (j, ep) in svc.endpoints.iter().enumerate() {
-                let ep_path = format!("{path}.endpoints[{j}]");
-                if ep.address.port() == 0 {
-                    return Err(invalid(
-                        format!("{ep_path}.address"),
-                        format!("{} has port 0", ep.address),
-                    ));
-                }
-                match &ep.identity {
-                    Some(id) if !is_spiffe_id(id) => {
-                        return Err(invalid(
-                            format!("{ep_path}.identity"),
-                            format!("{id:?} is not a SPIFFE ID"),
-                        ));
-                    }
-                    None if ep.meshed => {
-                        return Err(invalid(
-                            format!("{ep_path}.identity"),
-                            "a meshed endpoint needs the identity it must present",
-                        ));
-                    }
-                    _ => {}
-                }
-            }
-        }
-        for (i, svc) in self.services.iter().enumerate() {
-            if let Some(split) = &svc.split {
-                validate_split(&format!("outbound.services[{i}].split"), split, &names)?;
-            }
-        }
-        Ok(())
-    }
-}
-
-fn validate_split(path: &str, split: &Split, services: &HashSet<&str>) -> Result<(), ConfigError> {
-    if split.backends.is_empty() {
-        return Err(invalid(
-            format!("{path}.backends"),
-            "a split needs at least one backend",
-        ));
-    }
-    let known = |name: &str, field: String| {
-        if services.contains(name) {
-            Ok(())
-        } else {
-            Err(invalid(
-                field,
-                format!("service {name:?} is not in outbound.services"),
-            ))
-        }
-    };
-    let mut total: u64 = 0;
-    for (i, b) in split.backends.iter().enumerate() {
-        known(&b.service, format!("{path}.backends[{i}].service"))?;
-        if b.weight > MAX_WEIGHT {
-            return Err(invalid(
-                format!("{path}.backends[{i}].weight"),
-                format!("{} exceeds the maximum weight {MAX_WEIGHT}", b.weight),
-            ));
-        }
-        total += u64::from(b.weight);
-    }
-    if total == 0 {
-        return Err(invalid(format!("{path}.backends"), "weights are all zero"));
-    }
-    for (i, m) in split.matches.iter().enumerate() {
-        if !split.backends.iter().any(|b| b.service == m.backend) {
-            return Err(invalid(
-                format!("{path}.matches[{i}].backend"),
-                format!("{:?} is not one of the split's backends", m.backend),
-            ));
-        }
-    }
-    if let Some(mirror) = &split.mirror {
-        known(&mirror.service, format!("{path}.mirror.service"))?;
-        if mirror.percent > 100 {
-            return Err(invalid(
-                format!("{path}.mirror.percent"),
-                format!("{} is more than 100", mirror.percent),
-            ));
-        }
-    }
-    Ok(())
+// serde's `skip_serializing_if` hands a reference.
+#[allow(clippy::trivially_copy_pass_by_ref)]
+fn is_one(w: &u32) -> bool {
+    *w == DEFAULT_ENDPOINT_WEIGHT
 }
 
 #[cfg(test)]
@@ -527,7 +335,7 @@ mod tests {
     use super::*;
     use crate::policy::{AuthorizationDefault, LbAlgorithm};
 
-    const SAMPLE: &str = include_str!("../testdata/proxy-config.yaml");
+    const SAMPLE: &str = include_str!("../../testdata/proxy-config.yaml");
 
     fn sample() -> ProxyConfig {
         match ProxyConfig::from_yaml(SAMPLE) {
@@ -571,6 +379,19 @@ mod tests {
         assert_eq!(reviews.split.as_ref().map(|s| s.backends.len()), Some(2));
         let ep = &c.outbound.services[1].endpoints[0];
         assert!(ep.ready && ep.serving && !ep.terminating && ep.meshed);
+        assert_eq!(ep.weight, 1);
+        assert_eq!(c.outbound.services[2].endpoints[0].weight, 3);
+        assert_eq!(c.locality.zone.as_deref(), Some("zone-a"));
+        assert!(p9080.rate_limit.is_some_and(|r| r.per_identity));
+        let policy = reviews.policy.as_ref().expect("policy");
+        assert_eq!(
+            policy
+                .fault
+                .as_ref()
+                .and_then(|f| f.abort.as_ref())
+                .map(|a| a.http_status),
+            Some(503)
+        );
     }
 
     #[test]
@@ -598,81 +419,5 @@ mod tests {
             (eff.protocol, eff.mtls),
             (Protocol::Detect, MtlsMode::Permissive)
         );
-    }
-
-    fn rejects(yaml: &str, expected: &str) {
-        match ProxyConfig::from_yaml(yaml) {
-            Ok(_) => panic!("accepted a bad config; expected an error containing {expected:?}"),
-            Err(e) => assert!(
-                e.to_string().contains(expected),
-                "error {e:?} should mention {expected:?}"
-            ),
-        }
-    }
-
-    #[test]
-    fn bad_configs_name_the_field() {
-        rejects("versoin: 3", "unknown field `versoin`");
-        rejects(
-            "inbound: {ports: {\"0\": {protocol: opaque}}}",
-            "port 0 is out of range",
-        );
-        rejects(
-            "inbound: {ports: {http: {protocol: opaque}}}",
-            "\"http\" is not a port number",
-        );
-        rejects("inbound: {ports: {\"70000\": {protocol: opaque}}}", "70000");
-        rejects(
-            "inbound: {default: {protocol: smtp}}",
-            "unknown variant `smtp`",
-        );
-        rejects(
-            "outbound: {services: [{name: a}, {name: a}]}",
-            "outbound.services[1].name",
-        );
-        rejects(
-            "outbound: {services: [{name: a, addresses: ['10.0.0.1:80']}, {name: b, addresses: ['10.0.0.1:80']}]}",
-            "already belongs to service \"a\"",
-        );
-        rejects(
-            "outbound: {services: [{name: a, split: {backends: [{service: nope, weight: 1}]}}]}",
-            "outbound.services[0].split.backends[0].service",
-        );
-        rejects(
-            "outbound: {services: [{name: a, split: {backends: [{service: a, weight: 0}]}}]}",
-            "weights are all zero",
-        );
-        rejects(
-            "outbound: {services: [{name: a, endpoints: [{address: '10.0.0.1:80', meshed: true}]}]}",
-            "needs the identity",
-        );
-        rejects(
-            "outbound: {services: [{name: a, endpoints: [{address: '10.0.0.1:80', identity: 'spiffe://x'}]}]}",
-            "not a SPIFFE ID",
-        );
-        rejects(
-            "inbound: {default: {authorization: {rules: [{from: {identities: [bob]}}]}}}",
-            "inbound.default.authorization.rules[0].from.identities",
-        );
-        rejects(
-            "outbound: {services: [{name: a, policy: {timeouts: {request: soon}}}]}",
-            "invalid duration",
-        );
-    }
-
-    #[test]
-    fn spiffe_ids() {
-        assert!(is_spiffe_id("spiffe://cluster.local/ns/a/sa/b"));
-        for bad in [
-            "spiffe://",
-            "spiffe://cluster.local",
-            "spiffe://cluster.local/",
-            "spiffe://Cluster/x",
-            "spiffe://a/b//c",
-            "https://a/b",
-            "spiffe://a/../b",
-        ] {
-            assert!(!is_spiffe_id(bad), "{bad}");
-        }
     }
 }

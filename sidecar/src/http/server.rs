@@ -1,0 +1,91 @@
+//! One hyper server per detected HTTP connection, drained on shutdown.
+
+use std::{convert::Infallible, future::Future, pin::Pin, sync::Arc, time::Duration};
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use super::{ConnMeta, forward::handle, upstream::POOL_IDLE_TIMEOUT};
+use crate::{Context, addr::Direction};
+
+/// How long an inbound HTTP/1 connection from an authenticated mesh peer may wait for its
+/// next request (hyper's header read timeout also bounds the wait between requests on a
+/// kept-alive connection). Longer than the peer's pool keeps an idle connection, so the
+/// peer always closes first: no request is ever sent on a connection this side is
+/// closing, and the peer's pool stays warm across pauses instead of paying a new mTLS
+/// handshake after each one.
+pub const MESH_PEER_IDLE_TIMEOUT: Duration = Duration::from_secs(POOL_IDLE_TIMEOUT.as_secs() + 30);
+
+/// How long an outbound HTTP/1 connection from the pod's own app may wait for its next
+/// request: long (Envoy's default downstream idle timeout), so that the app's client pool,
+/// whatever its idle timeout (Go's is 90 s), closes first and never sends a request on a
+/// connection the proxy is closing. Slow request heads are not a threat from the pod's
+/// own app; `--header-read-timeout` guards the inbound side.
+pub const APP_CLIENT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// Serves one HTTP connection until it ends or shutdown drains it.
+pub async fn serve<I>(ctx: Arc<Context>, meta: Arc<ConnMeta>, io: I, http2: bool)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let service = {
+        let ctx = ctx.clone();
+        let meta = meta.clone();
+        service_fn(move |req| {
+            let ctx = ctx.clone();
+            let meta = meta.clone();
+            async move { Ok::<_, Infallible>(handle(&ctx, &meta, req).await) }
+        })
+    };
+    // Detection already chose the protocol, so each gets hyper's own server (the `auto`
+    // builder would add a version sniffing layer to every read).
+    let io = TokioIo::new(io);
+    let result = if http2 {
+        let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .max_header_list_size(u32::try_from(ctx.settings.max_header_bytes).unwrap_or(u32::MAX))
+            .serve_connection(io, service);
+        // HTTP/2: GOAWAY, then the streams in flight finish.
+        until_drained(&ctx, conn, |c| c.graceful_shutdown()).await
+    } else {
+        let head_timeout = match (meta.direction, &meta.peer.0) {
+            (Direction::Outbound, _) => APP_CLIENT_IDLE_TIMEOUT,
+            (Direction::Inbound, Some(_)) => MESH_PEER_IDLE_TIMEOUT,
+            (Direction::Inbound, None) => ctx.settings.header_read_timeout,
+        }
+        .max(ctx.settings.header_read_timeout);
+        let conn = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(head_timeout)
+            .max_buf_size(ctx.settings.max_header_bytes.max(8192))
+            .keep_alive(true)
+            .serve_connection(io, service)
+            .with_upgrades();
+        // HTTP/1: close once the response in flight is written.
+        until_drained(&ctx, conn, |c| c.graceful_shutdown()).await
+    };
+    if let Err(e) = result {
+        tracing::debug!(direction = %meta.direction, client = %meta.client, error = %e, "HTTP connection ended with an error");
+    }
+}
+
+/// Runs `conn` to its end; once the proxy shuts down, `graceful` asks it to finish what
+/// is in flight and stop.
+async fn until_drained<C>(
+    ctx: &Context,
+    conn: C,
+    graceful: fn(Pin<&mut C>),
+) -> Result<(), hyper::Error>
+where
+    C: Future<Output = Result<(), hyper::Error>>,
+{
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => r,
+        () = ctx.shutdown.signaled() => {
+            graceful(conn.as_mut());
+            conn.await
+        }
+    }
+}
