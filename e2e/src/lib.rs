@@ -17,6 +17,7 @@ pub mod mesh;
 pub mod node;
 pub mod pki;
 pub mod prereqs;
+pub mod scenario;
 pub mod target;
 
 pub use cluster::{Cluster, ClusterOptions};
