@@ -35,6 +35,9 @@ pub struct AdmissionRequest {
     /// The object as submitted.
     #[serde(default)]
     pub object: Option<Value>,
+    /// The object before an UPDATE.
+    #[serde(default)]
+    pub old_object: Option<Value>,
     /// Dry-run requests must not cause side effects.
     #[serde(default)]
     pub dry_run: Option<bool>,
@@ -86,6 +89,9 @@ pub struct AdmissionResponse {
     /// Base64 of the JSON patch.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub patch: Option<String>,
+    /// Warnings kubectl prints to the user (admitted or not).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 /// An AdmissionReview carrying a response.
@@ -172,7 +178,7 @@ pub struct Reviewed {
     pub subject: Subject,
 }
 
-fn wrap(response: AdmissionResponse) -> AdmissionReviewResponse {
+pub(crate) fn wrap(response: AdmissionResponse) -> AdmissionReviewResponse {
     AdmissionReviewResponse {
         api_version: API_VERSION,
         kind: "AdmissionReview",
@@ -180,24 +186,44 @@ fn wrap(response: AdmissionResponse) -> AdmissionReviewResponse {
     }
 }
 
-fn refuse(uid: &str, code: u16, message: String) -> AdmissionResponse {
+pub(crate) fn refuse(uid: &str, code: u16, message: String) -> AdmissionResponse {
     AdmissionResponse {
         uid: uid.to_owned(),
         allowed: false,
         status: Some(Status { code, message }),
         patch_type: None,
         patch: None,
+        warnings: Vec::new(),
     }
 }
 
-fn allow(uid: &str) -> AdmissionResponse {
+pub(crate) fn allow(uid: &str) -> AdmissionResponse {
     AdmissionResponse {
         uid: uid.to_owned(),
         allowed: true,
         status: None,
         patch_type: None,
         patch: None,
+        warnings: Vec::new(),
     }
+}
+
+/// The request of an AdmissionReview body, or why the body is unusable (HTTP 400).
+pub fn parse(body: &[u8]) -> Result<AdmissionRequest, String> {
+    let parsed: ReviewIn =
+        serde_json::from_slice(body).map_err(|e| format!("malformed AdmissionReview: {e}"))?;
+    if parsed.kind.as_deref() != Some("AdmissionReview")
+        || parsed.api_version.as_deref() != Some(API_VERSION)
+    {
+        return Err(format!(
+            "expected kind AdmissionReview of {API_VERSION}, got kind {:?} of {:?}",
+            parsed.kind.unwrap_or_default(),
+            parsed.api_version.unwrap_or_default()
+        ));
+    }
+    parsed
+        .request
+        .ok_or_else(|| "AdmissionReview has no request".to_owned())
 }
 
 fn malformed(message: String) -> Reviewed {
@@ -211,21 +237,9 @@ fn malformed(message: String) -> Reviewed {
 
 /// Handles one AdmissionReview body.
 pub fn review(body: &[u8], cfg: &InjectConfig) -> Reviewed {
-    let parsed: ReviewIn = match serde_json::from_slice(body) {
+    let req = match parse(body) {
         Ok(r) => r,
-        Err(e) => return malformed(format!("malformed AdmissionReview: {e}")),
-    };
-    if parsed.kind.as_deref() != Some("AdmissionReview")
-        || parsed.api_version.as_deref() != Some(API_VERSION)
-    {
-        return malformed(format!(
-            "expected kind AdmissionReview of {API_VERSION}, got kind {:?} of {:?}",
-            parsed.kind.unwrap_or_default(),
-            parsed.api_version.unwrap_or_default()
-        ));
-    }
-    let Some(req) = parsed.request else {
-        return malformed("AdmissionReview has no request".to_owned());
+        Err(message) => return malformed(message),
     };
     let uid = req.uid.as_str();
     let mut subject = Subject {

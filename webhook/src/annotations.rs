@@ -39,6 +39,10 @@ pub const LOG_LEVEL: &str = "config.remora.dev/log-level";
 pub const NATIVE_SIDECAR: &str = "config.remora.dev/native-sidecar";
 /// `config.remora.dev/shutdown-grace-period`
 pub const SHUTDOWN_GRACE_PERIOD: &str = "config.remora.dev/shutdown-grace-period";
+/// `config.remora.dev/proxy-ready-timeout`: how long the app is held back for the proxy
+/// to become ready (classic: the postStart hook's timeout; native: the startupProbe's
+/// budget) before kubelet reports the failure with the proxy's reason.
+pub const PROXY_READY_TIMEOUT: &str = "config.remora.dev/proxy-ready-timeout";
 /// `config.remora.dev/access-log`: `"true"` turns on the proxy's JSON access log.
 pub const ACCESS_LOG: &str = "config.remora.dev/access-log";
 /// `config.remora.dev/weight`: the pod's endpoint weight for the `Weighted` algorithm,
@@ -60,9 +64,42 @@ pub const KNOWN_KNOBS: &[&str] = &[
     LOG_LEVEL,
     NATIVE_SIDECAR,
     SHUTDOWN_GRACE_PERIOD,
+    PROXY_READY_TIMEOUT,
     ACCESS_LOG,
     WEIGHT,
 ];
+
+/// The longest `proxy-ready-timeout` accepted.
+pub const MAX_READY_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// The proxy's own ports (outbound capture, inbound capture, admin): remora-init refuses
+/// a skip list naming them, so the injector refuses such a pod at admission instead of
+/// letting its init container fail.
+pub const PROXY_PORTS: [(u16, &str); 3] = [
+    (15001, "outbound capture"),
+    (15006, "inbound capture"),
+    (15020, "admin"),
+];
+
+/// A skip list must not name the proxy's own ports (remora-init would refuse it).
+fn without_proxy_ports(
+    key: &str,
+    value: &str,
+    list: PortList,
+) -> Result<PortList, AnnotationError> {
+    for (port, role) in PROXY_PORTS {
+        if list.contains(port) {
+            return Err(AnnotationError::new(
+                key,
+                value,
+                format!(
+                    "port {port} is the proxy's {role} port, which is never captured and cannot be skipped"
+                ),
+            ));
+        }
+    }
+    Ok(list)
+}
 
 /// The log levels the proxy accepts.
 pub const LOG_LEVELS: &[&str] = &["trace", "debug", "info", "warn", "error", "off"];
@@ -393,6 +430,8 @@ pub struct PodOverrides {
     pub native_sidecar: Option<bool>,
     /// How long the proxy drains on shutdown.
     pub shutdown_grace_period: Option<Duration>,
+    /// How long the app waits for the proxy to be ready.
+    pub ready_timeout: Option<Duration>,
     /// The proxy's JSON access log on (`true`) or off (`false`).
     pub access_log: Option<bool>,
     /// The pod's endpoint weight (the operator applies it; validated here).
@@ -422,8 +461,12 @@ pub fn parse_overrides(
         }
         let v = value.as_str();
         match key.as_str() {
-            SKIP_INBOUND_PORTS => o.skip_inbound_ports = parse_port_list(key, v)?,
-            SKIP_OUTBOUND_PORTS => o.skip_outbound_ports = parse_port_list(key, v)?,
+            SKIP_INBOUND_PORTS => {
+                o.skip_inbound_ports = without_proxy_ports(key, v, parse_port_list(key, v)?)?;
+            }
+            SKIP_OUTBOUND_PORTS => {
+                o.skip_outbound_ports = without_proxy_ports(key, v, parse_port_list(key, v)?)?;
+            }
             SKIP_OUTBOUND_CIDRS => o.skip_outbound_cidrs = parse_cidr_list(key, v)?,
             OPAQUE_PORTS => o.opaque_ports = parse_port_list(key, v)?,
             PROXY_CPU_REQUEST | PROXY_CPU_LIMIT | PROXY_MEMORY_REQUEST | PROXY_MEMORY_LIMIT => {
@@ -468,6 +511,22 @@ pub fn parse_overrides(
                 o.shutdown_grace_period = Some(parse_duration(v).ok_or_else(|| {
                     AnnotationError::new(key, v, "not a duration (e.g. 250ms, 5s, 1m)")
                 })?);
+            }
+            PROXY_READY_TIMEOUT => {
+                o.ready_timeout = Some(
+                    parse_duration(v)
+                        .filter(|d| {
+                            (Duration::from_secs(1)..=MAX_READY_TIMEOUT).contains(d)
+                                && d.subsec_nanos() == 0
+                        })
+                        .ok_or_else(|| {
+                            AnnotationError::new(
+                                key,
+                                v,
+                                "expected whole seconds from 1s to 1h (e.g. 30s, 5m)",
+                            )
+                        })?,
+                );
             }
             _ => {
                 return Err(AnnotationError::new(
@@ -577,6 +636,7 @@ mod tests {
             (LOG_LEVEL, "Debug"),
             (NATIVE_SIDECAR, "false"),
             (SHUTDOWN_GRACE_PERIOD, "10s"),
+            (PROXY_READY_TIMEOUT, "5m"),
             (ACCESS_LOG, "true"),
             (WEIGHT, "25"),
             ("unrelated.example.com/x", "whatever"),
@@ -587,6 +647,7 @@ mod tests {
         assert_eq!(o.log_level.as_deref(), Some("debug"));
         assert_eq!(o.native_sidecar, Some(false));
         assert_eq!(o.shutdown_grace_period, Some(Duration::from_secs(10)));
+        assert_eq!(o.ready_timeout, Some(Duration::from_secs(300)));
         assert_eq!(o.cpu_request.map(|q| q.text), Some("50m".to_owned()));
     }
 
@@ -609,9 +670,33 @@ mod tests {
             assert_eq!(err.key, WEIGHT);
             assert!(err.reason.contains("1 to 1000000"), "{err}");
         }
+        for bad in ["0s", "500ms", "1500ms", "2h", "soon"] {
+            let err = parse_overrides(&ann(&[(PROXY_READY_TIMEOUT, bad)])).expect_err(bad);
+            assert_eq!(err.key, PROXY_READY_TIMEOUT);
+        }
         let o =
             parse_overrides(&ann(&[(ACCESS_LOG, "false"), (WEIGHT, "1000000")])).expect("bounds");
         assert_eq!((o.access_log, o.weight), (Some(false), Some(1_000_000)));
+    }
+
+    #[test]
+    fn skip_lists_naming_the_proxy_ports_are_refused() {
+        for (key, value, port) in [
+            (SKIP_INBOUND_PORTS, "8080,15006", 15006),
+            (SKIP_OUTBOUND_PORTS, "15001", 15001),
+            (SKIP_INBOUND_PORTS, "15000-15030", 15001),
+            (SKIP_OUTBOUND_PORTS, "15020", 15020),
+        ] {
+            let err = parse_overrides(&ann(&[(key, value)])).expect_err(value);
+            assert_eq!(err.key, key);
+            assert!(
+                err.reason.contains(&format!("port {port} is the proxy's")),
+                "{err}"
+            );
+        }
+        let o = parse_overrides(&ann(&[(SKIP_OUTBOUND_PORTS, "15000,15002-15005,15021")]))
+            .expect("neighbours are fine");
+        assert_eq!(o.skip_outbound_ports.to_string(), "15000,15002-15005,15021");
     }
 
     #[test]

@@ -59,6 +59,9 @@ pub const TRUST_VOLUME: &str = "remora-trust-bundle";
 pub const TRUST_DIR: &str = "/var/run/remora/trust";
 /// Key of the trust bundle in its ConfigMap.
 pub const TRUST_KEY: &str = "ca.crt";
+/// How long the app waits for the proxy to be ready, unless the pod's
+/// `config.remora.dev/proxy-ready-timeout` says otherwise.
+pub const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(120);
 /// Annotation telling kubectl which container `logs`/`exec` use by default.
 pub const DEFAULT_CONTAINER_ANNOTATION: &str = "kubectl.kubernetes.io/default-container";
 
@@ -410,6 +413,9 @@ fn init_container(cfg: &InjectConfig, o: &PodOverrides) -> Container {
             ),
             env("REMORA_INIT_SKIP_OUTBOUND_CIDRS", cidrs.join(",")),
         ]),
+        // A failed run's last log lines (remora-init's error) become the termination
+        // message that `kubectl describe pod` shows under the init container.
+        termination_message_policy: Some("FallbackToLogsOnError".into()),
         resources: Some(ResourceRequirements {
             requests: Some(quantities(&[("cpu", "10m"), ("memory", "16Mi")])),
             limits: Some(quantities(&[("cpu", "100m"), ("memory", "64Mi")])),
@@ -610,14 +616,18 @@ fn proxy_container(
         ]),
         ..Default::default()
     };
+    let ready_timeout = o.ready_timeout.unwrap_or(DEFAULT_READY_TIMEOUT);
     if native {
         c.restart_policy = Some("Always".into());
         // Kubelet starts the next init container and the app only once this succeeds.
-        c.startup_probe = Some(admin_probe("/ready", 1, 120));
+        let tries = i32::try_from(ready_timeout.as_secs()).unwrap_or(i32::MAX);
+        c.startup_probe = Some(admin_probe("/ready", 1, tries));
     } else {
+        let timeout = format!("--timeout={}", annotations::format_duration(ready_timeout));
         c.lifecycle = Some(Lifecycle {
-            // Kubelet does not start the next container until postStart returns.
-            post_start: Some(exec(&["remora-proxy", "wait-ready", "--timeout=120s"])),
+            // Kubelet does not start the next container until postStart returns; when it
+            // fails, the pod's events carry its output: why the proxy is not ready.
+            post_start: Some(exec(&["remora-proxy", "wait-ready", &timeout])),
             pre_stop: Some(exec(&[
                 "remora-proxy",
                 "drain",

@@ -3,7 +3,8 @@
 //!
 //! The pure builder ([`inject::inject`]) turns a pod into a skip reason or an injected pod
 //! plus a JSON patch; [`admission`] wraps it in the AdmissionReview protocol, [`server`]
-//! serves it over TLS, and [`offline`] applies it to manifests.
+//! serves it over TLS, and [`offline`] applies it to manifests. [`namespace`] validates
+//! the mesh's namespace label (`/validate-namespace`).
 
 pub mod admission;
 pub mod annotations;
@@ -11,6 +12,7 @@ pub mod cli;
 pub mod events;
 pub mod inject;
 pub mod metrics;
+pub mod namespace;
 pub mod native;
 pub mod offline;
 pub mod patch;

@@ -1,6 +1,6 @@
-//! The HTTP side: `/mutate` over TLS (axum on a rustls listener whose certificate reloads
-//! from disk) and the plain `/metrics`, `/healthz`, `/readyz` endpoints. Every decision is
-//! logged and counted.
+//! The HTTP side: `/mutate` (pods) and `/validate-namespace` (the mesh's namespace label)
+//! over TLS (axum on a rustls listener whose certificate reloads from disk) and the plain
+//! `/metrics`, `/healthz`, `/readyz` endpoints. Every decision is logged and counted.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -23,6 +23,7 @@ use crate::admission::{self, Decision};
 use crate::events::EventRecorder;
 use crate::inject::InjectConfig;
 use crate::metrics::Metrics;
+use crate::namespace::{self, NamespaceDecision};
 use crate::tls::CertStore;
 
 /// Shared state of the webhook, passed as `Arc`.
@@ -123,6 +124,43 @@ pub fn handle_review(ctx: &Context, body: &[u8]) -> (StatusCode, Vec<u8>) {
     (status, body)
 }
 
+/// Handles one namespace review: decide, log, count, answer.
+pub fn handle_namespace_review(ctx: &Context, body: &[u8]) -> (StatusCode, Vec<u8>) {
+    let start = Instant::now();
+    let r = namespace::review(body);
+    match &r.decision {
+        NamespaceDecision::Allowed => {
+            tracing::debug!(namespace = %r.name, warnings = ?r.response.response.warnings, "namespace allowed");
+        }
+        NamespaceDecision::Denied(msg) => {
+            tracing::info!(namespace = %r.name, reason = %msg, "namespace label refused");
+        }
+        NamespaceDecision::Error(msg) => {
+            tracing::warn!(namespace = %r.name, reason = %msg, "bad admission review");
+        }
+    }
+    ctx.metrics
+        .count_decision(r.decision.label(), r.decision.reason());
+    let status = if r.bad_request {
+        StatusCode::BAD_REQUEST
+    } else {
+        StatusCode::OK
+    };
+    let body = serde_json::to_vec(&r.response).unwrap_or_else(|e| {
+        tracing::error!(error = %e, "encoding the admission response failed");
+        Vec::new()
+    });
+    ctx.metrics
+        .admission_duration
+        .observe(start.elapsed().as_secs_f64());
+    (status, body)
+}
+
+async fn validate_namespace(State(ctx): State<Arc<Context>>, body: Bytes) -> Response {
+    let (status, body) = handle_namespace_review(&ctx, &body);
+    (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
 async fn mutate(State(ctx): State<Arc<Context>>, body: Bytes) -> Response {
     let (status, body) = handle_review(&ctx, &body);
     (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
@@ -131,10 +169,11 @@ async fn mutate(State(ctx): State<Arc<Context>>, body: Bytes) -> Response {
 /// Largest AdmissionReview accepted.
 pub const MAX_REVIEW_BYTES: usize = 8 * 1024 * 1024;
 
-/// The `/mutate` router.
+/// The `/mutate` and `/validate-namespace` router.
 pub fn mutate_router(ctx: Arc<Context>) -> Router {
     Router::new()
         .route("/mutate", post(mutate))
+        .route("/validate-namespace", post(validate_namespace))
         // Reviews carry the whole pod; the API server itself accepts bodies up to 3 MiB.
         .layer(DefaultBodyLimit::max(MAX_REVIEW_BYTES))
         .with_state(ctx)
@@ -324,7 +363,31 @@ mod tests {
         let (code, body) = body_of(mutate_router(ctx.clone()), "POST", "/mutate", b"{oops").await;
         assert_eq!(code, StatusCode::BAD_REQUEST);
         assert!(body.contains("malformed AdmissionReview"), "{body}");
+        let review = serde_json::json!({
+            "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+            "request": {"uid": "u", "kind": {"group": "", "version": "v1", "kind": "Namespace"},
+                        "name": "x", "operation": "CREATE",
+                        "object": {"metadata": {"name": "x", "labels": {"remora.dev/inject": "yes-please"}}}}
+        });
+        let (code, body) = body_of(
+            mutate_router(ctx.clone()),
+            "POST",
+            "/validate-namespace",
+            review.to_string().as_bytes(),
+        )
+        .await;
+        assert_eq!(code, StatusCode::OK);
+        assert!(
+            body.contains(r#""allowed":false"#) && body.contains("yes-please"),
+            "{body}"
+        );
         let (_, metrics) = body_of(health_router(ctx.clone()), "GET", "/metrics", b"").await;
+        assert!(
+            metrics.contains(
+                r#"remora_webhook_admissions_total{decision="denied",reason="invalid-namespace-label"} 1"#
+            ),
+            "{metrics}"
+        );
         assert!(
             metrics.contains(
                 r#"remora_webhook_admissions_total{decision="error",reason="bad-review"} 1"#

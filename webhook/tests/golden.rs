@@ -147,6 +147,18 @@ const POD_CASES: &[(&str, &str, bool, Expect)] = &[
         false,
         Expect::Injected,
     ),
+    (
+        "ann-proxy-ready-timeout-classic",
+        "ann-proxy-ready-timeout",
+        false,
+        Expect::Injected,
+    ),
+    (
+        "ann-proxy-ready-timeout-native",
+        "ann-proxy-ready-timeout",
+        true,
+        Expect::Injected,
+    ),
     ("probe-http", "probe-http", true, Expect::Injected),
     ("probe-tcp", "probe-tcp", true, Expect::Injected),
     ("probe-grpc", "probe-grpc", true, Expect::Injected),
@@ -156,6 +168,12 @@ const POD_CASES: &[(&str, &str, bool, Expect)] = &[
         "bad-port-list",
         true,
         Expect::Error("config.remora.dev/skip-inbound-ports"),
+    ),
+    (
+        "bad-skip-proxy-port",
+        "bad-skip-proxy-port",
+        true,
+        Expect::Error("port 15001 is the proxy's outbound capture port"),
     ),
     (
         "bad-native-sidecar",

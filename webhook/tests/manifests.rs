@@ -48,3 +48,71 @@ fn mutating_webhook_configuration() {
         Some(&["kube-system".to_owned(), "remora-system".to_owned()][..])
     );
 }
+
+/// The ValidatingWebhookConfiguration: namespaces carrying the mesh's label only (so no
+/// other namespace can be blocked by it), CREATE and UPDATE, fail closed, never the
+/// control plane's namespaces, served by the same Service as `/mutate`.
+#[test]
+fn validating_webhook_configuration() {
+    use k8s_openapi::api::admissionregistration::v1::ValidatingWebhookConfiguration;
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/webhook");
+    let text = std::fs::read_to_string(dir.join("validatingwebhookconfiguration.yaml"))
+        .expect("read the manifest");
+    let vwc: ValidatingWebhookConfiguration =
+        serde_yaml::from_str(&text).expect("a ValidatingWebhookConfiguration");
+    // The operator fills the caBundle of both configurations under one name.
+    assert_eq!(vwc.metadata.name.as_deref(), Some("remora-webhook"));
+    let hooks = vwc.webhooks.expect("webhooks");
+    assert_eq!(hooks.len(), 1);
+    let h = &hooks[0];
+    assert_eq!(h.failure_policy.as_deref(), Some("Fail"));
+    assert_eq!(h.side_effects, "None");
+    assert!(h.timeout_seconds.is_some_and(|t| t <= 5));
+    assert_eq!(h.admission_review_versions, ["v1"]);
+    let svc = h.client_config.service.as_ref().expect("service");
+    assert_eq!(
+        (
+            svc.name.as_str(),
+            svc.namespace.as_str(),
+            svc.path.as_deref()
+        ),
+        (
+            "remora-webhook",
+            "remora-system",
+            Some("/validate-namespace")
+        )
+    );
+    let rules = h.rules.as_ref().expect("rules");
+    assert_eq!(rules.len(), 1);
+    assert_eq!(
+        rules[0].operations.as_deref(),
+        Some(&["CREATE".to_owned(), "UPDATE".to_owned()][..])
+    );
+    assert_eq!(
+        rules[0].resources.as_deref(),
+        Some(&["namespaces".to_owned()][..])
+    );
+    let objects = h.object_selector.as_ref().expect("objectSelector");
+    let exprs = objects
+        .match_expressions
+        .as_ref()
+        .expect("matchExpressions");
+    assert_eq!(
+        (exprs[0].key.as_str(), exprs[0].operator.as_str()),
+        (remora_webhook::annotations::NAMESPACE_LABEL, "Exists")
+    );
+    assert!(
+        objects.match_labels.is_none(),
+        "every value must be reviewed"
+    );
+    let ns = h.namespace_selector.as_ref().expect("namespaceSelector");
+    let excluded = ns.match_expressions.as_ref().expect("matchExpressions");
+    assert_eq!(excluded[0].key, "kubernetes.io/metadata.name");
+    assert_eq!(excluded[0].operator, "NotIn");
+    let kustomization =
+        std::fs::read_to_string(dir.join("kustomization.yaml")).expect("kustomization");
+    assert!(
+        kustomization.contains("- validatingwebhookconfiguration.yaml"),
+        "{kustomization}"
+    );
+}
