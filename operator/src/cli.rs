@@ -94,7 +94,8 @@ pub struct Args {
     )]
     pub webhook_secret: String,
 
-    /// The MutatingWebhookConfiguration whose caBundle is set to the mesh trust bundle.
+    /// The MutatingWebhookConfiguration and ValidatingWebhookConfiguration (one name)
+    /// whose caBundles are set to the mesh trust bundle.
     #[arg(
         long,
         env = "REMORA_WEBHOOK_CONFIGURATION",

@@ -1,21 +1,52 @@
-//! The `caBundle` of the injector's `MutatingWebhookConfiguration`: a strategic merge
-//! patch that sets `webhooks[].clientConfig.caBundle` (merged by webhook `name`, so
-//! nothing else of the object is touched) to the mesh trust bundle, or nothing when every
-//! webhook already has it.
+//! The `caBundle` of the injector's `MutatingWebhookConfiguration` (pods) and
+//! `ValidatingWebhookConfiguration` (the namespace label): a strategic merge patch that
+//! sets `webhooks[].clientConfig.caBundle` (merged by webhook `name`, so nothing else of
+//! the object is touched) to the mesh trust bundle, or nothing when every webhook already
+//! has it.
 
-use k8s_openapi::{ByteString, api::admissionregistration::v1::MutatingWebhookConfiguration};
+use k8s_openapi::{
+    ByteString,
+    api::admissionregistration::v1::{
+        MutatingWebhookConfiguration, ValidatingWebhookConfiguration, WebhookClientConfig,
+    },
+};
+
+/// A webhook configuration whose webhooks' caBundles the operator keeps.
+pub trait WebhookConfiguration {
+    /// Each webhook's name and client config.
+    fn hooks(&self) -> Vec<(&str, &WebhookClientConfig)>;
+}
+
+impl WebhookConfiguration for MutatingWebhookConfiguration {
+    fn hooks(&self) -> Vec<(&str, &WebhookClientConfig)> {
+        self.webhooks
+            .iter()
+            .flatten()
+            .map(|w| (w.name.as_str(), &w.client_config))
+            .collect()
+    }
+}
+
+impl WebhookConfiguration for ValidatingWebhookConfiguration {
+    fn hooks(&self) -> Vec<(&str, &WebhookClientConfig)> {
+        self.webhooks
+            .iter()
+            .flatten()
+            .map(|w| (w.name.as_str(), &w.client_config))
+            .collect()
+    }
+}
 
 /// The patch setting every webhook's caBundle to `bundle_pem`; `None` when none differs.
-pub fn patch(config: &MutatingWebhookConfiguration, bundle_pem: &str) -> Option<serde_json::Value> {
+pub fn patch(config: &impl WebhookConfiguration, bundle_pem: &str) -> Option<serde_json::Value> {
     let want = ByteString(bundle_pem.as_bytes().to_vec());
     let stale: Vec<serde_json::Value> = config
-        .webhooks
-        .iter()
-        .flatten()
-        .filter(|w| w.client_config.ca_bundle.as_ref() != Some(&want))
-        .map(|w| {
+        .hooks()
+        .into_iter()
+        .filter(|(_, c)| c.ca_bundle.as_ref() != Some(&want))
+        .map(|(name, _)| {
             serde_json::json!({
-                "name": w.name,
+                "name": name,
                 "clientConfig": {"caBundle": want},
             })
         })
@@ -65,5 +96,27 @@ mod tests {
         );
         assert_eq!(patch(&config(&[Some(pem), Some(pem)]), pem), None);
         assert_eq!(patch(&config(&[]), pem), None);
+    }
+
+    #[test]
+    fn the_validating_configuration_is_patched_the_same_way() {
+        let pem = "-----BEGIN CERTIFICATE-----\nAA==\n-----END CERTIFICATE-----\n";
+        let b64 = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, pem);
+        let vwc: ValidatingWebhookConfiguration = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "remora-webhook"},
+            "webhooks": [{
+                "name": "namespace.remora.dev",
+                "admissionReviewVersions": ["v1"],
+                "sideEffects": "None",
+                "clientConfig": {"service": {"name": "remora-webhook", "namespace": "remora-system"}},
+            }],
+        }))
+        .expect("a valid configuration");
+        assert_eq!(
+            patch(&vwc, pem),
+            Some(serde_json::json!({"webhooks": [
+                {"name": "namespace.remora.dev", "clientConfig": {"caBundle": b64}},
+            ]}))
+        );
     }
 }

@@ -1,6 +1,7 @@
 //! Keeps the injector reachable: issues (and renews) Secret `remora-webhook-tls` in the
 //! operator's namespace with the mesh issuer, and sets the `caBundle` of its
-//! `MutatingWebhookConfiguration` to the mesh trust bundle. The leader only; the decisions
+//! `MutatingWebhookConfiguration` and `ValidatingWebhookConfiguration` (both named
+//! `--webhook-configuration`) to the mesh trust bundle. The leader only; the decisions
 //! are in [`super::serving_cert`] and [`super::ca_bundle`]. The webhook reloads its files
 //! when the kubelet refreshes the Secret volume, so a renewal needs no restart.
 
@@ -9,7 +10,10 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use k8s_openapi::api::{admissionregistration::v1::MutatingWebhookConfiguration, core::v1::Secret};
+use k8s_openapi::api::{
+    admissionregistration::v1::{MutatingWebhookConfiguration, ValidatingWebhookConfiguration},
+    core::v1::Secret,
+};
 use kube::{
     Api, Client,
     api::{Patch, PatchParams},
@@ -86,20 +90,39 @@ pub async fn sync(
         }
     };
 
-    let configs: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
     let cfg_name = &settings.webhook_configuration;
-    let what = format!("MutatingWebhookConfiguration {cfg_name}");
+    fill_ca_bundle::<MutatingWebhookConfiguration>(client, cfg_name, &published.bundle_pem).await?;
+    fill_ca_bundle::<ValidatingWebhookConfiguration>(client, cfg_name, &published.bundle_pem)
+        .await?;
+    Ok(renew_at.duration_since(now).unwrap_or_default().min(RESYNC))
+}
+
+/// Sets the caBundle of the webhook configuration `name` of kind `K`, if it exists.
+async fn fill_ca_bundle<K>(
+    client: &Client,
+    name: &str,
+    bundle_pem: &str,
+) -> Result<(), WebhookError>
+where
+    K: kube::Resource<DynamicType = (), Scope = kube::core::ClusterResourceScope>
+        + ca_bundle::WebhookConfiguration
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
+    let configs: Api<K> = Api::all(client.clone());
+    let what = format!("{} {name}", K::kind(&()));
     match configs
-        .get_opt(cfg_name)
+        .get_opt(name)
         .await
         .map_err(kube_err("reading", what.clone()))?
     {
         None => tracing::debug!("{what} does not exist (yet); its caBundle is set once it does"),
         Some(cfg) => {
-            if let Some(p) = ca_bundle::patch(&cfg, &published.bundle_pem) {
+            if let Some(p) = ca_bundle::patch(&cfg, bundle_pem) {
                 configs
                     .patch(
-                        cfg_name,
+                        name,
                         &PatchParams {
                             field_manager: Some(FIELD_MANAGER.to_owned()),
                             ..PatchParams::default()
@@ -112,7 +135,7 @@ pub async fn sync(
             }
         }
     }
-    Ok(renew_at.duration_since(now).unwrap_or_default().min(RESYNC))
+    Ok(())
 }
 
 /// Runs [`sync`] whenever the CA material changes, when a renewal is due and every
