@@ -91,20 +91,54 @@ pub async fn drain(shop: &Shop<'_>) -> Result<(), ScenarioError> {
             r.summary.by_pod
         )
     })?;
+    let exits = exits(shop, &victim_name).await?;
     let replaced = Instant::now();
     shop.rollout_status(SHOP, "reviews-v1", Duration::from_secs(120))?;
     println!(
-        "scenario drain: {victim_name} deleted under 80 req/s: {}; it answered {served} (last {} after the delete), left the Endpoints {:.1} s after the delete; replacement Ready {:.1} s later ({:.1} s)",
+        "scenario drain: {victim_name} deleted under 80 req/s: {}; it answered {served} (last {} after the delete), left the Endpoints {:.1} s after the delete; its containers {:.0} s after the delete: {exits}; replacement rollout done {:.1} s after the load ({:.1} s)",
         r.summary.line(),
         last.map_or("never".to_owned(), |l| format!(
             "{:.2} s",
             secs(l.saturating_duration_since(deleted))
         )),
         secs(gone - deleted),
+        secs(replaced.saturating_duration_since(deleted)),
         secs(replaced.elapsed()),
         secs(t.elapsed())
     );
     Ok(())
+}
+
+/// How a deleted pod's containers ended (a pod object may outlive them by 8–50 s on
+/// kubelet 1.20, or be gone already); a container that exited did so with status 0.
+async fn exits(shop: &Shop<'_>, pod: &str) -> Result<String, ScenarioError> {
+    let api: kube::Api<Pod> = kube::Api::namespaced(shop.client(), SHOP);
+    let Some(p) = api.get_opt(pod).await? else {
+        return Ok("pod object gone".to_owned());
+    };
+    let mut states = Vec::new();
+    for c in p
+        .status
+        .and_then(|s| s.container_statuses)
+        .unwrap_or_default()
+    {
+        let state = match c.state.as_ref().and_then(|s| s.terminated.as_ref()) {
+            Some(t) => {
+                ensure(t.exit_code == 0, || {
+                    format!(
+                        "{pod}: {} exited {} ({}) when deleted, want a clean drain",
+                        c.name,
+                        t.exit_code,
+                        t.reason.clone().unwrap_or_default()
+                    )
+                })?;
+                "exited 0".to_owned()
+            }
+            None => "still running".to_owned(),
+        };
+        states.push(format!("{} {state}", c.name));
+    }
+    Ok(states.join(", "))
 }
 
 /// reviews-v1 scaled from 2 to 1 under load: the removed pod gets no more requests

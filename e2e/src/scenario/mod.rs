@@ -184,6 +184,20 @@ impl<'a> Shop<'a> {
             .ok_or_else(|| ScenarioError::failed(format!("no Ready pod in {SHOP} with {selector}")))
     }
 
+    /// The zone label (`topology.kubernetes.io/zone`) of the node a pod runs on.
+    pub async fn zone_of(&self, pod: &Pod) -> Result<Option<String>, ScenarioError> {
+        let Some(node) = pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) else {
+            return Ok(None);
+        };
+        let api: Api<k8s_openapi::api::core::v1::Node> = Api::all(self.client());
+        Ok(api
+            .get(node)
+            .await?
+            .metadata
+            .labels
+            .and_then(|l| l.get("topology.kubernetes.io/zone").cloned()))
+    }
+
     /// The ClusterIP of a `shop` Service.
     pub fn cluster_ip(&self, service: &str) -> Result<String, ScenarioError> {
         let ip = self.kubectl(&[

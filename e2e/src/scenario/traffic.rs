@@ -145,22 +145,50 @@ pub async fn split_and_spread(shop: &Shop<'_>) -> Result<(), ScenarioError> {
         },
     )?;
 
-    // Within each version, every ready endpoint serves; round robin also evenly.
+    // Within each version the endpoints that should serve do: with preferSameZone, those
+    // in the caller's zone when there are any (all healthy here, above any spill-over
+    // threshold), else all; every one a real share, evenly for round robin.
+    let prefer_zone = shop.kubectl(&[
+        "-n",
+        SHOP,
+        "get",
+        "meshpolicy",
+        "reviews",
+        "-o",
+        "jsonpath={.spec.loadBalancer.locality.preferSameZone}",
+    ])? == "true";
+    let caller_zone = shop.zone_of(&frontend).await?;
     let mut spread = Vec::new();
     for (version, pods, total) in [("v1", &v1, to_v1), ("v2", &v2, to_v2)] {
+        let mut zones = Vec::new();
         for p in pods.iter() {
+            zones.push(shop.zone_of(p).await?);
+        }
+        let local = zones.iter().filter(|z| **z == caller_zone).count();
+        let serving = if prefer_zone && local > 0 {
+            local
+        } else {
+            pods.len()
+        };
+        for (p, zone) in pods.iter().zip(&zones) {
             let n = s.by_pod.get(name(p)).copied().unwrap_or(0);
-            let fair = total as f64 / pods.len() as f64;
-            let ok = match algorithm.as_str() {
-                "RoundRobin" => (n as f64 - fair).abs() <= fair * 0.1 + 1.0,
+            let fair = total as f64 / serving as f64;
+            let expected = !prefer_zone || local == 0 || *zone == caller_zone;
+            let ok = match (expected, algorithm.as_str()) {
+                (false, _) => n == 0,
+                (true, "RoundRobin") => (n as f64 - fair).abs() <= fair * 0.1 + 1.0,
                 // Least request (P2C) and the rest: every endpoint gets a real share.
-                _ => n as f64 >= fair * 0.4,
+                (true, _) => n as f64 >= fair * 0.4,
             };
             ensure(ok, || {
                 format!(
-                    "{algorithm}: {} ({version}) answered {n} of {total} ({} endpoints): {:?}",
+                    "{algorithm} (preferSameZone {prefer_zone}, caller zone {caller_zone:?}): {} ({version}, zone {zone:?}, {}) answered {n} of {total}: {:?}",
                     name(p),
-                    pods.len(),
+                    if expected {
+                        "should serve"
+                    } else {
+                        "should not serve"
+                    },
                     s.by_pod
                 )
             })?;
@@ -183,16 +211,16 @@ pub async fn split_and_spread(shop: &Shop<'_>) -> Result<(), ScenarioError> {
         )
     })?;
     println!(
-        "scenario split: {} answers, reviews-v1 {share:.1} % ({to_v1}) / v2 {:.1} % ({to_v2}) for 90/10; x-canary: true -> v2 {canary}/{} (100 %); {}, p99 {:.1} ms ({:.1} s)",
+        "scenario split: {} answers, reviews-v1 {share:.1} % ({to_v1}) / v2 {:.1} % ({to_v2}) for 90/10; x-canary: true -> v2 {canary}/{} (100 %); {} ({:.1} s)",
         s.ok,
         100.0 - share,
         hs.ok,
         s.line(),
-        s.p99_ms,
         t.elapsed().as_secs_f64()
     );
     println!(
-        "scenario spread: reviews MeshPolicy {algorithm}; answers per ready endpoint: {}",
+        "scenario spread: reviews MeshPolicy {algorithm} (preferSameZone {prefer_zone}, caller zone {}); answers per ready endpoint: {}",
+        caller_zone.as_deref().unwrap_or("none"),
         spread.join(", ")
     );
     Ok(())
