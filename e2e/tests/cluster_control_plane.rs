@@ -242,7 +242,7 @@ fn alive(operator: &mut LocalOperator) -> Result<(), String> {
 fn ready(ctx: &Context) -> Result<(), String> {
     match ctx.not_ready_reason() {
         None => Ok(()),
-        Some(why) => Err(why.to_owned()),
+        Some(why) => Err(why),
     }
 }
 

@@ -1,6 +1,10 @@
 //! The admin server (port 15020): `/live`, `/ready`, `/metrics`, `/config_dump`,
 //! `/endpoints`, `/app-health/<container>/<probe>` (rewritten kubelet probes), and, from
-//! localhost only, `/shutdown` and `/log-level`.
+//! localhost only, `/shutdown` (alias `/quitquitquit`, Istio's name, so scripts written
+//! for Istio work unchanged) and `/log-level`.
+//!
+//! `POST /shutdown` is how a Job's app stops a classic sidecar when it is done: the proxy
+//! drains like on SIGTERM and exits 0, so the pod can reach `Succeeded`.
 
 use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
@@ -70,6 +74,7 @@ pub fn router(ctx: Arc<Context>) -> Router {
         .route("/explain", get(explain))
         .route("/app-health/{container}/{probe}", get(app_health))
         .route("/shutdown", post(shutdown))
+        .route("/quitquitquit", post(shutdown))
         .route(
             "/log-level",
             get(get_log_level).post(set_log_level).put(set_log_level),
@@ -244,11 +249,12 @@ async fn app_health(State(ctx): State<Arc<Context>>, uri: Uri) -> Response {
 async fn shutdown(
     State(ctx): State<Arc<Context>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    uri: Uri,
 ) -> Response {
     if let Err(r) = local_only(peer) {
         return *r;
     }
-    tracing::info!(%peer, "shutdown requested on the admin port");
+    tracing::info!(%peer, path = %uri.path(), "shutdown requested on the admin port");
     ctx.shutdown.trigger();
     text(StatusCode::OK, "shutting down\n")
 }

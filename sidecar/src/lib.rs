@@ -121,20 +121,25 @@ pub struct Context {
 }
 
 impl Context {
-    /// Why `/ready` fails, or `None` when the proxy is ready.
-    pub fn not_ready_reason(&self) -> Option<&'static str> {
+    /// Why `/ready` fails, or `None` when the proxy is ready. Without a certificate it
+    /// names the last certify error, so what kubelet reports (the postStart hook's
+    /// output in the pod's events) says why, e.g. that the operator refused connections.
+    pub fn not_ready_reason(&self) -> Option<String> {
         if self.shutdown.is_triggered() {
-            return Some("shutting down");
+            return Some("shutting down".to_owned());
         }
         if self.config.load().config.identity.is_some() && self.identity.current().is_none() {
-            return Some("certificate not loaded");
+            return Some("certificate not loaded".to_owned());
         }
         if let Some(control) = &self.control {
             if self.identity.current().is_none() {
-                return Some("no certificate from the operator yet");
+                return Some(match self.identity.last_failure() {
+                    Some(why) => format!("no certificate from the operator yet: {why}"),
+                    None => "no certificate from the operator yet".to_owned(),
+                });
             }
             if !control.inbound_received() {
-                return Some("no inbound config from the operator yet");
+                return Some("no inbound config from the operator yet".to_owned());
             }
         }
         None

@@ -31,11 +31,24 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug, Default)]
 pub struct IdentityStore {
     current: ArcSwapOption<Identity>,
+    /// Why the last attempt to get an identity from the operator failed, until one works.
+    failure: ArcSwapOption<String>,
 }
 
 impl IdentityStore {
     pub fn current(&self) -> Option<Arc<Identity>> {
         self.current.load_full()
+    }
+
+    /// Remembers why getting an identity failed (Kubernetes mode: the certify error), so
+    /// `/ready` can say it — and with it the postStart hook's message in the pod's events.
+    pub fn record_failure(&self, why: String) {
+        self.failure.store(Some(Arc::new(why)));
+    }
+
+    /// The last failure since an identity was last installed.
+    pub fn last_failure(&self) -> Option<Arc<String>> {
+        self.failure.load_full()
     }
 
     /// Loads `files`; on success the new identity replaces the old one (connections
@@ -74,6 +87,7 @@ impl IdentityStore {
             .inc();
         tracing::info!(spiffe_id = %id.spiffe_id, not_after = id.not_after, "identity loaded");
         self.current.store(Some(Arc::new(id)));
+        self.failure.store(None);
     }
 }
 

@@ -111,6 +111,21 @@ async fn refusals_back_off_tokens_are_reread_and_certificates_renew_at_seventy_p
     };
     wait("the first attempt", 1).await;
     assert!(store.current().is_none(), "refused: no identity yet");
+    // The refusal is kept for /ready to name (the pod's events show it through the
+    // postStart hook); it is recorded right after the answer, so allow a moment.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let why = loop {
+        if let Some(why) = store.last_failure() {
+            break why;
+        }
+        assert!(Instant::now() < deadline, "the refusal is recorded");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(
+        why.starts_with("cannot certify with the operator: the operator refused: 503")
+            && why.contains("apiserver down"),
+        "{why}"
+    );
     // The kubelet rotates the projected token; the next attempt must read the new one.
     std::fs::write(&token, "token-2\n").expect("token");
     wait("a retry after the backoff", 2).await;
@@ -124,6 +139,7 @@ async fn refusals_back_off_tokens_are_reread_and_certificates_renew_at_seventy_p
     }
     let first = store.current().expect("identity");
     assert_eq!(&*first.spiffe_id, ID);
+    assert!(store.last_failure().is_none(), "forgotten once certified");
 
     let issued = Instant::now();
     wait("the renewal", 3).await;

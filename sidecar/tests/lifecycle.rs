@@ -187,3 +187,49 @@ fn without_a_subcommand_the_flags_run_the_proxy_and_subcommands_reject_them() {
         .expect("run drain");
     assert!(out.status.success(), "{}", stderr(&out));
 }
+
+/// `POST <path>` on the admin port with a plain HTTP/1.1 request, as `curl -X POST` from
+/// the app container does; the status code and body.
+fn post(admin: SocketAddr, path: &str) -> (u16, String) {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect(admin).expect("connect to the admin port");
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("read timeout");
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nhost: localhost\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+    )
+    .expect("write request");
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).expect("read answer");
+    let code = raw
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("status line");
+    let body = raw.split_once("\r\n\r\n").map(|(_, b)| b.to_owned());
+    (code, body.unwrap_or_default())
+}
+
+#[test]
+fn an_app_that_is_done_stops_the_proxy_by_either_name_and_it_exits_zero() {
+    // A Job's app calls this when it is done: the classic sidecar must exit so the pod
+    // can reach Succeeded. `/quitquitquit` is Istio's name for the same call.
+    for path in ["/shutdown", "/quitquitquit"] {
+        let mut p = proxy(&["--shutdown-grace-period", "30s"]);
+        let admin = format!("--admin={}", p.admin);
+        let (out, _) = hook(&["wait-ready", "--timeout=20s", &admin]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let asked = Instant::now();
+        let (code, body) = post(p.admin, path);
+        assert_eq!((code, body.trim()), (200, "shutting down"), "{path}");
+        let status = p.exit_status();
+        let took = asked.elapsed();
+        assert!(status.success(), "{path}: exit code 0: {status:?}");
+        // Nothing is in flight, so nothing holds the exit back for the 30 s grace period.
+        assert!(
+            took < Duration::from_secs(5),
+            "{path}: exited after {took:?}"
+        );
+    }
+}

@@ -263,6 +263,7 @@ pub async fn run(
                 let wait = backoff.next_delay();
                 let current = store.current().map(|i| i.not_after);
                 tracing::warn!(error = %e, retry_in = ?wait, current_not_after = ?current, "certify failed; keeping the current certificate");
+                store.record_failure(format!("cannot certify with the operator: {e}"));
                 wait
             }
         };
