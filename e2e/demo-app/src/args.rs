@@ -80,6 +80,13 @@ pub struct LoadArgs {
     /// Exit with status 1 when the success rate (percent) ends below this.
     #[arg(long, env = "DEMO_MIN_SUCCESS_RATE")]
     pub min_success_rate: Option<f64>,
+    /// When done, tell the pod's classic sidecar to drain and exit (`POST /shutdown` on
+    /// its admin port), so a Job's pod completes.
+    #[arg(long, env = "DEMO_STOP_PROXY")]
+    pub stop_proxy: bool,
+    /// The proxy's admin address for --stop-proxy.
+    #[arg(long, env = "DEMO_PROXY_ADMIN", default_value = crate::sidecar::DEFAULT_ADMIN)]
+    pub proxy_admin: SocketAddr,
 }
 
 /// `250ms`, `5s`, `1m30s`, `1h`, or `0`.
@@ -202,11 +209,14 @@ mod tests {
             "-H",
             "x-canary: true",
             "--h2",
+            "--stop-proxy",
         ])
         .expect("parse");
         let Cmd::Load(l) = cli.cmd else {
             panic!("not load");
         };
+        assert!(l.stop_proxy);
+        assert_eq!(l.proxy_admin, "127.0.0.1:15020".parse().expect("addr"));
         assert_eq!(l.rps, 200.0);
         assert_eq!(l.duration, Duration::from_secs(5));
         assert_eq!(l.headers, vec![("x-canary".to_owned(), "true".to_owned())]);

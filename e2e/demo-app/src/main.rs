@@ -1,11 +1,13 @@
 //! `remora-demo-app`: the workload of Remora's demo and end-to-end scenarios, one small
 //! binary in one image. `serve` answers who it is (pod, IP, version) over HTTP/1.1, h2c
 //! and gRPC health; `load` drives a fixed request rate at a URL and reports answers per
-//! pod, success rate and latency percentiles, as text and as JSON lines.
+//! pod, success rate and latency percentiles, as text and as JSON lines; with
+//! `--stop-proxy` it then stops the pod's classic sidecar, as a Job's app must.
 
 mod args;
 mod load;
 mod serve;
+mod sidecar;
 mod stats;
 
 use std::process::ExitCode;
@@ -55,7 +57,16 @@ fn main() -> ExitCode {
             },
             Cmd::Load(a) => {
                 let min = a.min_success_rate;
-                match load::run(a, rx).await {
+                let stop_proxy = a.stop_proxy.then_some(a.proxy_admin);
+                let result = load::run(a, rx).await;
+                if let Some(admin) = stop_proxy {
+                    // Whatever the outcome: the pod must be able to finish either way.
+                    match sidecar::stop(admin).await {
+                        Ok(()) => eprintln!("remora-demo-app: asked the proxy at {admin} to stop"),
+                        Err(e) => eprintln!("remora-demo-app: warning: {e}"),
+                    }
+                }
+                match result {
                     Ok(s) if min.is_some_and(|m| s.success_rate < m) => {
                         eprintln!(
                             "remora-demo-app: success rate {:.2} % is below {:.2} %",
