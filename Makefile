@@ -63,8 +63,10 @@ lint: fmt-check ## clippy with warnings as errors, and the proxy-side model with
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
 	$(CARGO) clippy -p remora-crds --no-default-features --locked -- -D warnings
 
-demo: prereqs ## Remora's main job today: a local control plane with the mesh installed (ARGS=--keep to stay up)
-	$(CARGO) build --locked -q --workspace --bins
+# The demo reports how long the cluster took to be up from `make demo` itself (building
+# included); `--stop` only stops a kept demo and needs no images.
+demo: export REMORA_DEMO_MAKE_STARTED_NS := $(shell date +%s%N)
+demo: prereqs $(if $(filter --stop%,$(ARGS)),,images) ## Remora's main job: a node in a box, Remora installed, the samples' traffic shown live until Ctrl-C (ARGS: --keep, --duration=20s, --stop DIR)
 	$(CARGO) run --locked -q -p remora-e2e --bin remora-demo -- $(ARGS)
 
 ENVOY_VERSION := 1.40.0
