@@ -58,13 +58,18 @@ k apply -k config/default
 k wait --for condition=established --timeout=60s crd/meshpolicies.remora.dev crd/trafficsplits.remora.dev
 k -n remora-system rollout status deploy/remora-operator --timeout=180s
 k -n remora-system rollout status deploy/remora-webhook --timeout=180s
-# The operator fills the webhook's caBundle; until then every meshed pod is refused.
+# The operator fills the webhooks' caBundles; until then every meshed pod is refused, and
+# so is labelling a namespace remora.dev/inject.
+ca_bundles_filled() {
+  [ -n "$(k get mutatingwebhookconfiguration remora-webhook -o jsonpath='{.webhooks[0].clientConfig.caBundle}')" ] \
+    && [ -n "$(k get validatingwebhookconfiguration remora-webhook -o jsonpath='{.webhooks[0].clientConfig.caBundle}')" ]
+}
 for _ in $(seq 1 90); do
-  [ -n "$(k get mutatingwebhookconfiguration remora-webhook -o jsonpath='{.webhooks[0].clientConfig.caBundle}')" ] && break
+  ca_bundles_filled && break
   sleep 2
 done
-[ -n "$(k get mutatingwebhookconfiguration remora-webhook -o jsonpath='{.webhooks[0].clientConfig.caBundle}')" ] \
-  || die "the operator did not fill the webhook's caBundle within 180 s: $(k -n remora-system logs deploy/remora-operator --tail=20 2>&1)"
+ca_bundles_filled \
+  || die "the operator did not fill the webhooks' caBundles within 180 s: $(k -n remora-system logs deploy/remora-operator --tail=20 2>&1)"
 echo "kind-e2e: Remora installed in $((SECONDS - t)) s"
 
 t=$SECONDS

@@ -1,8 +1,7 @@
 //! Remora installed on a node as users install it: the image tarballs imported into the
 //! node's containerd (`make images` writes them), `kubectl apply -k config/default`, and
 //! the operator and webhook running as pods from their Deployments, which bootstrap the
-//! CA, the webhook's certificate and the MutatingWebhookConfiguration's caBundle
-//! themselves.
+//! CA, the webhook's certificate and the webhook configurations' caBundles themselves.
 
 use std::{
     path::{Path, PathBuf},
@@ -10,7 +9,11 @@ use std::{
 };
 
 use k8s_openapi::api::{
-    admissionregistration::v1::MutatingWebhookConfiguration, apps::v1::Deployment, core::v1::Pod,
+    admissionregistration::v1::{
+        MutatingWebhookConfiguration, ValidatingWebhookConfiguration, WebhookClientConfig,
+    },
+    apps::v1::Deployment,
+    core::v1::Pod,
 };
 use kube::Api;
 
@@ -116,26 +119,46 @@ impl Node {
         }
     }
 
+    /// Waits until the operator has filled the caBundle of both webhook configurations
+    /// (pods and the namespace label); until then the API server cannot call the webhook.
     async fn wait_ca_bundle(&self, name: &str, timeout: Duration) -> Result<(), HarnessError> {
-        let api: Api<MutatingWebhookConfiguration> = Api::all(self.client().await?);
+        let client = self.client().await?;
+        let mutating: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+        let validating: Api<ValidatingWebhookConfiguration> = Api::all(client);
+        let filled = |c: Option<&WebhookClientConfig>| {
+            c.and_then(|c| c.ca_bundle.as_ref())
+                .is_some_and(|b| !b.0.is_empty())
+        };
         let start = Instant::now();
         loop {
-            let filled = api.get_opt(name).await.ok().flatten().is_some_and(|m| {
-                m.webhooks.unwrap_or_default().iter().all(|w| {
-                    w.client_config
-                        .ca_bundle
-                        .as_ref()
-                        .is_some_and(|b| !b.0.is_empty())
-                })
-            });
-            if filled {
+            let m = mutating
+                .get_opt(name)
+                .await
+                .ok()
+                .flatten()
+                .is_some_and(|m| {
+                    let hooks = m.webhooks.unwrap_or_default();
+                    !hooks.is_empty() && hooks.iter().all(|w| filled(Some(&w.client_config)))
+                });
+            let v = validating
+                .get_opt(name)
+                .await
+                .ok()
+                .flatten()
+                .is_some_and(|v| {
+                    let hooks = v.webhooks.unwrap_or_default();
+                    !hooks.is_empty() && hooks.iter().all(|w| filled(Some(&w.client_config)))
+                });
+            if m && v {
                 return Ok(());
             }
             if start.elapsed() > timeout {
                 return Err(HarnessError::Timeout {
-                    what: format!("the caBundle of MutatingWebhookConfiguration {name}"),
+                    what: format!(
+                        "the caBundle of the Mutating- and ValidatingWebhookConfiguration {name}"
+                    ),
                     secs: timeout.as_secs(),
-                    last: "empty".to_owned(),
+                    last: format!("mutating filled: {m}, validating filled: {v}"),
                 });
             }
             tokio::time::sleep(Duration::from_millis(500)).await;

@@ -77,40 +77,7 @@ pub struct Node {
 }
 
 fn node_binaries() -> Result<Vec<PathBuf>, HarnessError> {
-    let apt = "apt-get install containerd runc containernetworking-plugins conntrack iptables util-linux iproute2 (or run e2e/cluster/provision.sh as root)";
-    let mut found = Vec::new();
-    for (name, pkg) in [
-        ("containerd", "containerd"),
-        ("containerd-shim-runc-v2", "containerd"),
-        ("ctr", "containerd"),
-        ("runc", "runc"),
-        ("conntrack", "conntrack"),
-        ("iptables", "iptables"),
-        ("nsenter", "util-linux"),
-        ("unshare", "util-linux"),
-        ("ip", "iproute2"),
-    ] {
-        found.push(prereqs::on_path(name).ok_or_else(|| HarnessError::Missing {
-            what: format!("{name} is not on PATH (Debian package {pkg})"),
-            how: apt.to_owned(),
-        })?);
-    }
-    for plugin in ["bridge", "host-local", "loopback"] {
-        let p = Path::new("/usr/lib/cni").join(plugin);
-        if !p.is_file() {
-            return Err(HarnessError::Missing {
-                what: format!("the CNI plugin {}", p.display()),
-                how: apt.to_owned(),
-            });
-        }
-    }
-    if !nix_is_root() {
-        return Err(HarnessError::Missing {
-            what: "root: the node tier creates network namespaces, cgroups and mounts".to_owned(),
-            how: "run the node tier as root, or opt out with REMORA_SKIP_NODE=1".to_owned(),
-        });
-    }
-    Ok(found)
+    prereqs::node_tools(prereqs::on_path, Path::new("/usr/lib/cni"), nix_is_root())
 }
 
 fn nix_is_root() -> bool {
