@@ -26,8 +26,8 @@ use remora_e2e::NodeOptions;
 use remora_e2e::target::Target;
 
 use lifecycle::{
-    NS, app_pod, apply_yaml, describe, eventually, is_ready, kubectl_fails, namespace_and_echo,
-    native_sidecar, status_of, wait_available,
+    Cleanup, NS, OperatorBack, app_pod, apply_yaml, describe, eventually, is_ready, kubectl_fails,
+    namespace_and_echo, native_sidecar, status_of, wait_available,
 };
 
 const LABEL: &str = "remora.dev/inject";
@@ -105,23 +105,6 @@ async fn lifecycle_scenarios_and_bad_input() {
             "left behind: {:#?}",
             report.problems
         );
-    }
-}
-
-/// Deletes the scenarios' namespace on an external cluster (the node is torn down whole).
-struct Cleanup<'a>(&'a Target);
-
-impl Drop for Cleanup<'_> {
-    fn drop(&mut self) {
-        if self.0.is_external() {
-            let _ = self.0.kubectl(&[
-                "delete",
-                "namespace",
-                NS,
-                "--wait=false",
-                "--ignore-not-found",
-            ]);
-        }
     }
 }
 
@@ -412,7 +395,7 @@ async fn init_failure(target: &Target, client: &Client, name: &str) {
         .unwrap_or_default()
         .trim();
     println!(
-        "scenario init-failure: remora-init exited {} after pod creation within {first_failure:.0} s, {} restarts by now, app never started (pod {}); termination message: {why}{}",
+        "scenario init-failure: remora-init exited {} (first failure {first_failure:.0} s after pod creation, 1 s resolution), {} restarts by now, app never started (pod {}); termination message: {why}{}",
         failed.exit_code,
         init.restart_count,
         describe(&pod),
@@ -422,37 +405,6 @@ async fn init_failure(target: &Target, client: &Client, name: &str) {
             ""
         },
     );
-}
-
-/// Restores the operator's replicas when dropped, also when the scenario fails.
-struct OperatorBack<'a> {
-    target: &'a Target,
-    replicas: i32,
-    restored: bool,
-}
-
-impl OperatorBack<'_> {
-    fn restore(&mut self) {
-        if !self.restored {
-            self.restored = true;
-            let replicas = format!("--replicas={}", self.replicas);
-            if let Err(e) = self.target.kubectl(&[
-                "-n",
-                "remora-system",
-                "scale",
-                "deployment/remora-operator",
-                &replicas,
-            ]) {
-                eprintln!("restoring the operator failed: {e}");
-            }
-        }
-    }
-}
-
-impl Drop for OperatorBack<'_> {
-    fn drop(&mut self) {
-        self.restore();
-    }
 }
 
 /// The operator scaled to 0: a new meshed pod cannot certify, is not Ready, and says why;

@@ -223,3 +223,53 @@ pub fn app_pod(name: &str, annotations: &str) -> serde_json::Value {
         },
     })
 }
+
+/// Deletes the scenarios' namespace on an external cluster (the node is torn down whole),
+/// also when a scenario fails.
+pub struct Cleanup<'a>(pub &'a Target);
+
+impl Drop for Cleanup<'_> {
+    fn drop(&mut self) {
+        if self.0.is_external() {
+            let _ = self.0.kubectl(&[
+                "delete",
+                "namespace",
+                NS,
+                "--wait=false",
+                "--ignore-not-found",
+            ]);
+        }
+    }
+}
+
+/// Scales the operator back to `replicas` when restored or dropped (also when the
+/// scenario fails, so an external cluster keeps its control plane).
+pub struct OperatorBack<'a> {
+    pub target: &'a Target,
+    pub replicas: i32,
+    pub restored: bool,
+}
+
+impl OperatorBack<'_> {
+    pub fn restore(&mut self) {
+        if !self.restored {
+            self.restored = true;
+            let replicas = format!("--replicas={}", self.replicas);
+            if let Err(e) = self.target.kubectl(&[
+                "-n",
+                "remora-system",
+                "scale",
+                "deployment/remora-operator",
+                &replicas,
+            ]) {
+                eprintln!("restoring the operator failed: {e}");
+            }
+        }
+    }
+}
+
+impl Drop for OperatorBack<'_> {
+    fn drop(&mut self) {
+        self.restore();
+    }
+}
