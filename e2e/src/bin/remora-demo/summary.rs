@@ -403,7 +403,7 @@ mod tests {
                 .any(|m| m.contains("loadgen-1: its certificate has expired"))
         );
         let empty = snap(0.0, Vec::new());
-        let f = Frame::compute(&empty, &[empty.clone()], None).expect("a frame");
+        let f = Frame::compute(&empty, std::slice::from_ref(&empty), None).expect("a frame");
         assert!(
             f.check()
                 .expect_err("nothing")
