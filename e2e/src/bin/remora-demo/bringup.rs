@@ -6,7 +6,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use k8s_openapi::api::{apps::v1::Deployment, core::v1::Pod};
 use kube::{Api, api::ListParams};
-use remora_e2e::{Node, NodeOptions, apply::repo_root};
+use remora_e2e::{HarnessError, Node, NodeOptions, apply::repo_root, node::install};
 
 use crate::{DemoError, signals::Shutdown};
 
@@ -45,6 +45,18 @@ pub struct Phases {
 
 /// Starts the node; a signal during start-up stops what was started.
 pub async fn start_node(clock: &Clock, shutdown: &mut Shutdown) -> Result<Node, DemoError> {
+    // A missing image fails now, not after half a minute of node start-up.
+    let images = install::images_dir();
+    if let Some(name) = install::IMAGES
+        .iter()
+        .find(|n| !images.join(format!("{n}.tar")).is_file())
+    {
+        return Err(HarnessError::Missing {
+            what: format!("the {name} image (no {name}.tar in {})", images.display()),
+            how: "build the images first: `make images` (make demo does)".to_owned(),
+        }
+        .into());
+    }
     clock.step(
         "starting a Kubernetes 1.20 node: etcd, kube-apiserver, controller-manager, scheduler, containerd, kubelet and kube-proxy in a network namespace of their own",
     );

@@ -45,7 +45,7 @@ pub enum DemoError {
     },
     #[error("{0}")]
     Setup(String),
-    #[error("stopped by {0} before the demo was up")]
+    #[error("stopped by {0} before the demo was up (what had started is torn down)")]
     Interrupted(&'static str),
     #[error("the mesh did not show working: {}", .0.join("; "))]
     Check(Vec<String>),
