@@ -246,6 +246,57 @@ async fn a_90_10_split_holds_within_3_percent_over_10000_requests_and_a_header_r
     assert_eq!(share(&canary, "b1"), 100, "{canary:?}");
 }
 
+/// Sticky sessions behind a split: the split is decided once per request, so reading the
+/// backend's cookie policy does not turn the weighted rotation (a 1:1 split stays 1:1).
+#[tokio::test]
+async fn a_split_over_cookie_hashed_backends_keeps_its_weights_and_sets_the_cookie() {
+    let b = backends(2).await;
+    let hashed =
+        "{loadBalancer: {algorithm: ConsistentHash, consistentHash: {cookie: {name: sid}}}}";
+    let cfg = format!(
+        r#"outbound:
+  services:
+  - name: svc.test
+    addresses: ["{VIP}"]
+    protocol: http
+    split:
+      backends: [{{service: v1.test, weight: 1}}, {{service: v2.test, weight: 1}}]
+  - name: v1.test
+    policy: {hashed}
+    endpoints: [{{address: "{}"}}]
+  - name: v2.test
+    policy: {hashed}
+    endpoints: [{{address: "{}"}}]
+"#,
+        b[0].addr, b[1].addr
+    );
+    let proxy = start(settings(vip()), &cfg).await;
+    let out = proxy.outbound_addrs[0];
+    let counts = spread(out, 100, &[]).await;
+    println!("split 1:1 over cookie-hashed backends, 100 requests: {counts:?}");
+    assert_eq!(share(&counts, "b0"), 50, "{counts:?}");
+    assert_eq!(share(&counts, "b1"), 50, "{counts:?}");
+    let mut send = common::h1(out).await;
+    let resp = send
+        .send_request(
+            Request::builder()
+                .uri("/")
+                .header("host", "svc.test")
+                .body(full(""))
+                .expect("request"),
+        )
+        .await
+        .expect("response");
+    let cookie = resp
+        .headers()
+        .get("set-cookie")
+        .map(|v| v.to_str().unwrap_or_default().to_owned());
+    assert!(
+        cookie.as_deref().is_some_and(|c| c.starts_with("sid=")),
+        "no sticky cookie from the split's backend: {cookie:?}"
+    );
+}
+
 #[tokio::test]
 async fn locality_keeps_traffic_in_zone_while_healthy_and_spills_over_when_not() {
     let b = backends(3).await;
