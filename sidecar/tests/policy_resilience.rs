@@ -227,6 +227,12 @@ async fn the_breaker_opens_fast_fails_half_opens_and_closes() {
         one(&mut send, "GET").await;
     }
     assert_eq!(b[0].hits(), hits, "nothing reaches the upstream while open");
+    let admin = proxy.admin_addr.expect("admin");
+    let (_, metrics) = common::admin_get(admin, "/metrics").await;
+    assert!(
+        metrics.contains("remora_proxy_breaker_state{service=\"svc.test\"} 1"),
+        "open at scrape time: {metrics}"
+    );
 
     // Half-open after openFor: probes go through; the upstream has recovered.
     b[0].set_status(200);
@@ -238,8 +244,13 @@ async fn the_breaker_opens_fast_fails_half_opens_and_closes() {
         }
     }
     assert_eq!(ok, 20, "probes succeed and close the breaker");
-    let (_, body) = common::admin_get(proxy.admin_addr.expect("admin"), "/endpoints").await;
+    let (_, body) = common::admin_get(admin, "/endpoints").await;
     assert!(body.contains("\"state\": \"closed\""), "{body}");
+    let (_, metrics) = common::admin_get(admin, "/metrics").await;
+    assert!(
+        metrics.contains("remora_proxy_breaker_state{service=\"svc.test\"} 0"),
+        "closed at scrape time: {metrics}"
+    );
 }
 
 #[tokio::test]
@@ -301,6 +312,11 @@ async fn an_ejected_endpoint_returns_after_its_time_with_ramped_traffic() {
         assert_eq!(one(&mut send, "GET").await.0, StatusCode::OK);
     }
     assert_eq!(b[0].hits(), before, "ejected: no traffic");
+    let (_, metrics) = common::admin_get(proxy.admin_addr.expect("admin"), "/metrics").await;
+    assert!(
+        metrics.contains("remora_proxy_ejected_endpoints{service=\"svc.test\"} 1"),
+        "one endpoint ejected at scrape time: {metrics}"
+    );
     b[0].set_status(200);
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let back_before = b[0].hits();
