@@ -126,7 +126,7 @@ pub fn explain(
 }
 
 /// Backend sets a request could land on, with their share of a weighted split.
-type Backends<'r> = Vec<(&'r std::sync::Arc<EndpointSet>, Option<String>)>;
+type Backends<'r> = Vec<(&'r Arc<EndpointSet>, Option<String>)>;
 
 /// The backends a request could land on and why.
 fn backend<'r>(route: &'r ServiceRoute, headers: &HeaderMap) -> (Backends<'r>, String) {
