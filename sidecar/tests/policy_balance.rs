@@ -8,26 +8,15 @@ mod common;
 
 use std::{collections::HashMap, net::SocketAddr, time::Duration};
 
-use common::{backends::Backend, backends::backends, full, settings, start};
+use common::{
+    backends::{Backend, CANARY_SPLIT, backends, only, service_config, split_config, vip},
+    full, settings, start,
+};
 use http::{Request, StatusCode};
 use http_body_util::BodyExt;
 
-const VIP: &str = "10.96.0.1:80";
-
-fn vip() -> SocketAddr {
-    VIP.parse().expect("addr")
-}
-
-/// One service at the VIP over `eps` (each `address` plus extra endpoint fields).
 fn config(policy: &str, eps: &[(&Backend, &str)], extra: &str) -> String {
-    let eps: Vec<String> = eps
-        .iter()
-        .map(|(b, more)| format!("    - {{address: \"{}\"{more}}}", b.addr))
-        .collect();
-    format!(
-        "{extra}outbound:\n  services:\n  - name: svc.test\n    addresses: [\"{VIP}\"]\n    protocol: http\n    policy: {policy}\n    endpoints:\n{}\n",
-        eps.join("\n")
-    )
+    service_config(policy, eps, extra)
 }
 
 /// Sends `n` GETs (with `headers`) on one kept-alive connection; counts answers by
@@ -220,21 +209,9 @@ async fn least_request_sends_under_20_percent_to_a_10x_slower_endpoint() {
 #[tokio::test]
 async fn a_90_10_split_holds_within_3_percent_over_10000_requests_and_a_header_route_wins() {
     let b = backends(2).await;
-    let cfg = format!(
-        r#"outbound:
-  services:
-  - name: svc.test
-    addresses: ["{VIP}"]
-    protocol: http
-    split:
-      backends: [{{service: v1.test, weight: 90}}, {{service: v2.test, weight: 10}}]
-      matches: [{{headers: {{x-canary: "true"}}, backend: v2.test}}]
-  - name: v1.test
-    endpoints: [{{address: "{}"}}]
-  - name: v2.test
-    endpoints: [{{address: "{}"}}]
-"#,
-        b[0].addr, b[1].addr
+    let cfg = split_config(
+        CANARY_SPLIT,
+        &[("v1.test", "", only(&b[0])), ("v2.test", "", only(&b[1]))],
     );
     let proxy = start(settings(vip()), &cfg).await;
     let out = proxy.outbound_addrs[0];
@@ -253,22 +230,12 @@ async fn a_split_over_cookie_hashed_backends_keeps_its_weights_and_sets_the_cook
     let b = backends(2).await;
     let hashed =
         "{loadBalancer: {algorithm: ConsistentHash, consistentHash: {cookie: {name: sid}}}}";
-    let cfg = format!(
-        r#"outbound:
-  services:
-  - name: svc.test
-    addresses: ["{VIP}"]
-    protocol: http
-    split:
-      backends: [{{service: v1.test, weight: 1}}, {{service: v2.test, weight: 1}}]
-  - name: v1.test
-    policy: {hashed}
-    endpoints: [{{address: "{}"}}]
-  - name: v2.test
-    policy: {hashed}
-    endpoints: [{{address: "{}"}}]
-"#,
-        b[0].addr, b[1].addr
+    let cfg = split_config(
+        "{backends: [{service: v1.test, weight: 1}, {service: v2.test, weight: 1}]}",
+        &[
+            ("v1.test", hashed, only(&b[0])),
+            ("v2.test", hashed, only(&b[1])),
+        ],
     );
     let proxy = start(settings(vip()), &cfg).await;
     let out = proxy.outbound_addrs[0];
