@@ -15,7 +15,11 @@
 //!   here. `REMORA_BENCH_SKIP_FLOOR=1` leaves it out;
 //! - **baseline** (only with `REMORA_BENCH_BASELINE=/path/to/remora-proxy`): another build of
 //!   the proxy, e.g. main's, as a second Remora pair in its own pods, so a change is
-//!   compared with it in the same run.
+//!   compared with it in the same run;
+//! - **policy**: the same build as **remora** with the full traffic policy on the service
+//!   (least request, retries with a budget, circuit breaker limits and error rate, outlier
+//!   detection, timeouts; `POLICY`), where **remora** has round robin and nothing else: what
+//!   the policy path costs when nothing fails. `REMORA_BENCH_SKIP_POLICY=1` leaves it out.
 //!
 //! The load generator and the server are this program, re-executed inside the namespaces
 //! (`--load ...`, `--serve`). Phases per path: max throughput (HTTP/1.1 keep-alive,
@@ -534,8 +538,28 @@ fn sidecar(pods: &mut Pods, server: bool, name: &str, args: &[&str]) -> anyhow::
     Ok(pid)
 }
 
-/// The Remora pair of `proxy_bin`; PIDs of proxy A (client pod) and B (server pod).
-fn start_remora(pods: &mut Pods, proxy_bin: &str, extra_args: &str) -> anyhow::Result<(u32, u32)> {
+/// The **remora** path's service policy: round robin and nothing else.
+const NO_POLICY: &str = "{loadBalancer: {algorithm: RoundRobin}}";
+
+/// The **policy** path's: every policy that does per-request work when nothing fails.
+/// Retries are on connect failures and gateway errors, so the bench's `POST`s are
+/// retryable only before they reach the server, as for any non-idempotent request.
+const POLICY: &str = "{loadBalancer: {algorithm: LeastRequest}, \
+    timeouts: {request: 10s, connect: 1s, idle: 60s}, \
+    retries: {attempts: 2, perTryTimeout: 5s, retryOn: [connect-failure, gateway-error], \
+      backoff: {base: 5ms, max: 50ms}, budgetPercent: 20}, \
+    circuitBreaker: {maxConnections: 1000, maxPendingRequests: 1000, maxRequests: 1000, \
+      errorRatePercent: 50, window: 10s, minRequests: 20, openFor: 5s}, \
+    outlierDetection: {consecutiveErrors: 5, interval: 10s, baseEjectionTime: 30s, maxEjectionPercent: 50}}";
+
+/// The Remora pair of `proxy_bin` with `policy` on the service; PIDs of proxy A (client
+/// pod) and B (server pod).
+fn start_remora(
+    pods: &mut Pods,
+    proxy_bin: &str,
+    extra_args: &str,
+    policy: &str,
+) -> anyhow::Result<(u32, u32)> {
     let (server_id, client_id) = identities(pods)?;
     let server_cfg = write_config(
         pods,
@@ -549,7 +573,7 @@ fn start_remora(pods: &mut Pods, proxy_bin: &str, extra_args: &str) -> anyhow::R
         pods,
         "client.yaml",
         &format!(
-            "version: 1\n{}outbound:\n  services:\n  - name: server.bench\n    addresses: [\"{SERVER_IP}:{MESH_PORT}\"]\n    endpoints:\n    - {{address: \"{SERVER_IP}:{MESH_PORT}\", identity: \"{BACKEND}\", meshed: true}}\n",
+            "version: 1\n{}outbound:\n  services:\n  - name: server.bench\n    addresses: [\"{SERVER_IP}:{MESH_PORT}\"]\n    policy: {policy}\n    endpoints:\n    - {{address: \"{SERVER_IP}:{MESH_PORT}\", identity: \"{BACKEND}\", meshed: true}}\n",
             client_id.yaml()
         ),
     )?;
@@ -618,6 +642,9 @@ fn wait_listening(pods: &Pods, server: bool, name: &str) -> anyhow::Result<()> {
 
 /// Opts the floor path out.
 const SKIP_FLOOR: &str = "REMORA_BENCH_SKIP_FLOOR";
+
+/// Opts the policy path out.
+const SKIP_POLICY: &str = "REMORA_BENCH_SKIP_POLICY";
 
 /// A second `remora-proxy` binary to run as the "baseline" path.
 const BASELINE_ENV: &str = "REMORA_BENCH_BASELINE";
@@ -718,7 +745,12 @@ fn bench() -> anyhow::Result<()> {
     let extra_proxy_args = std::env::var("REMORA_BENCH_PROXY_ARGS").unwrap_or_default();
     let mesh_protocol = envoy::MeshProtocol::of_proxy_args(&extra_proxy_args);
     let remora = Pair::start('b', "remora", &me, ["proxy-a", "proxy-b"], |pods| {
-        start_remora(pods, env!("CARGO_BIN_EXE_remora-proxy"), &extra_proxy_args)
+        start_remora(
+            pods,
+            env!("CARGO_BIN_EXE_remora-proxy"),
+            &extra_proxy_args,
+            NO_POLICY,
+        )
     })?;
     // Every other pair gets its own pods (same addresses, same rules, its own server), so
     // all stay up and the phases can alternate. A baseline is another build of the proxy
@@ -732,7 +764,23 @@ fn bench() -> anyhow::Result<()> {
             "baseline",
             &me,
             ["proxy-a", "proxy-b"],
-            |pods| start_remora(pods, bin, &extra_proxy_args),
+            |pods| start_remora(pods, bin, &extra_proxy_args, NO_POLICY),
+        )?);
+    }
+    if !std::env::var(SKIP_POLICY).is_ok_and(|v| !v.is_empty()) {
+        others.push(Pair::start(
+            'p',
+            "policy",
+            &me,
+            ["proxy-a", "proxy-b"],
+            |pods| {
+                start_remora(
+                    pods,
+                    env!("CARGO_BIN_EXE_remora-proxy"),
+                    &extra_proxy_args,
+                    POLICY,
+                )
+            },
         )?);
     }
     if let Some(bin) = &envoy_bin {
@@ -992,6 +1040,30 @@ fn bench() -> anyhow::Result<()> {
         none(),
         "remora <= 15",
     );
+    // Same-build and same-run comparisons with the remora path (the first pair): a
+    // change's cost (baseline) and the policy path's cost (policy), each as the median of
+    // the per-round ratios, so a slow round skews both sides alike.
+    let remora = &series[1];
+    for (path, s) in paths.iter().zip(&series).skip(2) {
+        let (target, what) = match path.name {
+            "baseline" => ("remora within 3 % of baseline", "remora ÷ baseline"),
+            "policy" => ("policy <= 1.05x remora CPU", "policy ÷ remora"),
+            _ => continue,
+        };
+        let (num, den) = if path.name == "baseline" {
+            (remora, s)
+        } else {
+            (s, remora)
+        };
+        let r = |f: Field| median(f(num).iter().zip(f(den)).map(|(n, d)| n / d).collect());
+        println!(
+            "{what}: throughput {:.3}x, CPU per request at {RATE} rps {:.3}x, at max throughput {:.3}x, new connections {:.3}x   target: {target}",
+            r(|s| &s.max),
+            r(|s| &s.cpu_rate),
+            r(|s| &s.cpu_max),
+            r(|s| &s.connect),
+        );
+    }
     println!("failed requests across all phases: {errors:.0}");
     Ok(())
 }

@@ -129,6 +129,8 @@ async fn ready(State(ctx): State<Arc<Context>>) -> Response {
 }
 
 async fn metrics(State(ctx): State<Arc<Context>>) -> Response {
+    let snap = ctx.config.load();
+    crate::outbound::explain::gauges(&snap.routes, &ctx.metrics, std::time::Instant::now());
     (
         [(
             header::CONTENT_TYPE,

@@ -8,26 +8,15 @@ mod common;
 
 use std::{collections::HashMap, net::SocketAddr, time::Duration};
 
-use common::{backends::Backend, backends::backends, full, settings, start};
+use common::{
+    backends::{Backend, CANARY_SPLIT, backends, only, service_config, split_config, vip},
+    full, settings, start,
+};
 use http::{Request, StatusCode};
 use http_body_util::BodyExt;
 
-const VIP: &str = "10.96.0.1:80";
-
-fn vip() -> SocketAddr {
-    VIP.parse().expect("addr")
-}
-
-/// One service at the VIP over `eps` (each `address` plus extra endpoint fields).
 fn config(policy: &str, eps: &[(&Backend, &str)], extra: &str) -> String {
-    let eps: Vec<String> = eps
-        .iter()
-        .map(|(b, more)| format!("    - {{address: \"{}\"{more}}}", b.addr))
-        .collect();
-    format!(
-        "{extra}outbound:\n  services:\n  - name: svc.test\n    addresses: [\"{VIP}\"]\n    protocol: http\n    policy: {policy}\n    endpoints:\n{}\n",
-        eps.join("\n")
-    )
+    service_config(policy, eps, extra)
 }
 
 /// Sends `n` GETs (with `headers`) on one kept-alive connection; counts answers by
@@ -220,21 +209,9 @@ async fn least_request_sends_under_20_percent_to_a_10x_slower_endpoint() {
 #[tokio::test]
 async fn a_90_10_split_holds_within_3_percent_over_10000_requests_and_a_header_route_wins() {
     let b = backends(2).await;
-    let cfg = format!(
-        r#"outbound:
-  services:
-  - name: svc.test
-    addresses: ["{VIP}"]
-    protocol: http
-    split:
-      backends: [{{service: v1.test, weight: 90}}, {{service: v2.test, weight: 10}}]
-      matches: [{{headers: {{x-canary: "true"}}, backend: v2.test}}]
-  - name: v1.test
-    endpoints: [{{address: "{}"}}]
-  - name: v2.test
-    endpoints: [{{address: "{}"}}]
-"#,
-        b[0].addr, b[1].addr
+    let cfg = split_config(
+        CANARY_SPLIT,
+        &[("v1.test", "", only(&b[0])), ("v2.test", "", only(&b[1]))],
     );
     let proxy = start(settings(vip()), &cfg).await;
     let out = proxy.outbound_addrs[0];
@@ -244,6 +221,47 @@ async fn a_90_10_split_holds_within_3_percent_over_10000_requests_and_a_header_r
     assert!((700..=1300).contains(&v2), "v2 got {v2} of 10000");
     let canary = spread(out, 100, &[("x-canary", "true")]).await;
     assert_eq!(share(&canary, "b1"), 100, "{canary:?}");
+}
+
+/// Sticky sessions behind a split: the split is decided once per request, so reading the
+/// backend's cookie policy does not turn the weighted rotation (a 1:1 split stays 1:1).
+#[tokio::test]
+async fn a_split_over_cookie_hashed_backends_keeps_its_weights_and_sets_the_cookie() {
+    let b = backends(2).await;
+    let hashed =
+        "{loadBalancer: {algorithm: ConsistentHash, consistentHash: {cookie: {name: sid}}}}";
+    let cfg = split_config(
+        "{backends: [{service: v1.test, weight: 1}, {service: v2.test, weight: 1}]}",
+        &[
+            ("v1.test", hashed, only(&b[0])),
+            ("v2.test", hashed, only(&b[1])),
+        ],
+    );
+    let proxy = start(settings(vip()), &cfg).await;
+    let out = proxy.outbound_addrs[0];
+    let counts = spread(out, 100, &[]).await;
+    println!("split 1:1 over cookie-hashed backends, 100 requests: {counts:?}");
+    assert_eq!(share(&counts, "b0"), 50, "{counts:?}");
+    assert_eq!(share(&counts, "b1"), 50, "{counts:?}");
+    let mut send = common::h1(out).await;
+    let resp = send
+        .send_request(
+            Request::builder()
+                .uri("/")
+                .header("host", "svc.test")
+                .body(full(""))
+                .expect("request"),
+        )
+        .await
+        .expect("response");
+    let cookie = resp
+        .headers()
+        .get("set-cookie")
+        .map(|v| v.to_str().unwrap_or_default().to_owned());
+    assert!(
+        cookie.as_deref().is_some_and(|c| c.starts_with("sid=")),
+        "no sticky cookie from the split's backend: {cookie:?}"
+    );
 }
 
 #[tokio::test]

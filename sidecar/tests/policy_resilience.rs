@@ -4,30 +4,18 @@
 
 mod common;
 
-use std::{
-    net::SocketAddr,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
-use common::{backends::Backend, backends::backends, full, settings, start};
+use common::{
+    backends::{Backend, CANARY_SPLIT, VIP, backends, only, service_config, split_config, vip},
+    full, settings, start,
+};
 use http::{Request, StatusCode};
 use http_body_util::BodyExt;
 
-const VIP: &str = "10.96.0.1:80";
-
-fn vip() -> SocketAddr {
-    VIP.parse().expect("addr")
-}
-
 fn config(policy: &str, eps: &[&Backend]) -> String {
-    let eps: Vec<String> = eps
-        .iter()
-        .map(|b| format!("    - {{address: \"{}\"}}", b.addr))
-        .collect();
-    format!(
-        "outbound:\n  services:\n  - name: svc.test\n    addresses: [\"{VIP}\"]\n    protocol: http\n    policy: {policy}\n    endpoints:\n{}\n",
-        eps.join("\n")
-    )
+    let eps: Vec<(&Backend, &str)> = eps.iter().map(|b| (*b, "")).collect();
+    service_config(policy, &eps, "")
 }
 
 /// One request; returns status, the `x-remora-proxy-error` reason and `retry-after`.
@@ -227,6 +215,12 @@ async fn the_breaker_opens_fast_fails_half_opens_and_closes() {
         one(&mut send, "GET").await;
     }
     assert_eq!(b[0].hits(), hits, "nothing reaches the upstream while open");
+    let admin = proxy.admin_addr.expect("admin");
+    let (_, metrics) = common::admin_get(admin, "/metrics").await;
+    assert!(
+        metrics.contains("remora_proxy_breaker_state{service=\"svc.test\"} 1"),
+        "open at scrape time: {metrics}"
+    );
 
     // Half-open after openFor: probes go through; the upstream has recovered.
     b[0].set_status(200);
@@ -238,8 +232,13 @@ async fn the_breaker_opens_fast_fails_half_opens_and_closes() {
         }
     }
     assert_eq!(ok, 20, "probes succeed and close the breaker");
-    let (_, body) = common::admin_get(proxy.admin_addr.expect("admin"), "/endpoints").await;
+    let (_, body) = common::admin_get(admin, "/endpoints").await;
     assert!(body.contains("\"state\": \"closed\""), "{body}");
+    let (_, metrics) = common::admin_get(admin, "/metrics").await;
+    assert!(
+        metrics.contains("remora_proxy_breaker_state{service=\"svc.test\"} 0"),
+        "closed at scrape time: {metrics}"
+    );
 }
 
 #[tokio::test]
@@ -301,6 +300,11 @@ async fn an_ejected_endpoint_returns_after_its_time_with_ramped_traffic() {
         assert_eq!(one(&mut send, "GET").await.0, StatusCode::OK);
     }
     assert_eq!(b[0].hits(), before, "ejected: no traffic");
+    let (_, metrics) = common::admin_get(proxy.admin_addr.expect("admin"), "/metrics").await;
+    assert!(
+        metrics.contains("remora_proxy_ejected_endpoints{service=\"svc.test\"} 1"),
+        "one endpoint ejected at scrape time: {metrics}"
+    );
     b[0].set_status(200);
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let back_before = b[0].hits();
@@ -352,21 +356,12 @@ async fn the_inbound_rate_limit_answers_429_at_the_configured_rate() {
 async fn mirroring_adds_no_latency_when_the_shadow_takes_a_second() {
     let b = backends(2).await;
     b[1].set_delay(1000);
-    let cfg = format!(
-        r#"outbound:
-  services:
-  - name: svc.test
-    addresses: ["{VIP}"]
-    protocol: http
-    split:
-      backends: [{{service: primary.test, weight: 1}}]
-      mirror: {{service: shadow.test, percent: 100}}
-  - name: primary.test
-    endpoints: [{{address: "{}"}}]
-  - name: shadow.test
-    endpoints: [{{address: "{}"}}]
-"#,
-        b[0].addr, b[1].addr
+    let cfg = split_config(
+        "{backends: [{service: primary.test, weight: 1}], mirror: {service: shadow.test, percent: 100}}",
+        &[
+            ("primary.test", "", only(&b[0])),
+            ("shadow.test", "", only(&b[1])),
+        ],
     );
     let proxy = start(settings(vip()), &cfg).await;
     let mut send = common::h1(proxy.outbound_addrs[0]).await;
@@ -409,21 +404,13 @@ async fn faults_abort_and_delay_the_configured_share() {
 #[tokio::test]
 async fn explain_shows_the_decision_for_a_destination_and_headers() {
     let b = backends(2).await;
-    let cfg = format!(
-        r#"outbound:
-  services:
-  - name: svc.test
-    addresses: ["{VIP}"]
-    protocol: http
-    split:
-      backends: [{{service: v1.test, weight: 90}}, {{service: v2.test, weight: 10}}]
-      matches: [{{headers: {{x-canary: "true"}}, backend: v2.test}}]
-  - name: v1.test
-    endpoints: [{{address: "{}"}}, {{address: "10.244.0.9:80", ready: false}}]
-  - name: v2.test
-    endpoints: [{{address: "{}"}}]
-"#,
-        b[0].addr, b[1].addr
+    let v1 = format!(
+        "[{{address: \"{}\"}}, {{address: \"10.244.0.9:80\", ready: false}}]",
+        b[0].addr
+    );
+    let cfg = split_config(
+        CANARY_SPLIT,
+        &[("v1.test", "", v1), ("v2.test", "", only(&b[1]))],
     );
     let proxy = start(settings(vip()), &cfg).await;
     let admin = proxy.admin_addr.expect("admin");

@@ -185,11 +185,14 @@ pub struct Balancer {
 }
 
 impl Picker {
+    /// The picker of `algorithm` over `eps`; a consistent hash over more endpoints than a
+    /// Maglev table holds falls back to least request, and says why.
     fn new<E: Candidate>(
         algorithm: LbAlgorithm,
         eps: &impl View<E>,
-    ) -> Result<Self, TooManyEndpoints> {
+    ) -> (Self, Option<TooManyEndpoints>) {
         let endpoints = || (0..eps.len()).filter_map(|i| eps.get(i));
+        let mut fell_back = None;
         let kind = match algorithm {
             LbAlgorithm::LeastRequest => Kind::LeastRequest,
             LbAlgorithm::RoundRobin => Kind::RoundRobin,
@@ -200,13 +203,20 @@ impl Picker {
             }
             LbAlgorithm::ConsistentHash => {
                 let ids: Vec<u64> = endpoints().map(|e| e.hash_id()).collect();
-                Kind::ConsistentHash(Maglev::new(&ids)?)
+                match Maglev::new(&ids) {
+                    Ok(table) => Kind::ConsistentHash(table),
+                    Err(e) => {
+                        fell_back = Some(e);
+                        Kind::LeastRequest
+                    }
+                }
             }
         };
-        Ok(Self {
+        let picker = Self {
             kind,
             counter: AtomicUsize::new(0),
-        })
+        };
+        (picker, fell_back)
     }
 
     fn pick<E: Candidate>(
@@ -339,6 +349,23 @@ impl Balancer {
         eps: &[E],
         now: Instant,
     ) -> Result<Self, TooManyEndpoints> {
+        match Self::new_or_fallback(cfg, eps, now) {
+            (b, None) => Ok(b),
+            (_, Some(e)) => Err(e),
+        }
+    }
+
+    /// Like [`Balancer::new`], but never fails: a consistent hash that cannot be built
+    /// (more endpoints than a Maglev table holds) balances by least request instead, and
+    /// the reason comes back for the caller to report.
+    pub fn new_or_fallback<E: Candidate>(
+        cfg: &BalanceConfig,
+        eps: &[E],
+        now: Instant,
+    ) -> (Self, Option<TooManyEndpoints>) {
+        // The same-zone subset is never larger than the set: if its table cannot be
+        // built, neither can the whole set's, and the whole set's reason is reported.
+        let (all, fell_back) = Picker::new(cfg.algorithm, &All(eps));
         let local = match &cfg.locality {
             Some(loc) => {
                 let idx: Box<[u32]> = (0..eps.len() as u32)
@@ -347,7 +374,7 @@ impl Balancer {
                 if idx.is_empty() {
                     None
                 } else {
-                    let picker = Picker::new(cfg.algorithm, &Sub { eps, idx: &idx })?;
+                    let (picker, _) = Picker::new(cfg.algorithm, &Sub { eps, idx: &idx });
                     Some(Local {
                         idx,
                         picker,
@@ -359,12 +386,17 @@ impl Balancer {
             }
             None => None,
         };
-        Ok(Self {
-            algorithm: cfg.algorithm,
+        let algorithm = match fell_back {
+            Some(_) => LbAlgorithm::LeastRequest,
+            None => cfg.algorithm,
+        };
+        let balancer = Self {
+            algorithm,
             len: eps.len(),
-            all: Picker::new(cfg.algorithm, &All(eps))?,
+            all,
             local,
-        })
+        };
+        (balancer, fell_back)
     }
 
     pub fn algorithm(&self) -> LbAlgorithm {

@@ -15,7 +15,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use http::{HeaderValue, Response, header};
+use http::{HeaderMap, HeaderValue, Response, header};
 use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, SizeHint};
 
@@ -99,9 +99,12 @@ async fn attempts(
     if let Some(budget) = &route.state.budget {
         budget.deposit(Instant::now());
     }
+    // The split is decided once per request: every attempt, and the sticky cookie, stay
+    // with the backend the request was split to.
+    let set = backend(target, req.headers())?;
     // A sticky session's first request gets its cookie here, so that it is hashed (and
     // answered) with the key the client will send from now on.
-    let set_cookie = sticky_cookie(target, &mut req);
+    let set_cookie = sticky_cookie(target, set, &mut req);
     if let Some(mirror) = &route.mirror {
         self::mirror(ctx, mirror, &req, h2, x);
     }
@@ -116,7 +119,7 @@ async fn attempts(
         };
         let copy = (n < max).then(|| pool::replay_of(&req)).flatten();
         let now = Instant::now();
-        let (set, member) = pick(target, &req, client.0.ip(), now)?;
+        let member = pick(target, set, &req, client.0.ip(), now)?;
         let ep = member.ep.clone();
         let mtls = ep.use_mtls(ctx.registry.dialer());
         x.attempts = n;
@@ -183,29 +186,36 @@ async fn attempts(
     }
 }
 
-/// The backend set and endpoint for one attempt.
-fn pick<'t>(
+/// The backend set of one request: the split's choice for a service, the endpoint's own
+/// set for an endpoint addressed directly.
+fn backend<'t>(
     target: &'t Target,
+    headers: &HeaderMap,
+) -> Result<&'t Arc<EndpointSet>, ProxyError> {
+    match target {
+        Target::Endpoint { set, .. } => Ok(set),
+        Target::Service(route) => route
+            .backend(Some(headers))
+            .map_err(|e| ProxyError::NoEndpoints(e.service)),
+    }
+}
+
+/// The endpoint of `set` for one attempt.
+fn pick<'t>(
+    target: &Target,
+    set: &'t EndpointSet,
     req: &http::Request<UpstreamBody>,
     client: IpAddr,
     now: Instant,
-) -> Result<(&'t Arc<EndpointSet>, &'t Member), ProxyError> {
-    let route = target.service();
-    let no_endpoints = || ProxyError::NoEndpoints(route.name.clone());
-    match target {
-        Target::Endpoint { set, index, .. } => {
-            let m = set.members.get(*index).ok_or_else(no_endpoints)?;
-            Ok((set, m))
-        }
-        Target::Service(route) => {
-            let set = route
-                .backend(Some(req.headers()))
-                .map_err(|e| ProxyError::NoEndpoints(e.service))?;
+) -> Result<&'t Member, ProxyError> {
+    let member = match target {
+        Target::Endpoint { index, .. } => set.members.get(*index),
+        Target::Service(_) => {
             let key = set.hash_key(Some(req.headers()), client);
-            let m = set.pick(key, now).ok_or_else(no_endpoints)?;
-            Ok((set, m))
+            set.pick(key, now)
         }
-    }
+    };
+    member.ok_or_else(|| ProxyError::NoEndpoints(target.service().name.clone()))
 }
 
 /// One attempt on one endpoint: its outcome (for health, breaker and retries) and the
@@ -346,11 +356,14 @@ impl Body for Guarded {
 
 /// Adds the sticky-session cookie to a request that lacks it, and returns the
 /// `Set-Cookie` for its response.
-fn sticky_cookie(target: &Target, req: &mut http::Request<UpstreamBody>) -> Option<HeaderValue> {
-    let Target::Service(route) = target else {
+fn sticky_cookie(
+    target: &Target,
+    set: &EndpointSet,
+    req: &mut http::Request<UpstreamBody>,
+) -> Option<HeaderValue> {
+    if matches!(target, Target::Endpoint { .. }) {
         return None;
-    };
-    let set = route.backend(None).ok()?;
+    }
     let cookie = set.policy.hash.as_ref()?.cookie.as_ref()?;
     if balance::hash::cookie_value(req.headers(), &cookie.name).is_some() {
         return None;

@@ -1,15 +1,20 @@
 //! What the outbound side would do now, in words: for `/endpoints` (every set, every
 //! endpoint and its state) and `/explain` (one destination, optionally one request's
 //! method, path and headers: the service, the backend and why, each endpoint and why it
-//! would or would not be picked). Read-only: nothing here moves a balancer.
+//! would or would not be picked), and the state gauges of `/metrics` ([`gauges`]).
+//! Read-only: nothing here moves a balancer.
 
 use std::{
+    collections::HashMap,
     net::{IpAddr, Ipv4Addr, SocketAddr},
+    sync::Arc,
     time::Instant,
 };
 
 use http::HeaderMap;
 use serde_json::{Value, json};
+
+use crate::metrics::{Metrics, Name, ServiceLabels};
 
 use super::{
     RouteTable, Target,
@@ -17,6 +22,44 @@ use super::{
     breaker::State,
     route::{EndpointSet, ServiceRoute},
 };
+
+/// Sets the state gauges (breaker state, endpoints ejected now) of every service in
+/// `routes` as of `now`, for a scrape; services gone from the config lose their series.
+/// A backend shared by several split services reports its worst breaker.
+pub fn gauges(routes: &RouteTable, metrics: &Metrics, now: Instant) {
+    let mut by_service: HashMap<&Arc<str>, (i64, i64)> = HashMap::new();
+    for set in routes.endpoint_sets() {
+        let state = match set.state.breaker.as_ref().map(|b| b.state(now)) {
+            None | Some(State::Closed) => 0,
+            Some(State::Open { .. }) => 1,
+            Some(State::HalfOpen) => 2,
+        };
+        let ejected = set
+            .members
+            .iter()
+            .filter(|m| m.ep.health.ejected_until(now).is_some())
+            .count() as i64;
+        let e = by_service.entry(&set.service).or_default();
+        // Open (1) is worse than half-open (2): rank them for the maximum.
+        let rank = |s: i64| [0, 2, 1][s as usize];
+        if rank(state) > rank(e.0) {
+            e.0 = state;
+        }
+        e.1 = e.1.max(ejected);
+    }
+    metrics.breaker_state.clear();
+    metrics.ejected_endpoints.clear();
+    for (service, (state, ejected)) in by_service {
+        let labels = ServiceLabels {
+            service: Name(service.clone()),
+        };
+        metrics.breaker_state.get_or_create(&labels).set(state);
+        metrics
+            .ejected_endpoints
+            .get_or_create(&labels)
+            .set(ejected);
+    }
+}
 
 /// Every endpoint set of `routes` with its state.
 pub fn endpoints(routes: &RouteTable, now: Instant) -> Value {
@@ -83,7 +126,7 @@ pub fn explain(
 }
 
 /// Backend sets a request could land on, with their share of a weighted split.
-type Backends<'r> = Vec<(&'r std::sync::Arc<EndpointSet>, Option<String>)>;
+type Backends<'r> = Vec<(&'r Arc<EndpointSet>, Option<String>)>;
 
 /// The backends a request could land on and why.
 fn backend<'r>(route: &'r ServiceRoute, headers: &HeaderMap) -> (Backends<'r>, String) {

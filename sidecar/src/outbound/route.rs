@@ -309,21 +309,10 @@ impl<'a> Compiler<'a, '_> {
                 Err(why) => unroutable.push((ep, zone, why)),
             }
         }
-        let balancer = match Balancer::new(&policy.balance, &members, self.now) {
-            Ok(b) => b,
-            Err(e) => {
-                // More endpoints than a Maglev table holds: balance without hashing.
-                tracing::warn!(service = %backend.name, error = %e, "consistent hashing off for this service");
-                let fallback = balance::BalanceConfig {
-                    algorithm: remora_crds::policy::LbAlgorithm::LeastRequest,
-                    locality: policy.balance.locality.clone(),
-                };
-                match Balancer::new(&fallback, &members, self.now) {
-                    Ok(b) => b,
-                    Err(_) => unreachable_balancer(),
-                }
-            }
-        };
+        let (balancer, fell_back) = Balancer::new_or_fallback(&policy.balance, &members, self.now);
+        if let Some(e) = fell_back {
+            tracing::warn!(service = %backend.name, error = %e, "consistent hashing off for this service: balancing by least request");
+        }
         let set = Arc::new(EndpointSet {
             service: Arc::from(backend.name.as_str()),
             members,
@@ -410,15 +399,6 @@ impl<'a> Compiler<'a, '_> {
             mirror,
             backends,
         }))
-    }
-}
-
-/// Maglev is the only algorithm whose construction can fail; least request cannot.
-fn unreachable_balancer() -> Balancer {
-    let members: [Member; 0] = [];
-    match Balancer::new(&balance::BalanceConfig::default(), &members, Instant::now()) {
-        Ok(b) => b,
-        Err(_) => panic!("a least-request balancer of no endpoints always builds"),
     }
 }
 

@@ -113,3 +113,50 @@ pub async fn backends(n: usize) -> Vec<Backend> {
     }
     out
 }
+
+/// The service address the policy tests route to (never dialled: the proxy's original
+/// destination is faked to it).
+pub const VIP: &str = "10.96.0.1:80";
+
+pub fn vip() -> SocketAddr {
+    VIP.parse().expect("addr")
+}
+
+/// One HTTP service `svc.test` at [`VIP`] with `policy` (YAML flow mapping) over `eps`,
+/// each `address` plus extra endpoint fields (`, ready: false`); `extra` goes before the
+/// `outbound:` section (e.g. a `locality:`).
+pub fn service_config(policy: &str, eps: &[(&Backend, &str)], extra: &str) -> String {
+    let eps: Vec<String> = eps
+        .iter()
+        .map(|(b, more)| format!("    - {{address: \"{}\"{more}}}", b.addr))
+        .collect();
+    format!(
+        "{extra}outbound:\n  services:\n  - name: svc.test\n    addresses: [\"{VIP}\"]\n    protocol: http\n    policy: {policy}\n    endpoints:\n{}\n",
+        eps.join("\n")
+    )
+}
+
+/// `svc.test` at [`VIP`] split as `split` says (a YAML flow mapping: backends, matches,
+/// mirror), and its backend services, each with a policy (or none: `""`) and endpoints (a
+/// YAML flow sequence).
+pub fn split_config(split: &str, services: &[(&str, &str, String)]) -> String {
+    let mut cfg = format!(
+        "outbound:\n  services:\n  - name: svc.test\n    addresses: [\"{VIP}\"]\n    protocol: http\n    split: {split}\n"
+    );
+    for (name, policy, endpoints) in services {
+        cfg += &format!("  - name: {name}\n");
+        if !policy.is_empty() {
+            cfg += &format!("    policy: {policy}\n");
+        }
+        cfg += &format!("    endpoints: {endpoints}\n");
+    }
+    cfg
+}
+
+/// The 90/10 canary split of the tests: v1 and v2 by weight, `x-canary: "true"` to v2.
+pub const CANARY_SPLIT: &str = r#"{backends: [{service: v1.test, weight: 90}, {service: v2.test, weight: 10}], matches: [{headers: {x-canary: "true"}, backend: v2.test}]}"#;
+
+/// One endpoint as a YAML flow sequence.
+pub fn only(b: &Backend) -> String {
+    format!("[{{address: \"{}\"}}]", b.addr)
+}

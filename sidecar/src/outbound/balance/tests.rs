@@ -35,7 +35,7 @@ impl Candidate for Ep {
 }
 
 fn ep(i: usize, t0: Instant) -> Ep {
-    let addr = format!("10.1.{}.{}:8080", i / 250, i % 250)
+    let addr = format!("10.{}.{}.{}:8080", 1 + i / 62_500, i / 250 % 250, i % 250)
         .parse()
         .expect("addr");
     Ep {
@@ -350,4 +350,16 @@ fn too_many_endpoints_for_maglev_is_an_error() {
     let err = Balancer::new(&cfg(LbAlgorithm::ConsistentHash), &set, t0).expect_err("too many");
     assert!(err.to_string().contains("at most 65535"), "{err}");
     assert!(Balancer::new(&cfg(LbAlgorithm::LeastRequest), &set, t0).is_ok());
+}
+
+#[test]
+fn a_consistent_hash_too_large_for_maglev_falls_back_to_least_request_and_says_why() {
+    let t0 = Instant::now();
+    let set = eps(maglev::MAX_ENDPOINTS + 1, t0);
+    let err = Balancer::new(&cfg(LbAlgorithm::ConsistentHash), &set, t0).expect_err("too many");
+    assert_eq!(err.0, maglev::MAX_ENDPOINTS + 1);
+    let (b, why) = Balancer::new_or_fallback(&cfg(LbAlgorithm::ConsistentHash), &set, t0);
+    assert_eq!(why.map(|e| e.0), Some(maglev::MAX_ENDPOINTS + 1));
+    assert_eq!(b.algorithm(), LbAlgorithm::LeastRequest);
+    assert!(b.pick(&set, Some(42), t0, |_| true).is_some());
 }
