@@ -175,8 +175,14 @@ pub async fn serve(
     }
     if mtls == MtlsMode::Strict {
         ctx.metrics.connection(direction, "plaintext_refused");
+        let foreign = matches!(protocol, Some(Protocol::ForeignTls(_)));
+        ctx.metrics
+            .inbound_refused(if foreign { "not_mesh_tls" } else { "plaintext" });
         tracing::info!(%direction, %client, %orig_dst, "plaintext connection refused: mTLS is Strict on this port");
         return;
+    }
+    if direction == Direction::Inbound && mtls == MtlsMode::Permissive {
+        inbound::plaintext::count(&ctx.metrics, client.0.ip());
     }
     proceed(
         ctx.clone(),
@@ -235,10 +241,12 @@ where
     } = conn;
     let Some(identity) = ctx.identity.current() else {
         ctx.metrics.connection(direction, "no_identity");
+        ctx.metrics.inbound_refused("no_identity");
         tracing::warn!(%client, %orig_dst, "mesh mTLS connection refused: no workload identity loaded");
         return;
     };
-    let (mut tls, peer) = match tls::accept(&identity, io, &ctx.metrics).await {
+    let accepted = tls::accept(&ctx.handshakes, client.0.ip(), &identity, io, &ctx.metrics);
+    let (mut tls, peer) = match accepted.await {
         Ok(ok) => ok,
         Err(e) => {
             ctx.metrics.connection(direction, "tls_handshake_failed");

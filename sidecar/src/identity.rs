@@ -7,6 +7,11 @@
 //! certificate chained to the bundle and reports the client's SPIFFE ID; the client
 //! accepts a server only if its chain is trusted *and* its SPIFFE ID is the identity the
 //! config lists for the endpoint ([`SpiffeServerVerifier`]).
+//!
+//! A client certificate that chains to the bundle must also carry exactly one
+//! well-formed SPIFFE ID in the proxy's own trust domain ([`SpiffeClientVerifier`]): a
+//! certificate of another trust domain that a shared or federated root happens to sign
+//! is refused during the handshake, never handed to authorization.
 
 use std::{
     collections::HashMap,
@@ -26,7 +31,10 @@ use rustls::{
         CryptoProvider, WebPkiSupportedAlgorithms, verify_tls12_signature, verify_tls13_signature,
     },
     pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime, pem::PemObject},
-    server::{ParsedCertificate, WebPkiClientVerifier},
+    server::{
+        ParsedCertificate, WebPkiClientVerifier,
+        danger::{ClientCertVerified, ClientCertVerifier},
+    },
     sign::CertifiedKey,
 };
 
@@ -217,9 +225,16 @@ impl Identity {
             .keys_match()
             .map_err(|e| IdentityError::KeyMismatch(e.to_string()))?;
 
-        let verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
+        let chained = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
             .build()
             .map_err(|e| IdentityError::Verifier(e.to_string()))?;
+        let trust_domain = trust_domain_of(expected).ok_or_else(|| {
+            IdentityError::Certificate(format!("{expected:?} is not a SPIFFE ID"))
+        })?;
+        let verifier = Arc::new(SpiffeClientVerifier {
+            chained,
+            trust_domain: Arc::from(trust_domain),
+        });
         let mut server = ServerConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_client_cert_verifier(verifier)
@@ -336,5 +351,214 @@ impl ServerCertVerifier for SpiffeServerVerifier {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.algs.supported_schemes()
+    }
+}
+
+/// The trust domain of a well-formed SPIFFE ID (`spiffe://<trust-domain>/<path>`).
+pub fn trust_domain_of(id: &str) -> Option<&str> {
+    let (domain, path) = id.strip_prefix("spiffe://")?.split_once('/')?;
+    let domain_ok = !domain.is_empty()
+        && domain.len() <= 255
+        && domain
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-._".contains(&b));
+    // The SPIFFE ID spec: non-empty segments of [A-Za-z0-9-._], neither `.` nor `..`.
+    let path_ok = id.len() <= 2048
+        && path.split('/').all(|seg| {
+            !seg.is_empty()
+                && seg != "."
+                && seg != ".."
+                && seg
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b))
+        });
+    (domain_ok && path_ok).then_some(domain)
+}
+
+/// Why a client certificate that chains to the trust bundle is refused all the same.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientIdRefused {
+    #[error("the client certificate carries no SPIFFE ID")]
+    Missing,
+    #[error("the client certificate's SPIFFE ID is not well formed: {0:?}")]
+    Malformed(String),
+    #[error("the client certificate carries {0} URI SANs; a SPIFFE certificate has one")]
+    Several(usize),
+    #[error("the client {id} is from trust domain {found:?}, not {expected:?}")]
+    ForeignTrustDomain {
+        id: String,
+        found: String,
+        expected: Arc<str>,
+    },
+}
+
+impl ClientIdRefused {
+    /// The metric label of the refusal.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::Missing => "no_spiffe_id",
+            Self::Malformed(_) | Self::Several(_) => "bad_spiffe_id",
+            Self::ForeignTrustDomain { .. } => "foreign_trust_domain",
+        }
+    }
+}
+
+/// Checks the SPIFFE ID of a client certificate against the proxy's trust domain.
+pub fn check_client_id(cert: &[u8], trust_domain: &Arc<str>) -> Result<String, ClientIdRefused> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert)
+        .map_err(|_| ClientIdRefused::Malformed("(unparsable certificate)".to_owned()))?;
+    let uris: Vec<&str> = match parsed.subject_alternative_name() {
+        Ok(Some(san)) => san
+            .value
+            .general_names
+            .iter()
+            .filter_map(|n| match n {
+                x509_parser::extensions::GeneralName::URI(u) => Some(*u),
+                _ => None,
+            })
+            .collect(),
+        Ok(None) => Vec::new(),
+        Err(_) => return Err(ClientIdRefused::Malformed("(unparsable SAN)".to_owned())),
+    };
+    let id = match uris.as_slice() {
+        [] => return Err(ClientIdRefused::Missing),
+        [one] => (*one).to_owned(),
+        more => return Err(ClientIdRefused::Several(more.len())),
+    };
+    let Some(found) = trust_domain_of(&id) else {
+        return Err(ClientIdRefused::Malformed(id));
+    };
+    if found != &**trust_domain {
+        return Err(ClientIdRefused::ForeignTrustDomain {
+            found: found.to_owned(),
+            id,
+            expected: trust_domain.clone(),
+        });
+    }
+    Ok(id)
+}
+
+/// Verifies a client by trust bundle, then by its SPIFFE ID: exactly one, well formed,
+/// in the proxy's trust domain. Which identities may reach which port is authorization's
+/// business, after the handshake.
+#[derive(Debug)]
+pub struct SpiffeClientVerifier {
+    chained: Arc<dyn ClientCertVerifier>,
+    trust_domain: Arc<str>,
+}
+
+impl ClientCertVerifier for SpiffeClientVerifier {
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        self.chained.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.chained
+            .verify_client_cert(end_entity, intermediates, now)?;
+        check_client_id(end_entity, &self.trust_domain).map_err(|e| {
+            rustls::Error::InvalidCertificate(CertificateError::Other(rustls::OtherError(
+                Arc::new(e),
+            )))
+        })?;
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.chained.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.chained.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.chained.supported_verify_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rcgen::{CertificateParams, KeyPair, SanType};
+
+    use super::*;
+
+    #[test]
+    fn spiffe_ids_are_checked_by_the_spec() {
+        for ok in [
+            "spiffe://cluster.local/ns/shop/sa/frontend",
+            "spiffe://example.org/host/db-1",
+        ] {
+            assert!(trust_domain_of(ok).is_some(), "{ok}");
+        }
+        assert_eq!(
+            trust_domain_of("spiffe://cluster.local/ns/a/sa/b"),
+            Some("cluster.local")
+        );
+        for bad in [
+            "https://cluster.local/ns/a/sa/b",
+            "spiffe://cluster.local",
+            "spiffe://cluster.local/",
+            "spiffe:///ns/a",
+            "spiffe://Cluster.Local/ns/a",
+            "spiffe://cluster.local/ns//sa/b",
+            "spiffe://cluster.local/ns/../sa/b",
+            "spiffe://cluster.local/ns/a?x=1",
+            "spiffe://user@cluster.local/ns/a",
+            "spiffe://cluster.local:443/ns/a",
+        ] {
+            assert_eq!(trust_domain_of(bad), None, "{bad}");
+        }
+    }
+
+    fn cert(uris: &[&str]) -> Vec<u8> {
+        let key = KeyPair::generate().expect("key");
+        let mut p = CertificateParams::new(Vec::<String>::new()).expect("params");
+        for u in uris {
+            p.subject_alt_names
+                .push(SanType::URI((*u).try_into().expect("ia5")));
+        }
+        p.self_signed(&key).expect("cert").der().to_vec()
+    }
+
+    #[test]
+    fn client_ids_must_be_one_well_formed_id_of_our_trust_domain() {
+        let td: Arc<str> = Arc::from("cluster.local");
+        let ok = "spiffe://cluster.local/ns/shop/sa/frontend";
+        assert_eq!(check_client_id(&cert(&[ok]), &td).expect("ours"), ok);
+        let label = |uris: &[&str]| check_client_id(&cert(uris), &td).map_err(|e| e.label());
+        assert_eq!(label(&[]), Err("no_spiffe_id"));
+        assert_eq!(
+            label(&["spiffe://evil.org/ns/shop/sa/frontend"]),
+            Err("foreign_trust_domain")
+        );
+        assert_eq!(
+            label(&["spiffe://cluster.local/ns/../sa/x"]),
+            Err("bad_spiffe_id")
+        );
+        assert_eq!(label(&["https://cluster.local/x"]), Err("bad_spiffe_id"));
+        assert_eq!(
+            label(&[ok, "spiffe://cluster.local/ns/shop/sa/admin"]),
+            Err("bad_spiffe_id"),
+            "two identities in one certificate"
+        );
+        assert_eq!(
+            check_client_id(b"not a certificate", &td).map_err(|e| e.label()),
+            Err("bad_spiffe_id")
+        );
     }
 }

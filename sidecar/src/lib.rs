@@ -76,6 +76,8 @@ pub struct Settings {
     /// (`--access-log`, `REMORA_PROXY_ACCESS_LOG`; the pod annotation
     /// `config.remora.dev/access-log: "true"`).
     pub access_log: bool,
+    /// Bounds on inbound mesh TLS handshakes (timeout, caps in all and per client IP).
+    pub handshake_limits: tls::HandshakeLimits,
 }
 
 impl Default for Settings {
@@ -98,6 +100,7 @@ impl Default for Settings {
             control: None,
             mesh_http2: false,
             access_log: false,
+            handshake_limits: tls::HandshakeLimits::default(),
         }
     }
 }
@@ -118,6 +121,8 @@ pub struct Context {
     pub log: Option<LogLevel>,
     /// The control-plane client (Kubernetes mode only).
     pub control: Option<Arc<control::Control>>,
+    /// Inbound mesh TLS handshakes in progress, under `settings.handshake_limits`.
+    pub handshakes: tls::HandshakeGate,
 }
 
 impl Context {
@@ -270,6 +275,7 @@ impl Proxy {
             metrics,
             shutdown: Shutdown::new(),
             log,
+            handshakes: tls::HandshakeGate::new(settings.handshake_limits),
             settings,
             control,
         });

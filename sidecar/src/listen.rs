@@ -2,6 +2,12 @@
 //! Each accepted connection gets its original destination (`SO_ORIGINAL_DST`); one that
 //! was not redirected (no NAT entry, or its destination is one of the proxy's own
 //! listeners) is refused and counted, so the proxy can never loop into itself.
+//!
+//! A failing `accept` (out of file descriptors, most often: the connection stays in the
+//! kernel's backlog and the listener stays readable) would otherwise spin the loop at
+//! 100 % CPU. The loop backs off instead, 10 ms doubling to 100 ms while the failures go
+//! on, counts each one by reason (`remora_proxy_accept_errors_total{reason="emfile"}`),
+//! warns once per run of failures and resumes at full speed with the first success.
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
@@ -87,22 +93,88 @@ fn is_own(
     })
 }
 
+/// The first pause after a failed `accept`, doubled while failures continue ...
+const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
+/// ... up to this.
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_millis(100);
+
+/// Linux errno values of the accept failures told apart (checked against libc in tests).
+const EMFILE: i32 = 24;
+const ENFILE: i32 = 23;
+const ENOBUFS: i32 = 105;
+const ENOMEM: i32 = 12;
+
+/// The metric label of a failed `accept`.
+fn accept_error_reason(e: &std::io::Error) -> &'static str {
+    match e.raw_os_error() {
+        Some(EMFILE) => "emfile",
+        Some(ENFILE) => "enfile",
+        Some(ENOBUFS | ENOMEM) => "nomem",
+        _ => "other",
+    }
+}
+
+/// The pause after `prev` (zero: the first failure of a run).
+fn next_backoff(prev: Duration) -> Duration {
+    (prev * 2).clamp(ACCEPT_BACKOFF_MIN, ACCEPT_BACKOFF_MAX)
+}
+
+/// The run of failed accepts in progress, if any.
+#[derive(Debug, Default)]
+struct AcceptFailures {
+    run: u64,
+    backoff: Duration,
+}
+
+impl AcceptFailures {
+    /// Counts a failure; the pause before the next attempt.
+    fn failed(&mut self, ctx: &Context, direction: Direction, e: &std::io::Error) -> Duration {
+        let reason = accept_error_reason(e);
+        ctx.metrics
+            .abuse
+            .accept_errors
+            .get_or_create(&crate::metrics::ReasonLabels {
+                reason: crate::metrics::Static(reason),
+            })
+            .inc();
+        if self.run == 0 {
+            tracing::warn!(%direction, reason, error = %e, "accept failed; backing off until it works again");
+        }
+        self.run += 1;
+        self.backoff = next_backoff(self.backoff);
+        self.backoff
+    }
+
+    /// An accept worked: the run of failures, if any, is over.
+    fn succeeded(&mut self, direction: Direction) {
+        if self.run > 0 {
+            tracing::info!(%direction, failures = self.run, "accepting again");
+            *self = Self::default();
+        }
+    }
+}
+
 /// Accepts connections until shutdown starts, then returns (closing the listener).
 pub async fn accept_loop(ctx: Arc<Context>, listener: TcpListener, direction: Direction) {
     let shutdown = ctx.shutdown.signaled();
     tokio::pin!(shutdown);
+    let mut failures = AcceptFailures::default();
     loop {
         let accepted = tokio::select! {
             () = &mut shutdown => break,
             a = listener.accept() => a,
         };
         let (stream, peer) = match accepted {
-            Ok(a) => a,
+            Ok(a) => {
+                failures.succeeded(direction);
+                a
+            }
             Err(e) => {
-                // Out of descriptors and the like: back off instead of spinning.
-                tracing::warn!(%direction, error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(10)).await;
-                continue;
+                let pause = failures.failed(&ctx, direction, &e);
+                tokio::select! {
+                    () = &mut shutdown => break,
+                    () = tokio::time::sleep(pause) => continue,
+                }
             }
         };
         let local = match stream.local_addr() {
@@ -128,6 +200,26 @@ pub async fn accept_loop(ctx: Arc<Context>, listener: TcpListener, direction: Di
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn accept_errors_by_reason() {
+        assert_eq!(
+            (EMFILE, ENFILE, ENOBUFS, ENOMEM),
+            (libc::EMFILE, libc::ENFILE, libc::ENOBUFS, libc::ENOMEM)
+        );
+        let e = |n| std::io::Error::from_raw_os_error(n);
+        assert_eq!(accept_error_reason(&e(libc::EMFILE)), "emfile");
+        assert_eq!(accept_error_reason(&e(libc::ENFILE)), "enfile");
+        assert_eq!(accept_error_reason(&e(libc::ENOBUFS)), "nomem");
+        assert_eq!(accept_error_reason(&e(libc::ECONNABORTED)), "other");
+        let mut pauses = Vec::new();
+        let mut backoff = Duration::ZERO;
+        for _ in 0..6 {
+            backoff = next_backoff(backoff);
+            pauses.push(backoff.as_millis());
+        }
+        assert_eq!(pauses, [10, 20, 40, 80, 100, 100]);
+    }
 
     fn a(s: &str) -> SocketAddr {
         s.parse().expect("addr")

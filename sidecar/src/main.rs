@@ -189,6 +189,23 @@ struct Args {
         default_missing_value = "true"
     )]
     access_log: bool,
+    /// How long an inbound mesh client may take to finish its TLS handshake.
+    #[arg(
+        long,
+        env = "REMORA_PROXY_TLS_HANDSHAKE_TIMEOUT",
+        default_value = "10s"
+    )]
+    tls_handshake_timeout: Duration,
+    /// Inbound mesh TLS handshakes in progress at once; a connection over it is closed.
+    #[arg(long, env = "REMORA_PROXY_MAX_TLS_HANDSHAKES", default_value_t = 1024)]
+    max_tls_handshakes: usize,
+    /// Inbound mesh TLS handshakes in progress at once from one client IP.
+    #[arg(
+        long,
+        env = "REMORA_PROXY_MAX_TLS_HANDSHAKES_PER_CLIENT",
+        default_value_t = 256
+    )]
+    max_tls_handshakes_per_client: usize,
 }
 
 /// Kubernetes mode: certify with the operator and serve the config it streams.
@@ -370,6 +387,11 @@ async fn run(args: Args, log: LogLevel) -> anyhow::Result<()> {
         control,
         mesh_http2: args.mesh_protocol == MeshProtocol::H2,
         access_log: args.access_log,
+        handshake_limits: remora_proxy::tls::HandshakeLimits {
+            timeout: args.tls_handshake_timeout.get(),
+            max_concurrent: args.max_tls_handshakes,
+            max_per_client: args.max_tls_handshakes_per_client,
+        },
     };
     let proxy = Proxy::start(settings, initial, Some(log)).await?;
     let ctx = proxy.context().clone();

@@ -181,6 +181,49 @@ pub struct Metrics {
     pub rate_limited: Family<OutcomeLabels, Counter>,
     /// Access log lines dropped because the writer fell behind.
     pub access_log_dropped: Counter,
+    /// Limits and refusals under abuse (see `listen`, `tls`, `inbound::plaintext`).
+    pub abuse: Abuse,
+}
+
+/// Inbound refusals by reason, accept errors, and Permissive ports' plaintext clients.
+#[derive(Debug, Default)]
+pub struct Abuse {
+    /// Inbound connections refused before reaching the app: `plaintext` (on a Strict
+    /// port), or why the mTLS handshake failed (`no_client_certificate`, `untrusted`,
+    /// `expired`, `foreign_trust_domain`, `bad_spiffe_id`, `timeout`, `handshake_limit`...).
+    pub inbound_refused: Family<ReasonLabels, Counter>,
+    /// Failed `accept` calls on the capture listeners (`emfile`, `enfile`, `nomem`, `other`).
+    pub accept_errors: Family<ReasonLabels, Counter>,
+    /// Plaintext connections accepted on Permissive ports, by client IP (bounded).
+    pub plaintext_accepted: Family<PeerIpLabels, Counter>,
+    /// Which client IPs have a series of their own.
+    pub plaintext_peers: crate::inbound::plaintext::PeerLabels,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct PeerIpLabels {
+    /// The client's IP, or `other` once the label set is full.
+    pub peer: Name,
+}
+
+impl Abuse {
+    fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "inbound_refused",
+            "Inbound connections refused before reaching the app, by reason",
+            self.inbound_refused.clone(),
+        );
+        registry.register(
+            "accept_errors",
+            "Failed accepts on the capture listeners, by reason",
+            self.accept_errors.clone(),
+        );
+        registry.register(
+            "inbound_plaintext_accepted",
+            "Plaintext connections accepted on Permissive ports, by client IP (at most 100 IPs, then other)",
+            self.plaintext_accepted.clone(),
+        );
+    }
 }
 
 impl Default for Metrics {
@@ -223,7 +266,9 @@ impl Metrics {
             mirror: Family::default(),
             rate_limited: Family::default(),
             access_log_dropped: Counter::default(),
+            abuse: Abuse::default(),
         };
+        m.abuse.register(&mut registry);
         for (name, help, metric) in [
             ("retries", "Retry decisions by service", &m.retries),
             (
@@ -357,6 +402,16 @@ impl Metrics {
             .get_or_create(&OutcomeLabels {
                 direction,
                 outcome: Static(outcome),
+            })
+            .inc();
+    }
+
+    /// Counts an inbound connection refused before reaching the app.
+    pub fn inbound_refused(&self, reason: &'static str) {
+        self.abuse
+            .inbound_refused
+            .get_or_create(&ReasonLabels {
+                reason: Static(reason),
             })
             .inc();
     }

@@ -1,13 +1,20 @@
 //! Mesh mTLS on the wire: the identity in force (swapped atomically when its files
 //! change, after the new files pass every check), handshakes on both sides with failures
 //! counted by reason. Dialing lives in `outbound::dial`.
+//!
+//! Inbound handshakes are bounded ([`HandshakeLimits`]): each must finish within a
+//! timeout, and only so many may be in progress at once, in all and per client IP; a
+//! connection over a cap is closed before the proxy does any TLS work for it. So a flood
+//! of connections that send a ClientHello and stall costs at most the caps' worth of
+//! handshake state for one timeout, and a flood from one address leaves room for others.
 
 use std::{
+    collections::HashMap,
     future::Future,
     io,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     path::Path,
-    sync::Arc,
+    sync::{Arc, Mutex, PoisonError},
     time::{Duration, SystemTime},
 };
 
@@ -20,12 +27,114 @@ use tokio_rustls::{TlsAcceptor, TlsConnector, client, server};
 use crate::{
     addr::Direction,
     config::ConfigStore,
-    identity::{Identity, IdentityError, spiffe_id},
+    identity::{ClientIdRefused, Identity, IdentityError, spiffe_id},
     metrics::{Metrics, OutcomeLabels, ReasonLabels, Static},
 };
 
-/// How long a TLS handshake may take.
+/// How long a TLS handshake may take (outbound always; inbound by default).
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Bounds on inbound mesh TLS handshakes (`--tls-handshake-timeout`,
+/// `--max-tls-handshakes`, `--max-tls-handshakes-per-client`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HandshakeLimits {
+    /// How long a client may take to complete its handshake.
+    pub timeout: Duration,
+    /// Handshakes in progress at once, from all clients ...
+    pub max_concurrent: usize,
+    /// ... and from one client IP (a peer proxy opening its pool in a burst stays well
+    /// below it: one handshake takes about a millisecond).
+    pub max_per_client: usize,
+}
+
+impl Default for HandshakeLimits {
+    fn default() -> Self {
+        Self {
+            timeout: HANDSHAKE_TIMEOUT,
+            max_concurrent: 1024,
+            max_per_client: 256,
+        }
+    }
+}
+
+/// Counts the inbound handshakes in progress and refuses one over a cap.
+#[derive(Debug)]
+pub struct HandshakeGate {
+    limits: HandshakeLimits,
+    state: Mutex<GateState>,
+}
+
+#[derive(Debug, Default)]
+struct GateState {
+    total: usize,
+    per_client: HashMap<IpAddr, usize>,
+}
+
+/// A handshake's place under the caps, given back on drop.
+#[derive(Debug)]
+pub struct HandshakeSlot<'a> {
+    gate: &'a HandshakeGate,
+    client: IpAddr,
+}
+
+/// A handshake refused because a cap was reached (its [`failure_reason`] says which).
+#[derive(Debug, thiserror::Error)]
+#[error("too many TLS handshakes in progress ({0})")]
+struct OverCap(&'static str);
+
+impl HandshakeGate {
+    pub fn new(limits: HandshakeLimits) -> Self {
+        Self {
+            limits,
+            state: Mutex::default(),
+        }
+    }
+
+    pub fn limits(&self) -> HandshakeLimits {
+        self.limits
+    }
+
+    /// A slot for one more handshake from `client`, unless a cap is reached.
+    fn enter(&self, client: IpAddr) -> Result<HandshakeSlot<'_>, OverCap> {
+        let client = client.to_canonical();
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        if state.total >= self.limits.max_concurrent {
+            return Err(OverCap("handshake_limit"));
+        }
+        let mine = state.per_client.entry(client).or_default();
+        if *mine >= self.limits.max_per_client {
+            return Err(OverCap("handshake_limit_per_client"));
+        }
+        *mine += 1;
+        state.total += 1;
+        Ok(HandshakeSlot { gate: self, client })
+    }
+
+    /// Handshakes in progress now.
+    pub fn in_progress(&self) -> usize {
+        self.state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .total
+    }
+}
+
+impl Drop for HandshakeSlot<'_> {
+    fn drop(&mut self) {
+        let mut state = self
+            .gate
+            .state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        state.total = state.total.saturating_sub(1);
+        if let Some(n) = state.per_client.get_mut(&self.client) {
+            *n -= 1;
+            if *n == 0 {
+                state.per_client.remove(&self.client);
+            }
+        }
+    }
+}
 
 /// The identity in force, if any.
 #[derive(Debug, Default)]
@@ -157,6 +266,12 @@ pub fn failure_reason(e: &io::Error) -> &'static str {
     if e.kind() == io::ErrorKind::TimedOut {
         return "timeout";
     }
+    if let Some(OverCap(reason)) = e.get_ref().and_then(|i| i.downcast_ref::<OverCap>()) {
+        return reason;
+    }
+    if let Some(refused) = client_id_refused(e) {
+        return refused.label();
+    }
     match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
         Some(rustls::Error::InvalidCertificate(c)) => match c {
             CertificateError::Expired | CertificateError::ExpiredContext { .. } => "expired",
@@ -189,8 +304,12 @@ fn count(metrics: &Metrics, direction: Direction, outcome: &'static str) {
         .inc();
 }
 
-/// Server side: terminates mesh mTLS and returns the stream and the client's SPIFFE ID.
+/// Server side: terminates mesh mTLS from `client` within the gate's limits and returns
+/// the stream and the client's SPIFFE ID. A failure is counted by reason, also in
+/// `inbound_refused`.
 pub async fn accept<I>(
+    gate: &HandshakeGate,
+    client: IpAddr,
     identity: &Identity,
     io: I,
     metrics: &Metrics,
@@ -198,13 +317,18 @@ pub async fn accept<I>(
 where
     I: AsyncRead + AsyncWrite + Unpin,
 {
-    let acceptor = TlsAcceptor::from(identity.server.clone());
-    let result = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(io)).await {
-        Ok(r) => r,
-        Err(_) => Err(io::Error::new(
-            io::ErrorKind::TimedOut,
-            "TLS handshake timed out",
-        )),
+    let result = match gate.enter(client) {
+        Ok(_slot) => {
+            let acceptor = TlsAcceptor::from(identity.server.clone());
+            match tokio::time::timeout(gate.limits.timeout, acceptor.accept(io)).await {
+                Ok(r) => r,
+                Err(_) => Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "TLS handshake timed out",
+                )),
+            }
+        }
+        Err(over) => Err(io::Error::other(over)),
     };
     match result {
         Ok(tls) => {
@@ -219,8 +343,10 @@ where
             Ok((tls, peer))
         }
         Err(e) => {
-            count(metrics, Direction::Inbound, failure_reason(&e));
-            Err(e)
+            let reason = failure_reason(&e);
+            count(metrics, Direction::Inbound, reason);
+            metrics.inbound_refused(reason);
+            Err(readable(e))
         }
     }
 }
@@ -261,12 +387,25 @@ where
     }
 }
 
-/// rustls prints a custom certificate error with `Debug`; an identity mismatch is worth
-/// its own sentence (it ends up in `x-remora-proxy-error`).
+/// rustls prints a custom certificate error with `Debug`; an identity mismatch (it ends
+/// up in `x-remora-proxy-error`) or a refused client identity is worth its own sentence.
 fn readable(e: io::Error) -> io::Error {
-    match identity_mismatch(&e).map(|m| format!("invalid peer certificate: {m}")) {
+    let text = identity_mismatch(&e)
+        .map(|m| format!("invalid peer certificate: {m}"))
+        .or_else(|| client_id_refused(&e).map(|r| format!("invalid client certificate: {r}")));
+    match text {
         Some(text) => io::Error::new(e.kind(), text),
         None => e,
+    }
+}
+
+/// The refused client identity inside a handshake error, if that is what it is.
+fn client_id_refused(e: &io::Error) -> Option<&ClientIdRefused> {
+    match e.get_ref()?.downcast_ref::<rustls::Error>()? {
+        rustls::Error::InvalidCertificate(CertificateError::Other(o)) => {
+            (&*o.0 as &(dyn std::error::Error + 'static)).downcast_ref()
+        }
+        _ => None,
     }
 }
 
@@ -277,5 +416,36 @@ fn identity_mismatch(e: &io::Error) -> Option<&crate::identity::IdentityMismatch
             (&*o.0 as &(dyn std::error::Error + 'static)).downcast_ref()
         }
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_gate_caps_handshakes_in_all_and_per_client() {
+        let gate = HandshakeGate::new(HandshakeLimits {
+            timeout: Duration::from_secs(1),
+            max_concurrent: 3,
+            max_per_client: 2,
+        });
+        let a: IpAddr = "10.0.0.1".parse().expect("ip");
+        let a6: IpAddr = "::ffff:10.0.0.1".parse().expect("ip");
+        let b: IpAddr = "10.0.0.2".parse().expect("ip");
+        let s1 = gate.enter(a).expect("first");
+        let s2 = gate.enter(a6).expect("second, same client");
+        let over = gate.enter(a).expect_err("per client");
+        assert_eq!(over.0, "handshake_limit_per_client");
+        let s3 = gate.enter(b).expect("another client");
+        assert_eq!(gate.enter(b).expect_err("in all").0, "handshake_limit");
+        assert_eq!(gate.in_progress(), 3);
+        drop((s1, s3));
+        assert_eq!(gate.in_progress(), 1);
+        let _again = gate.enter(a).expect("a slot came back");
+        drop(s2);
+        assert_eq!(gate.in_progress(), 1);
+        let e = io::Error::other(OverCap("handshake_limit"));
+        assert_eq!(failure_reason(&e), "handshake_limit");
     }
 }

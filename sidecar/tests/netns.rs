@@ -19,8 +19,8 @@ use std::{
 };
 
 use common::netns::{
-    CLIENT_IP, FRONTEND, Pods, REVIEWS, SERVER_IP, SERVER_IP6, check_prerequisites, curl, metric,
-    pods, run, wait_for,
+    CLIENT_IP, FRONTEND, Pods, REVIEWS, SERVER_IP, SERVER_IP6, check_prerequisites, curl,
+    curl_around_proxy, metric, pods, run, wait_for,
 };
 
 /// Waits until the client's slow request is inside the client proxy (an open outbound
@@ -167,21 +167,7 @@ fn intercepted_http_rides_mtls_between_two_pods() {
         Some(1)
     );
     // Going around the client proxy (as UID 1337 would) hits the server's Strict mTLS.
-    let direct = pods
-        .client
-        .cmd(&[
-            "setpriv",
-            "--reuid=1337",
-            "--regid=1337",
-            "--clear-groups",
-            "curl",
-            "-sS",
-            "-m",
-            "5",
-            &url,
-        ])
-        .output()
-        .expect("curl");
+    let direct = curl_around_proxy(&pods.client, &url);
     assert!(
         !direct.status.success(),
         "plaintext to a Strict pod must fail"

@@ -2,8 +2,10 @@
 //! connections alike: authorization ([`authz`]: who may reach which port, method and
 //! path) and the local rate limit ([`rate_limit`]: a token bucket per port, optionally per
 //! caller identity). Callers only turn the answer into a 403/429 or a closed connection.
+//! [`plaintext`] counts what Permissive ports accept without mTLS.
 
 pub mod authz;
+pub mod plaintext;
 pub mod rate_limit;
 
 use std::{
@@ -69,6 +71,7 @@ pub fn admit(
             Some((method, path)) => format!("{method} {path}"),
             None => "connect".to_owned(),
         };
+        ctx.metrics.inbound_refused("unauthorized");
         tracing::info!(%client, %peer, %what, port, "denied by authorization policy");
         return Admission::Refused(Refusal::Unauthorized { peer, what, port });
     }
@@ -82,6 +85,7 @@ pub fn admit(
                 outcome: Static(if http.is_some() { "http" } else { "tcp" }),
             })
             .inc();
+        ctx.metrics.inbound_refused("rate_limited");
         tracing::debug!(%client, port, retry_after = ?after.0, "rate limited");
         return Admission::Refused(Refusal::RateLimited {
             port,

@@ -344,6 +344,11 @@ impl Pods {
     }
 
     pub fn proxy(&mut self, server: bool, config: &Path) -> usize {
+        self.proxy_with(server, config, &[])
+    }
+
+    /// [`Pods::proxy`] with more flags (`--access-log`).
+    pub fn proxy_with(&mut self, server: bool, config: &Path, extra: &[&str]) -> usize {
         let bin = env!("CARGO_BIN_EXE_remora-proxy");
         let cfg = config.display().to_string();
         let what = if server {
@@ -351,25 +356,23 @@ impl Pods {
         } else {
             "proxy-client"
         };
-        let idx = self.spawn(
-            server,
-            what,
-            &[
-                "setpriv",
-                "--reuid=1337",
-                "--regid=1337",
-                "--clear-groups",
-                bin,
-                "--config",
-                &cfg,
-                "--config-poll-interval",
-                "100ms",
-                "--shutdown-grace-period",
-                "5s",
-                "--log-level",
-                "debug",
-            ],
-        );
+        let mut args = vec![
+            "setpriv",
+            "--reuid=1337",
+            "--regid=1337",
+            "--clear-groups",
+            bin,
+            "--config",
+            &cfg,
+            "--config-poll-interval",
+            "100ms",
+            "--shutdown-grace-period",
+            "5s",
+            "--log-level",
+            "debug",
+        ];
+        args.extend_from_slice(extra);
+        let idx = self.spawn(server, what, &args);
         let ns = if server { &self.server } else { &self.client };
         wait_for(
             &format!("{what} ready"),
@@ -393,6 +396,23 @@ pub fn reexec(var: &str, role: &str, test: &str) -> Vec<String> {
         test.to_owned(),
         "--nocapture".to_owned(),
     ]
+}
+
+/// curl run as the proxy's UID, which the pod's capture rules let around its proxy.
+pub fn curl_around_proxy(ns: &Netns, url: &str) -> Output {
+    ns.cmd(&[
+        "setpriv",
+        "--reuid=1337",
+        "--regid=1337",
+        "--clear-groups",
+        "curl",
+        "-sS",
+        "-m",
+        "5",
+        url,
+    ])
+    .output()
+    .expect("curl")
 }
 
 pub fn curl(ns: &Netns, url: &str) -> Option<(u16, String)> {
