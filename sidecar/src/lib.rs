@@ -55,6 +55,8 @@ pub struct Settings {
     pub header_read_timeout: Duration,
     /// Largest request head (HTTP/1 buffer, HTTP/2 header list) before 431.
     pub max_header_bytes: usize,
+    /// Slow bodies, unread responses, HTTP/2 streams.
+    pub http_limits: http::HttpLimits,
     pub shutdown_grace: Duration,
     /// An opaque TCP connection with no traffic either way for this long is closed.
     pub tcp_idle_timeout: Duration,
@@ -91,6 +93,7 @@ impl Default for Settings {
             connect_timeout: Duration::from_secs(1),
             header_read_timeout: Duration::from_secs(10),
             max_header_bytes: 64 * 1024,
+            http_limits: http::HttpLimits::default(),
             shutdown_grace: Duration::from_secs(30),
             tcp_idle_timeout: Duration::from_secs(3600),
             config_path: None,

@@ -133,6 +133,19 @@ struct Args {
     /// Largest request head in bytes; larger gets 431.
     #[arg(long, env = "REMORA_PROXY_MAX_HEADER_BYTES", default_value_t = 64 * 1024)]
     max_header_bytes: usize,
+    /// A request body that sends nothing for this long is cut off (408).
+    #[arg(long, env = "REMORA_PROXY_BODY_IDLE_TIMEOUT", default_value = "5m")]
+    body_idle_timeout: Duration,
+    /// A client that takes none of its response for this long is disconnected.
+    #[arg(long, env = "REMORA_PROXY_WRITE_STALL_TIMEOUT", default_value = "60s")]
+    write_stall_timeout: Duration,
+    /// HTTP/2 streams one client connection may have open at once.
+    #[arg(
+        long,
+        env = "REMORA_PROXY_H2_MAX_CONCURRENT_STREAMS",
+        default_value_t = 200
+    )]
+    h2_max_concurrent_streams: u32,
     /// After SIGTERM, how long in-flight connections may take to finish.
     #[arg(
         long,
@@ -380,6 +393,12 @@ async fn run(args: Args, log: LogLevel) -> anyhow::Result<()> {
         connect_timeout: args.connect_timeout.get(),
         header_read_timeout: args.header_read_timeout.get(),
         max_header_bytes: args.max_header_bytes,
+        http_limits: remora_proxy::http::HttpLimits {
+            body_idle_timeout: args.body_idle_timeout.get(),
+            write_stall_timeout: args.write_stall_timeout.get(),
+            h2_max_concurrent_streams: args.h2_max_concurrent_streams,
+            ..Default::default()
+        },
         shutdown_grace: args.shutdown_grace_period.get(),
         tcp_idle_timeout: args.tcp_idle_timeout.get(),
         config_path: args.config,

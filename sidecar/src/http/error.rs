@@ -5,7 +5,11 @@ use std::{error::Error as _, sync::Arc, time::Duration};
 
 use http::{HeaderValue, Response, StatusCode, header, uri::Authority};
 
-use super::{PROXY_ERROR, ProxyBody, full, upstream::UpstreamError};
+use super::{
+    PROXY_ERROR, ProxyBody, full,
+    idle::{BodyIdle, find_body_idle},
+    upstream::UpstreamError,
+};
 use crate::{access_log::Flags, addr::OrigDstAddr, inbound::Refusal, outbound::dial::DialError};
 
 /// Why the proxy answered a request itself.
@@ -27,6 +31,8 @@ pub enum ProxyError {
     Upstream(Authority, String),
     #[error("cannot read the request body: {0}")]
     ClientBody(String),
+    #[error("the request body stalled: {0}")]
+    ClientBodyTimeout(BodyIdle),
     #[error("{0}")]
     Refused(Refusal),
     #[error("circuit breaker of {service} is open: retry after {retry_after:?}")]
@@ -60,6 +66,7 @@ impl ProxyError {
             Self::RequestTimeout(..) => "request_timeout",
             Self::Upstream(..) => "upstream_error",
             Self::ClientBody(_) => "client_body_error",
+            Self::ClientBodyTimeout(_) => "client_body_timeout",
             Self::Refused(Refusal::Unauthorized { .. }) => "unauthorized",
             Self::Refused(Refusal::RateLimited { .. }) => "rate_limited",
             Self::CircuitOpen { .. } => "circuit_open",
@@ -71,7 +78,7 @@ impl ProxyError {
     /// What the access log flags for this error.
     pub fn flags(&self) -> Flags {
         match self {
-            Self::RequestTimeout(..) => Flags::TIMEOUT,
+            Self::RequestTimeout(..) | Self::ClientBodyTimeout(_) => Flags::TIMEOUT,
             Self::Refused(Refusal::RateLimited { .. }) => Flags::RATE_LIMITED,
             Self::CircuitOpen { .. } | Self::Overflow { .. } => Flags::CIRCUIT_OPEN,
             Self::FaultAbort(_) => Flags::FAULT,
@@ -99,10 +106,19 @@ impl ProxyError {
             Self::CircuitOpen { .. } | Self::Overflow { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::FaultAbort(status) => *status,
             Self::ClientBody(_) => StatusCode::BAD_REQUEST,
+            Self::ClientBodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             Self::RequestTimeout(..) => StatusCode::GATEWAY_TIMEOUT,
             Self::ConnectRefused(_) | Self::Connect(..) | Self::Upstream(..) => {
                 StatusCode::BAD_GATEWAY
             }
+        }
+    }
+
+    /// Why reading the client's body failed.
+    pub fn from_client_body(e: &(dyn std::error::Error + 'static)) -> Self {
+        match find_body_idle(e) {
+            Some(idle) => Self::ClientBodyTimeout(BodyIdle(idle.0)),
+            None => Self::ClientBody(e.to_string()),
         }
     }
 
@@ -112,6 +128,10 @@ impl ProxyError {
             UpstreamError::H1(e) => (e.is_connect(), e, Some(e.cause())),
             UpstreamError::H2(e) => (e.is_connect(), e, e.source()),
         };
+        // The client's body stopped, not the upstream: the client is told (408).
+        if let Some(idle) = find_body_idle(top).or_else(|| source.and_then(find_body_idle)) {
+            return Self::ClientBodyTimeout(BodyIdle(idle.0));
+        }
         let mut detail = String::new();
         let mut io_kind = None;
         while let Some(s) = source {

@@ -3,7 +3,10 @@
 //! the access log). Policy lives in [`crate::outbound::exchange`] (outbound) and
 //! [`crate::inbound`] (admission); this module only moves requests.
 
-use std::{net::SocketAddr, time::Instant};
+use std::{
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
 
 use http::{
     HeaderValue, Method, Request, Response, StatusCode, Uri, Version, header,
@@ -17,6 +20,7 @@ use remora_crds::proxy::{Protocol, UnknownDestinations};
 use super::{
     ConnMeta, ORIG_PROTO, ProxyBody, ProxyError, full,
     headers::{buffered, is_upgrade, strip_hop_by_hop},
+    idle::IdleBody,
     upstream::UpstreamBody,
 };
 use crate::{
@@ -139,7 +143,8 @@ async fn forward(
                 },
             };
             drop(snap);
-            let (req, downstream_upgrade, head) = prepare(req, upgrade).await?;
+            let (req, downstream_upgrade, head) =
+                guarded(req, upgrade, ctx.settings.http_limits.body_idle_timeout).await?;
             x.request_bytes = request_len(&req);
             let h2 = downstream_h2
                 || matches!(target.service().protocol, Protocol::Http2 | Protocol::Grpc);
@@ -167,7 +172,8 @@ async fn direct(
     upgrade: bool,
     x: &mut Exchange,
 ) -> Result<Response<ProxyBody>, ProxyError> {
-    let (mut req, downstream_upgrade, head) = prepare(req, upgrade).await?;
+    let (mut req, downstream_upgrade, head) =
+        guarded(req, upgrade, ctx.settings.http_limits.body_idle_timeout).await?;
     let request_len_hint = request_len(&req);
     Shape { h2, orig_h1: false }.apply(&mut req, &meta.orig_authority)?;
     let ep = ctx.registry.adhoc(meta.orig_dst.0);
@@ -189,10 +195,21 @@ type DownstreamUpgrade = Option<hyper::upgrade::OnUpgrade>;
 
 /// Rewrites a request for any upstream: hop-by-hop headers out, a request id and a new
 /// span in, `Host` present, and a small HTTP/1 body read whole. Returns the request, the
-/// downstream half of an upgrade, and whether it is a `HEAD`.
-async fn prepare(
+/// downstream half of an upgrade, and whether it is a `HEAD`. Public for the fuzz
+/// targets (`fuzz/`) only.
+#[doc(hidden)]
+pub async fn prepare(
+    req: Request<Incoming>,
+    upgrade: bool,
+) -> Result<(Request<UpstreamBody>, DownstreamUpgrade, bool), ProxyError> {
+    guarded(req, upgrade, super::HttpLimits::default().body_idle_timeout).await
+}
+
+/// [`prepare`], the body failing once it sends nothing for `body_idle`.
+async fn guarded(
     mut req: Request<Incoming>,
     upgrade: bool,
+    body_idle: Duration,
 ) -> Result<(Request<UpstreamBody>, DownstreamUpgrade, bool), ProxyError> {
     let downstream_h2 = req.version() == Version::HTTP_2;
     strip_hop_by_hop(req.headers_mut(), upgrade);
@@ -210,14 +227,14 @@ async fn prepare(
     let head = req.method() == Method::HEAD;
     let req = if !downstream_h2 && !upgrade && buffered(req.headers()) {
         let (parts, body) = req.into_parts();
-        let bytes = body
+        let bytes = IdleBody::new(body, body_idle)
             .collect()
             .await
-            .map_err(|e| ProxyError::ClientBody(e.to_string()))?
+            .map_err(|e| ProxyError::from_client_body(e.as_ref()))?
             .to_bytes();
         Request::from_parts(parts, Either::Right(Full::new(bytes)))
     } else {
-        req.map(Either::Left)
+        req.map(|body| Either::Left(IdleBody::new(body, body_idle)))
     };
     Ok((req, downstream_upgrade, head))
 }

@@ -9,13 +9,19 @@
 //! - [`upstream`]: the pooled clients of one endpoint;
 //! - [`error`]: why the proxy answered itself, as a status and an
 //!   `x-remora-proxy-error` reason instead of a hang;
-//! - [`headers`]: hop-by-hop rules and which bodies are read whole.
+//! - [`headers`]: hop-by-hop rules and which bodies are read whole;
+//! - [`limits`], [`idle`], [`stall`]: what one client can hold (a body that stops, a
+//!   response nobody reads, HTTP/2 streams), and the guards that enforce it.
 
 pub mod error;
 mod forward;
 pub mod headers;
+pub mod idle;
+pub mod limits;
 mod server;
+pub mod stall;
 pub mod upstream;
+mod watchdog;
 
 use bytes::Bytes;
 use http::{header::HeaderName, uri::Authority};
@@ -23,8 +29,9 @@ use http_body_util::{BodyExt, Full, combinators::BoxBody};
 
 pub use self::{
     error::ProxyError,
-    forward::{Exchange, Shape, read_small_body},
+    forward::{Exchange, Shape, prepare, read_small_body},
     headers::{BUFFER_LIMIT, strip_hop_by_hop},
+    limits::HttpLimits,
     server::{APP_CLIENT_IDLE_TIMEOUT, MESH_PEER_IDLE_TIMEOUT, serve},
 };
 use crate::{

@@ -6,7 +6,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use super::{ConnMeta, forward::handle, upstream::POOL_IDLE_TIMEOUT};
+use super::{ConnMeta, forward::handle, stall::StallGuard, upstream::POOL_IDLE_TIMEOUT};
 use crate::{Context, addr::Direction};
 
 /// How long an inbound HTTP/1 connection from an authenticated mesh peer may wait for its
@@ -40,11 +40,20 @@ where
     };
     // Detection already chose the protocol, so each gets hyper's own server (the `auto`
     // builder would add a version sniffing layer to every read).
-    let io = TokioIo::new(io);
+    let limits = &ctx.settings.http_limits;
+    let io = TokioIo::new(StallGuard::new(io, limits.write_stall_timeout));
     let result = if http2 {
         let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .max_header_list_size(u32::try_from(ctx.settings.max_header_bytes).unwrap_or(u32::MAX))
+            .max_concurrent_streams(limits.h2_max_concurrent_streams)
+            .max_pending_accept_reset_streams(limits.h2_max_pending_accept_reset_streams)
+            .max_local_error_reset_streams(limits.h2_max_local_error_reset_streams)
+            .max_send_buf_size(
+                limits
+                    .h2_max_send_buf_size
+                    .min(usize::try_from(u32::MAX).unwrap_or(usize::MAX)),
+            )
             .serve_connection(io, service);
         // HTTP/2: GOAWAY, then the streams in flight finish.
         until_drained(&ctx, conn, |c| c.graceful_shutdown()).await

@@ -13,15 +13,15 @@ use hyper_util::{
     rt::{TokioExecutor, TokioTimer},
 };
 
-use super::ProxyBody;
+use super::{ProxyBody, idle::IdleBody};
 use crate::{
     outbound::dial::{Connector, DialTarget, Dialer},
     pool,
 };
 
-/// The body of a request sent upstream: streamed, or read whole (see
-/// [`super::headers::buffered`]).
-pub type UpstreamBody = Either<Incoming, Full<Bytes>>;
+/// The body of a request sent upstream: streamed (under the body idle timeout), or read
+/// whole (see [`super::headers::buffered`]).
+pub type UpstreamBody = Either<IdleBody<Incoming>, Full<Bytes>>;
 
 impl pool::Replay for UpstreamBody {
     fn replay(&self) -> Option<Self> {

@@ -2,6 +2,7 @@
 //! HTTP/2 on one port, and raw TCP), and small clients.
 #![allow(dead_code)]
 
+pub mod attack;
 pub mod backends;
 pub mod netns;
 pub mod pki;

@@ -1,0 +1,326 @@
+//! HTTP/2 floods against a real proxy process (see `common::attack`) on its inbound port,
+//! as a client outside the mesh reaches a pod in permissive mode (h2c with prior
+//! knowledge; mesh peers reach the same HTTP/2 server through mTLS). The attacker writes
+//! raw frames (`common::attack::h2raw`). Each attack must end with the connection closed
+//! or its streams limited, with flat memory, while another client keeps being served:
+//! its latency during the attack is printed, and bounded generously.
+
+mod common;
+
+use std::{
+    sync::atomic::Ordering::Relaxed,
+    time::{Duration, Instant},
+};
+
+use common::attack::{
+    Knobs, Latencies, ProxyProc,
+    h2raw::{
+        self, CANCEL, CONTINUATION, END_HEADERS, HEADERS, RawH2, SETTINGS,
+        SETTINGS_INITIAL_WINDOW_SIZE,
+    },
+    probe_latency, stop_probe, upstreams,
+};
+use tokio::io::AsyncWriteExt;
+
+/// Another client's worst latency while an attack runs; generous, as the machine is
+/// shared: the point is that it is served, not how fast.
+const RESPONSIVE: Duration = Duration::from_secs(2);
+
+/// How long an attacker keeps going before the test calls the proxy's reaction missing.
+const GIVE_UP: Duration = Duration::from_secs(20);
+
+/// RSS a proxy may keep after an attack ended (allocator caches, not the attack).
+const RSS_SLACK_KIB: u64 = 16 * 1024;
+
+fn responsive(l: &Latencies) {
+    assert!(
+        l.max() < RESPONSIVE,
+        "another client waited: {}",
+        l.summary()
+    );
+}
+
+/// Waits until the server has said GOAWAY or closed the attacked connection.
+async fn until_ended(c: &RawH2, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    while !c.ended() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    c.ended()
+}
+
+#[tokio::test]
+async fn rapid_reset_gets_goaway() {
+    common::attack::serve_if_child().await;
+    let (up, held) = upstreams::holding(Duration::from_secs(5)).await;
+    let p = ProxyProc::alone("rapid_reset_gets_goaway", up, Knobs::default());
+    let rss0 = p.rss_kib();
+    let probe = probe_latency(p.inbound, "/probe", Duration::from_millis(50));
+    let mut c = RawH2::connect(p.inbound, &[]).await;
+    let started = Instant::now();
+    // HEADERS then RST_STREAM(CANCEL) for each new stream, 100 streams per write.
+    let mut sent = 0u32;
+    while sent < 100_000 && !c.ended() && started.elapsed() < GIVE_UP {
+        let mut batch = Vec::new();
+        for _ in 0..100 {
+            let id = 2 * sent + 1;
+            batch.extend(h2raw::get(id, "/hold"));
+            batch.extend(h2raw::rst_stream(id, CANCEL));
+            sent += 1;
+        }
+        if c.w.write_all(&batch).await.is_err() {
+            break;
+        }
+    }
+    let ended = until_ended(&c, Duration::from_secs(5)).await;
+    let took = started.elapsed();
+    let latencies = stop_probe(probe);
+    let rss1 = p.rss_kib();
+    let t = c.tally();
+    println!(
+        "rapid reset: {sent} streams opened and reset in {took:?}; connection ended: {ended} (GOAWAY {:?}); \
+         requests that reached the upstream: {}; RSS {rss0} → {rss1} KiB; other client: {}",
+        t.goaway,
+        held.total.load(Relaxed),
+        latencies.summary()
+    );
+    assert!(ended, "the proxy kept accepting reset streams: {t:?}");
+    assert!(
+        rss1 <= rss0 + RSS_SLACK_KIB,
+        "memory grew: {rss0} → {rss1} KiB"
+    );
+    responsive(&latencies);
+}
+
+#[tokio::test]
+async fn continuation_flood_is_cut_off() {
+    common::attack::serve_if_child().await;
+    let (up, held) = upstreams::holding(Duration::from_millis(1)).await;
+    let p = ProxyProc::alone("continuation_flood_is_cut_off", up, Knobs::default());
+    let rss0 = p.rss_kib();
+    let probe = probe_latency(p.inbound, "/probe", Duration::from_millis(50));
+    let mut report = Vec::new();
+    // Header bytes in each CONTINUATION (the block never ends): ~1 KiB of one more field,
+    // or nothing at all (a flood of empty frames).
+    for filler in [1000usize, 0] {
+        let mut c = RawH2::connect(p.inbound, &[]).await;
+        let started = Instant::now();
+        let mut block = Vec::new();
+        h2raw::literal(&mut block, "x-flood", &vec![b'a'; filler.max(1)]);
+        if filler == 0 {
+            block.clear();
+        }
+        let mut bytes = 0usize;
+        let head = h2raw::frame(HEADERS, 0, 1, &h2raw::get_block("/flood", &[]));
+        let mut ok = c.w.write_all(&head).await.is_ok();
+        while ok && !c.ended() && started.elapsed() < GIVE_UP {
+            let mut batch = Vec::new();
+            for _ in 0..64 {
+                batch.extend(h2raw::frame(CONTINUATION, 0, 1, &block));
+            }
+            bytes += batch.len();
+            ok = c.w.write_all(&batch).await.is_ok();
+        }
+        let ended = until_ended(&c, Duration::from_secs(5)).await;
+        let t = c.tally();
+        report.push(format!(
+            "{filler}-byte CONTINUATIONs: cut off after {} KiB in {:?} (GOAWAY {:?}, closed {})",
+            bytes >> 10,
+            started.elapsed(),
+            t.goaway,
+            t.closed
+        ));
+        assert!(ended, "{filler}-byte CONTINUATION flood went on: {t:?}");
+    }
+    let latencies = stop_probe(probe);
+    let rss1 = p.rss_kib();
+    println!(
+        "CONTINUATION flood: {}; RSS {rss0} → {rss1} KiB; upstream requests {}; other client: {}",
+        report.join("; "),
+        held.total.load(Relaxed),
+        latencies.summary()
+    );
+    assert!(
+        rss1 <= rss0 + RSS_SLACK_KIB,
+        "memory grew: {rss0} → {rss1} KiB"
+    );
+    responsive(&latencies);
+}
+
+#[tokio::test]
+async fn settings_flood_is_bounded() {
+    common::attack::serve_if_child().await;
+    let (up, _held) = upstreams::holding(Duration::from_millis(1)).await;
+    let stall = Duration::from_secs(2);
+    let knobs = Knobs {
+        write_stall_timeout: Some(stall),
+        ..Knobs::default()
+    };
+    let p = ProxyProc::alone("settings_flood_is_bounded", up, knobs);
+    let rss0 = p.rss_kib();
+    let probe = probe_latency(p.inbound, "/probe", Duration::from_millis(50));
+    let frame = h2raw::settings(&[(SETTINGS_INITIAL_WINDOW_SIZE, 65_535)]);
+    let batch: Vec<u8> = frame
+        .iter()
+        .copied()
+        .cycle()
+        .take(frame.len() * 1000)
+        .collect();
+    // An attacker that reads the ACKs: the proxy answers each, and serves others meanwhile.
+    let mut reading = RawH2::connect(p.inbound, &[]).await;
+    let started = Instant::now();
+    let mut sent = 0u64;
+    while started.elapsed() < Duration::from_secs(3) && !reading.ended() {
+        if reading.w.write_all(&batch).await.is_err() {
+            break;
+        }
+        sent += 1000;
+    }
+    let acked = reading.tally().settings;
+    // An attacker that never reads them: the ACKs back up, the proxy stops reading, and
+    // the write stall timeout closes the connection.
+    let (mut unread, _r) = RawH2::connect_unread(p.inbound, &[]).await;
+    let started = Instant::now();
+    let mut unread_sent = 0u64;
+    let mut closed = None;
+    while started.elapsed() < GIVE_UP {
+        match tokio::time::timeout(Duration::from_secs(1), unread.w.write_all(&batch)).await {
+            Ok(Ok(())) => unread_sent += 1000,
+            Ok(Err(_)) => {
+                closed = Some(started.elapsed());
+                break;
+            }
+            Err(_) => {} // the proxy stopped reading: wait for its stall timeout
+        }
+    }
+    let latencies = stop_probe(probe);
+    let rss1 = p.rss_kib();
+    println!(
+        "SETTINGS flood: reading attacker sent {sent} frames in 3 s, {acked} acknowledged; \
+         non-reading attacker sent {unread_sent} frames before the proxy stopped reading, closed after {closed:?} \
+         (write stall timeout {stall:?}); RSS {rss0} → {rss1} KiB; other client: {}",
+        latencies.summary()
+    );
+    assert!(
+        closed.is_some(),
+        "the non-reading attacker's connection stayed open"
+    );
+    assert!(
+        rss1 <= rss0 + RSS_SLACK_KIB,
+        "memory grew: {rss0} → {rss1} KiB"
+    );
+    responsive(&latencies);
+    drop(reading);
+}
+
+#[tokio::test]
+async fn ten_thousand_streams_on_one_connection_are_limited() {
+    common::attack::serve_if_child().await;
+    let (up, held) = upstreams::holding(Duration::from_secs(3)).await;
+    let p = ProxyProc::alone(
+        "ten_thousand_streams_on_one_connection_are_limited",
+        up,
+        Knobs::default(),
+    );
+    let limit = remora_proxy::http::HttpLimits::default().h2_max_concurrent_streams;
+    let rss0 = p.rss_kib();
+    let probe = probe_latency(p.inbound, "/probe", Duration::from_millis(50));
+    let mut c = RawH2::connect(p.inbound, &[]).await;
+    let started = Instant::now();
+    let mut sent = 0u32;
+    while sent < 10_000 && !c.ended() {
+        let mut batch = Vec::new();
+        for _ in 0..500 {
+            batch.extend(h2raw::get(2 * sent + 1, "/hold"));
+            sent += 1;
+        }
+        if c.w.write_all(&batch).await.is_err() {
+            break;
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rss_during = p.rss_kib();
+    let ended = until_ended(&c, Duration::from_secs(5)).await;
+    let latencies = stop_probe(probe);
+    let t = c.tally();
+    let rss1 = p.rss_kib();
+    println!(
+        "10,000 streams on one connection: {sent} opened in {:?}; the upstream held at most {} at once \
+         ({} in all, limit {limit}); {} refused (RST_STREAM); connection ended: {ended} (GOAWAY {:?}); \
+         RSS {rss0} → {rss_during} → {rss1} KiB; other client: {}",
+        started.elapsed(),
+        held.max_in_flight.load(Relaxed),
+        held.total.load(Relaxed),
+        t.rst_streams,
+        t.goaway,
+        latencies.summary()
+    );
+    assert!(
+        held.max_in_flight.load(Relaxed) <= u64::from(limit),
+        "more streams than the limit reached the upstream"
+    );
+    assert!(
+        ended || t.rst_streams >= u64::from(sent) - u64::from(limit),
+        "streams over the limit were neither refused nor the connection closed: {t:?}"
+    );
+    assert!(
+        rss1 <= rss0 + RSS_SLACK_KIB,
+        "memory grew: {rss0} → {rss1} KiB"
+    );
+    responsive(&latencies);
+}
+
+#[tokio::test]
+async fn window_update_stall_holds_bounded_memory() {
+    common::attack::serve_if_child().await;
+    let (up, sent) = upstreams::endless().await;
+    let p = ProxyProc::alone(
+        "window_update_stall_holds_bounded_memory",
+        up,
+        Knobs::default(),
+    );
+    let rss0 = p.rss_kib();
+    // A stream window of zero, never opened: the proxy may send headers, never data.
+    let mut c = RawH2::connect(p.inbound, &[(SETTINGS_INITIAL_WINDOW_SIZE, 0)]).await;
+    let streams = 100u32;
+    let mut batch = Vec::new();
+    for i in 0..streams {
+        batch.extend(h2raw::frame(
+            HEADERS,
+            h2raw::END_STREAM | END_HEADERS,
+            2 * i + 1,
+            &h2raw::get_block("/endless", &[]),
+        ));
+    }
+    c.w.write_all(&batch).await.expect("requests");
+    let probe = probe_latency(p.inbound, "/probe", Duration::from_millis(50));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (rss1, up1) = (p.rss_kib(), sent.bytes.load(Relaxed));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (rss2, up2) = (p.rss_kib(), sent.bytes.load(Relaxed));
+    let latencies = stop_probe(probe);
+    let t = c.tally();
+    println!(
+        "window-update stall, {streams} streams: {} response heads, {} data bytes sent to the attacker; \
+         the upstream sent {} KiB by 2 s and {} KiB by 5 s (then nothing more: backpressure); \
+         RSS {rss0} → {rss1} → {rss2} KiB ({} KiB per stalled stream); other client: {}",
+        t.headers,
+        t.data_bytes,
+        up1 >> 10,
+        up2 >> 10,
+        rss2.saturating_sub(rss0) / u64::from(streams),
+        latencies.summary()
+    );
+    assert_eq!(t.data_bytes, 0, "the proxy respected the closed window");
+    assert!(
+        up2 - up1 <= 64 * 1024 * u64::from(streams),
+        "the upstream kept streaming into the proxy: {up1} → {up2}"
+    );
+    assert!(
+        rss2 <= rss1 + RSS_SLACK_KIB,
+        "memory grew while stalled: {rss1} → {rss2} KiB"
+    );
+    responsive(&latencies);
+    // Unused frame type constant kept referenced for the reader's tally.
+    let _ = SETTINGS;
+}
