@@ -15,7 +15,7 @@ space := $(empty) $(empty)
 SKIP_FILTER := $(subst not_binary,not binary,$(subst $(space), and ,$(strip $(foreach t,$(SKIP_TIERS),not_binary(/^$(t)/)))))
 NEXTEST_FILTER := $(if $(SKIP_FILTER),-E '$(SKIP_FILTER)')
 
-.PHONY: help test prereqs test-unit test-cluster test-netns test-node crds crds-check fmt fmt-check lint demo bench images kind-e2e
+.PHONY: help test prereqs test-unit test-cluster test-netns test-node crds crds-check fmt fmt-check lint demo bench bench-instructions images kind-e2e
 
 help: ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -81,6 +81,22 @@ bench: ## benchmarks (not part of make test; root): the proxy pair against a dir
 	$(CARGO) bench --locked -p remora-proxy --bench pair
 	$(CARGO) run --release --locked -q -p remora-operator --example stream_bench
 	$(CARGO) bench --locked -p remora-proxy --bench pick
+
+# Installs a Debian package the bench needs when its command is missing (one apt-get
+# update first when the package lists are empty or stale).
+define apt_install
+command -v $(1) >/dev/null || { echo "installing $(2) (apt-get install -y $(2))"; \
+  export DEBIAN_FRONTEND=noninteractive; \
+  apt-get install -y -q $(2) >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q $(2) >/dev/null; }; } \
+  || { echo "cannot install $(2): apt-get install -y $(2)$(3)" >&2; exit 1; }
+endef
+
+# The instruction-count guard (sidecar/benches/instructions.rs): instructions per request
+# through an in-process proxy pair under callgrind, against the committed baseline; fails
+# above 5 %. UPDATE=1 rewrites the baseline (commit it with the reason).
+bench-instructions: ## instructions per request of the proxy pair (callgrind) against sidecar/benches/instructions.baseline; UPDATE=1 rewrites it
+	@$(call apt_install,valgrind,valgrind,)
+	REMORA_INSTRUCTIONS_UPDATE=$(UPDATE) $(CARGO) bench --locked -p remora-proxy --bench instructions
 
 # Container images, built without Docker or a registry (e2e/src/image): docker-archive
 # tarballs in target/images, named as config/ and the webhook's defaults reference them.
