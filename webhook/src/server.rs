@@ -169,6 +169,34 @@ async fn mutate(State(ctx): State<Arc<Context>>, body: Bytes) -> Response {
 /// Largest AdmissionReview accepted.
 pub const MAX_REVIEW_BYTES: usize = 8 * 1024 * 1024;
 
+/// How long one request may take, its body included: the API server gives up on a
+/// webhook after the configuration's `timeoutSeconds` (at most 30 s), so a request still
+/// arriving later is a client holding a connection for nothing.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Refuses a body declared over [`MAX_REVIEW_BYTES`] from the head alone (413, without
+/// waiting for bytes that would be thrown away), and cuts a request that takes longer
+/// than [`REQUEST_TIMEOUT`] (408).
+async fn bounded(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_REVIEW_BYTES as u64) {
+        let why = format!("the review is over {MAX_REVIEW_BYTES} bytes");
+        return (StatusCode::PAYLOAD_TOO_LARGE, why).into_response();
+    }
+    match tokio::time::timeout(REQUEST_TIMEOUT, next.run(req)).await {
+        Ok(resp) => resp,
+        Err(_) => (
+            StatusCode::REQUEST_TIMEOUT,
+            format!("the request took over {REQUEST_TIMEOUT:?}"),
+        )
+            .into_response(),
+    }
+}
+
 /// The `/mutate` and `/validate-namespace` router.
 pub fn mutate_router(ctx: Arc<Context>) -> Router {
     Router::new()
@@ -176,6 +204,7 @@ pub fn mutate_router(ctx: Arc<Context>) -> Router {
         .route("/validate-namespace", post(validate_namespace))
         // Reviews carry the whole pod; the API server itself accepts bodies up to 3 MiB.
         .layer(DefaultBodyLimit::max(MAX_REVIEW_BYTES))
+        .layer(axum::middleware::from_fn(bounded))
         .with_state(ctx)
 }
 
