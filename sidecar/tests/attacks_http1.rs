@@ -189,7 +189,7 @@ async fn attempt(
     (statuses(&got), seen)
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn smuggling_gets_400_or_reaches_the_upstream_as_exactly_one_request() {
     common::attack::serve_if_child().await;
     let up = Recorder::start().await;
@@ -261,7 +261,7 @@ async fn smuggling_gets_400_or_reaches_the_upstream_as_exactly_one_request() {
     assert_eq!(up.unparsed(), 0, "no bytes left over at the upstream");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_heads_get_431() {
     common::attack::serve_if_child().await;
     let up = Recorder::start().await;

@@ -32,7 +32,7 @@ const BODY_BYTES: u64 = 10 << 30;
 const IDLE_TICKS: u64 = 20;
 const IDLE_FOR: Duration = Duration::from_secs(3);
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_huge_chunked_body_streams_through_with_flat_memory() {
     common::attack::serve_if_child().await;
     let (up, counted) = upstreams::counting().await;
@@ -113,7 +113,7 @@ async fn read_exact_text(s: &mut TcpStream, n: usize) -> String {
     String::from_utf8_lossy(&buf).into_owned()
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websockets_that_never_close_are_held_without_spinning() {
     common::attack::serve_if_child().await;
     let echo = common::http_echo().await;
@@ -163,7 +163,7 @@ async fn websockets_that_never_close_are_held_without_spinning() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn half_closed_tcp_streams_are_held_without_spinning() {
     common::attack::serve_if_child().await;
     let (release, released) = tokio::sync::watch::channel(false);

@@ -8,6 +8,9 @@
 //! serves until its stdin closes, i.e. until the test that started it drops its
 //! [`ProxyProc`] or dies. The child prints its listener addresses on one stdout line.
 //!
+//! The tests run on a two-worker runtime, so that a blocking helper (a process spawn, a
+//! thread join) never starves the upstreams they start on it.
+//!
 //! [`Pair`] is the mesh as a pod sees it: client → proxy A (outbound, the client pod's
 //! sidecar) → mTLS → proxy B (inbound, the server pod's sidecar) → the server.
 
@@ -79,6 +82,13 @@ pub async fn serve_if_child() {
     if std::env::var_os(CHILD_ENV).is_none() {
         return;
     }
+    // The proxy gets a single-threaded runtime of its own, as the binary gives it by
+    // default, whatever runtime the test itself runs on.
+    std::thread::spawn(run_child);
+    std::future::pending::<()>().await;
+}
+
+fn run_child() {
     let var = |k: &str| std::env::var(k).unwrap_or_else(|_| panic!("{k} is set for a child"));
     let dst: SocketAddr = var(DST_ENV).parse().expect("destination");
     let yaml = std::fs::read_to_string(var(CONFIG_ENV)).expect("read the child's config");
@@ -94,22 +104,28 @@ pub async fn serve_if_child() {
         settings.http_limits.write_stall_timeout = t;
     }
     let config = ProxyConfig::from_yaml(&yaml).expect("child config");
-    let proxy = Proxy::start(settings, config, None)
-        .await
-        .expect("child proxy starts");
-    println!(
-        "\n{READY} {} {} {}",
-        proxy.inbound_addrs[0],
-        proxy.outbound_addrs[0],
-        proxy.admin_addr.expect("admin")
-    );
-    std::io::stdout().flush().expect("flush");
-    // The parent holds our stdin: EOF means it is done (or gone).
-    std::thread::spawn(|| {
-        let _ = std::io::stdin().read_to_end(&mut Vec::new());
-        std::process::exit(0);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("child runtime");
+    runtime.block_on(async move {
+        let proxy = Proxy::start(settings, config, None)
+            .await
+            .expect("child proxy starts");
+        println!(
+            "\n{READY} {} {} {}",
+            proxy.inbound_addrs[0],
+            proxy.outbound_addrs[0],
+            proxy.admin_addr.expect("admin")
+        );
+        std::io::stdout().flush().expect("flush");
+        // The parent holds our stdin: EOF means it is done (or gone).
+        std::thread::spawn(|| {
+            let _ = std::io::stdin().read_to_end(&mut Vec::new());
+            std::process::exit(0);
+        });
+        std::future::pending::<()>().await;
     });
-    std::future::pending::<()>().await;
 }
 
 /// The resident memory of process `pid` in KiB (`VmRSS`), while it runs.
@@ -341,13 +357,17 @@ pub fn probe_latency(
     (stop, handle)
 }
 
-/// Stops a [`probe_latency`] and returns what it measured.
-pub fn stop_probe(
+/// Stops a [`probe_latency`] and returns what it measured. (The wait for its thread runs
+/// off the test's runtime, whose upstreams may be answering the probe's last request.)
+pub async fn stop_probe(
     (stop, handle): (
         std::sync::Arc<std::sync::atomic::AtomicBool>,
         std::thread::JoinHandle<Latencies>,
     ),
 ) -> Latencies {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    handle.join().expect("the probe did not panic")
+    tokio::task::spawn_blocking(move || handle.join())
+        .await
+        .expect("join the probe")
+        .expect("the probe did not panic")
 }
