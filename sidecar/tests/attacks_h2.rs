@@ -373,3 +373,49 @@ async fn window_update_stall_holds_bounded_memory() {
     );
     responsive(&latencies);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_per_open_http2_stream_is_bounded() {
+    common::attack::serve_if_child().await;
+    let (up, held) = upstreams::holding(Duration::from_secs(6)).await;
+    let p = ProxyProc::alone(
+        "memory_per_open_http2_stream_is_bounded",
+        up,
+        Knobs::default(),
+    );
+    let limit = remora_proxy::http::HttpLimits::default().h2_max_concurrent_streams;
+    // A warm-up stream, so that what follows measures streams, not first-use setup.
+    let mut warm = RawH2::connect(p.inbound, &[]).await;
+    warm.w
+        .write_all(&h2raw::get(1, "/probe"))
+        .await
+        .expect("warm-up");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let rss0 = p.rss_kib();
+    // Ten clients, each with as many streams open as the proxy allows, all held upstream.
+    let mut clients = Vec::new();
+    for _ in 0..10 {
+        let mut c = RawH2::connect(p.inbound, &[]).await;
+        let mut batch = Vec::new();
+        for i in 0..limit {
+            batch.extend(h2raw::get(2 * i + 1, "/hold"));
+        }
+        c.w.write_all(&batch).await.expect("requests");
+        clients.push(c);
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss1 = p.rss_kib();
+    let streams = 10 * u64::from(limit);
+    let per_stream = rss1.saturating_sub(rss0) * 1024 / streams;
+    let refused: u64 = clients.iter().map(|c| c.tally().rst_streams).sum();
+    println!(
+        "{streams} HTTP/2 streams open ({limit} on each of 10 connections), held by the app: RSS {rss0} → {rss1} KiB, \
+         {per_stream} bytes per open stream; {} in flight at the app (its own stream limit), {refused} refused",
+        held.in_flight.load(Relaxed)
+    );
+    assert_eq!(refused, 0, "streams within the limit are all accepted");
+    assert!(
+        per_stream <= 64 * 1024,
+        "an open stream costs {per_stream} bytes, over the 64 KiB bound"
+    );
+}
