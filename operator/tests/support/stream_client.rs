@@ -217,11 +217,22 @@ pub async fn http1_get(
     path: &str,
     until: &str,
 ) -> Result<(String, String), String> {
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {SERVER_NAME}\r\n\r\n");
+    http1_exchange(addr, roots, Some(cert), request.as_bytes(), until).await
+}
+
+/// Sends the raw HTTP/1.1 `request` over TLS (ALPN `http/1.1`, `cert` if any): the status
+/// line and the raw bytes read until `until` appears in them (or the connection ends).
+pub async fn http1_exchange(
+    addr: SocketAddr,
+    roots: &[CertificateDer<'static>],
+    cert: Option<ClientCert>,
+    request: &[u8],
+    until: &str,
+) -> Result<(String, String), String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut tls = tls(addr, roots, Some(cert), b"http/1.1").await?;
-    tls.write_all(format!("GET {path} HTTP/1.1\r\nHost: {SERVER_NAME}\r\n\r\n").as_bytes())
-        .await
-        .map_err(|e| e.to_string())?;
+    let mut tls = tls(addr, roots, cert, b"http/1.1").await?;
+    tls.write_all(request).await.map_err(|e| e.to_string())?;
     let mut raw = Vec::new();
     let mut buf = [0u8; 4096];
     while !String::from_utf8_lossy(&raw).contains(until) {
