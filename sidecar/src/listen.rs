@@ -7,7 +7,8 @@
 //! kernel's backlog and the listener stays readable) would otherwise spin the loop at
 //! 100 % CPU. The loop backs off instead, 10 ms doubling to 100 ms while the failures go
 //! on, counts each one by reason (`remora_proxy_accept_errors_total{reason="emfile"}`),
-//! warns once per run of failures and resumes at full speed with the first success.
+//! warns once per run of failures and resumes at full speed with the first success. A
+//! failure that concerns one connection only (`connection`) is counted and the loop goes on.
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
@@ -103,6 +104,10 @@ const EMFILE: i32 = 24;
 const ENFILE: i32 = 23;
 const ENOBUFS: i32 = 105;
 const ENOMEM: i32 = 12;
+const ECONNABORTED: i32 = 103;
+const ECONNRESET: i32 = 104;
+const EPROTO: i32 = 71;
+const EPERM: i32 = 1;
 
 /// The metric label of a failed `accept`.
 fn accept_error_reason(e: &std::io::Error) -> &'static str {
@@ -110,6 +115,7 @@ fn accept_error_reason(e: &std::io::Error) -> &'static str {
         Some(EMFILE) => "emfile",
         Some(ENFILE) => "enfile",
         Some(ENOBUFS | ENOMEM) => "nomem",
+        Some(ECONNABORTED | ECONNRESET | EPROTO | EPERM) => "connection",
         _ => "other",
     }
 }
@@ -128,6 +134,9 @@ struct AcceptFailures {
 
 impl AcceptFailures {
     /// Counts a failure; the pause before the next attempt.
+    /// A failure of one connection (`connection`: aborted before it was accepted, refused
+    /// by a security module, ...) is no reason to slow down: the next attempt is at once,
+    /// or a client resetting connections in a loop would stall everyone's accepts.
     fn failed(&mut self, ctx: &Context, direction: Direction, e: &std::io::Error) -> Duration {
         let reason = accept_error_reason(e);
         ctx.metrics
@@ -137,6 +146,10 @@ impl AcceptFailures {
                 reason: crate::metrics::Static(reason),
             })
             .inc();
+        if reason == "connection" {
+            tracing::debug!(%direction, error = %e, "accept failed for one connection");
+            return Duration::ZERO;
+        }
         if self.run == 0 {
             tracing::warn!(%direction, reason, error = %e, "accept failed; backing off until it works again");
         }
@@ -171,6 +184,9 @@ pub async fn accept_loop(ctx: Arc<Context>, listener: TcpListener, direction: Di
             }
             Err(e) => {
                 let pause = failures.failed(&ctx, direction, &e);
+                if pause.is_zero() {
+                    continue;
+                }
                 tokio::select! {
                     () = &mut shutdown => break,
                     () = tokio::time::sleep(pause) => continue,
@@ -211,7 +227,17 @@ mod tests {
         assert_eq!(accept_error_reason(&e(libc::EMFILE)), "emfile");
         assert_eq!(accept_error_reason(&e(libc::ENFILE)), "enfile");
         assert_eq!(accept_error_reason(&e(libc::ENOBUFS)), "nomem");
-        assert_eq!(accept_error_reason(&e(libc::ECONNABORTED)), "other");
+        assert_eq!(
+            (ECONNABORTED, ECONNRESET, EPROTO, EPERM),
+            (
+                libc::ECONNABORTED,
+                libc::ECONNRESET,
+                libc::EPROTO,
+                libc::EPERM
+            )
+        );
+        assert_eq!(accept_error_reason(&e(libc::ECONNABORTED)), "connection");
+        assert_eq!(accept_error_reason(&e(libc::EBADF)), "other");
         let mut pauses = Vec::new();
         let mut backoff = Duration::ZERO;
         for _ in 0..6 {

@@ -192,7 +192,8 @@ pub struct Abuse {
     /// port), or why the mTLS handshake failed (`no_client_certificate`, `untrusted`,
     /// `expired`, `foreign_trust_domain`, `bad_spiffe_id`, `timeout`, `handshake_limit`...).
     pub inbound_refused: Family<ReasonLabels, Counter>,
-    /// Failed `accept` calls on the capture listeners (`emfile`, `enfile`, `nomem`, `other`).
+    /// Failed `accept` calls on the capture listeners (`emfile`, `enfile`, `nomem`,
+    /// `connection`, `other`).
     pub accept_errors: Family<ReasonLabels, Counter>,
     /// Plaintext connections accepted on Permissive ports, by client IP (bounded).
     pub plaintext_accepted: Family<PeerIpLabels, Counter>,
