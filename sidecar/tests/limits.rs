@@ -114,6 +114,7 @@ async fn a_handshake_flood_is_cut_and_another_client_gets_through() {
     // The cap in all: two more flooding addresses fill it, and the excess is closed at once.
     let third: IpAddr = "127.0.0.3".parse().expect("ip");
     let fourth: IpAddr = "127.0.0.4".parse().expect("ip");
+    let before = rss();
     let mut flood = stall(50, LOCAL, addr, &hello).await;
     flood.extend(stall(50, OTHER, addr, &hello).await);
     flood.extend(stall(50, third, addr, &hello).await);
@@ -124,6 +125,15 @@ async fn a_handshake_flood_is_cut_and_another_client_gets_through() {
     })
     .await;
     assert_eq!(s.proxy.context().handshakes.in_progress(), 200);
+    let per_handshake = rss().saturating_sub(before) / 200;
+    println!(
+        "cap in all: 250 more stalled ClientHellos from four addresses, 200 held and the 50 over the cap in all closed at once; about {} KiB per handshake in progress",
+        per_handshake / 1024
+    );
+    assert!(
+        per_handshake < 256 * 1024,
+        "{per_handshake} bytes per stalled handshake"
+    );
     all_closed(flood, timeout * 2).await;
     let got = mesh_get(s.client(FRONTEND), OTHER, addr).await;
     assert_eq!(got.as_deref(), Ok("HTTP/1.1 200 OK"), "after the flood");
