@@ -15,7 +15,7 @@ space := $(empty) $(empty)
 SKIP_FILTER := $(subst not_binary,not binary,$(subst $(space), and ,$(strip $(foreach t,$(SKIP_TIERS),not_binary(/^$(t)/)))))
 NEXTEST_FILTER := $(if $(SKIP_FILTER),-E '$(SKIP_FILTER)')
 
-.PHONY: help test prereqs test-unit test-cluster test-netns test-node crds crds-check fmt fmt-check lint demo bench bench-instructions images kind-e2e
+.PHONY: help test prereqs test-unit test-cluster test-netns test-node crds crds-check fmt fmt-check lint demo bench bench-instructions images kind-e2e fuzz fuzz-ci
 
 help: ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -106,6 +106,34 @@ IMAGE_BINS := remora-operator remora-webhook remora-proxy remora-init remora-dem
 images: ## build the five image tarballs into target/images (release binaries + their libraries)
 	$(CARGO) build --locked --profile $(IMAGE_PROFILE) $(foreach b,$(IMAGE_BINS),-p $(b) --bin $(b))
 	$(CARGO) run --locked -q -p remora-e2e --bin remora-images -- --bin-dir target/$(IMAGE_PROFILE) --out target/images
+
+# Coverage-guided fuzzing (fuzz/: cargo-fuzz, libFuzzer, its own workspace and target
+# directory). Each target runs FUZZ_SECONDS from its committed seeds (fuzz/corpus/<target>,
+# read only; what it finds goes to fuzz/target/corpus/<target>); a crash fails the run and
+# its input is in fuzz/artifacts/<target>/. The sanitizer flags need RUSTC_BOOTSTRAP=1 on
+# the stable toolchain. FUZZ_SANITIZER=none skips AddressSanitizer; FUZZ_TARGETS narrows.
+FUZZ_SECONDS ?= 60
+FUZZ_SANITIZER ?= address
+FUZZ_TARGETS ?= $(sort $(basename $(notdir $(wildcard fuzz/fuzz_targets/*.rs))))
+FUZZ := cd fuzz && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz
+# The targets are built once, then run as they are (cargo fuzz run would rebuild on any
+# change of the tree).
+FUZZ_TRIPLE := $(shell rustc -vV | sed -n 's/^host: //p')
+fuzz: ## run every fuzz target for FUZZ_SECONDS (default 60) each; installs cargo-fuzz
+	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
+	$(FUZZ) build -s $(FUZZ_SANITIZER)
+	@set -e; for t in $(FUZZ_TARGETS); do \
+	  mkdir -p fuzz/target/corpus/$$t fuzz/artifacts/$$t; log=$(CURDIR)/fuzz/target/fuzz-$$t.log; \
+	  echo "fuzz: $$t for $(FUZZ_SECONDS) s"; \
+	  ( cd fuzz && ASAN_OPTIONS=detect_odr_violation=0 target/$(FUZZ_TRIPLE)/release/$$t \
+	      target/corpus/$$t corpus/$$t -artifact_prefix=artifacts/$$t/ \
+	      -max_total_time=$(FUZZ_SECONDS) -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 ) >$$log 2>&1 || { \
+	    tail -n 60 $$log; echo "fuzz: $$t FAILED (log $$log; the input is in fuzz/artifacts/$$t/)" >&2; exit 1; }; \
+	  grep -E 'stat::(number_of_executed_units|average_exec_per_sec|peak_rss_mb)' $$log | tr '\n' ' '; echo; \
+	done
+
+fuzz-ci: ## the CI's fuzz step: every target for 20 s
+	$(MAKE) fuzz FUZZ_SECONDS=20
 
 kind-e2e: images ## the kind tier (Docker + kind): create the cluster, load the images, install, run the node scenarios, delete it
 	./e2e/kind/kind-e2e.sh

@@ -387,13 +387,36 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
         .map(|d| d.get())
 }
 
-/// Formats a duration the way the annotations write it (`90s`, `250ms`).
+/// Formats a duration the way the annotations write it (`90s`, `250ms`), in a form the
+/// proxy's duration parser reads back: it takes at most 9 digits per group, so a longer
+/// value is written as several groups (`999999999h` is `999999999h`, not 13 digits of s).
 pub fn format_duration(d: Duration) -> String {
-    if d.subsec_millis() == 0 {
-        format!("{}s", d.as_secs())
+    const MAX_GROUP: u128 = 999_999_999;
+    let (n, unit) = if d.subsec_millis() == 0 {
+        (u128::from(d.as_secs()), "s")
     } else {
-        format!("{}ms", d.as_millis())
+        (d.as_millis(), "ms")
+    };
+    if n <= MAX_GROUP {
+        return format!("{n}{unit}");
     }
+    let mut out = String::new();
+    let mut hours = u128::from(d.as_secs() / 3600);
+    while hours > 0 {
+        let g = hours.min(MAX_GROUP);
+        out.push_str(&format!("{g}h"));
+        hours -= g;
+    }
+    for (v, u) in [
+        (d.as_secs() % 3600 / 60, "m"),
+        (d.as_secs() % 60, "s"),
+        (u64::from(d.subsec_millis()), "ms"),
+    ] {
+        if v > 0 {
+            out.push_str(&format!("{v}{u}"));
+        }
+    }
+    out
 }
 
 /// A resource quantity as written on the pod, with its parsed value for comparisons.

@@ -14,7 +14,7 @@ pub enum IdentityError {
     Namespace(String),
     #[error("service account name {0:?} is not a DNS-1123 subdomain")]
     Name(String),
-    #[error("trust domain {0:?} must be 1-255 characters of a-z, 0-9, '.', '-' and '_'")]
+    #[error("trust domain {0:?} must be 1-255 characters of a-z, 0-9, '.' and '-'")]
     TrustDomain(String),
 }
 
@@ -23,13 +23,14 @@ pub enum IdentityError {
 pub struct TrustDomain(String);
 
 impl TrustDomain {
-    /// Checks the SPIFFE trust-domain grammar (lower case letters, digits, `.`, `-`, `_`).
+    /// Checks the mesh's trust-domain grammar: lower case letters, digits, `.` and `-`.
+    /// SPIFFE also allows `_`, but the proxy's config (`is_spiffe_id`) and the CRDs'
+    /// identity pattern do not: a domain with `_` would issue identities no proxy accepts.
     pub fn new(s: &str) -> Result<Self, IdentityError> {
         let ok = !s.is_empty()
             && s.len() <= 255
-            && s.bytes().all(|b| {
-                b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'_')
-            });
+            && s.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-'));
         if ok {
             Ok(Self(s.to_owned()))
         } else {

@@ -72,6 +72,18 @@ pub fn interpret(status: Option<&TokenReviewStatus>) -> Result<ServiceAccountId,
     ServiceAccountId::from_username(user).map_err(TokenError::NotServiceAccount)
 }
 
+/// What is checked before a token is sent to the apiserver (pure): present, and not
+/// longer than [`MAX_TOKEN_LEN`].
+pub fn precheck(token: &str) -> Result<(), TokenError> {
+    if token.is_empty() {
+        return Err(TokenError::Missing);
+    }
+    if token.len() > MAX_TOKEN_LEN {
+        return Err(TokenError::TooLong);
+    }
+    Ok(())
+}
+
 /// Sends TokenReviews with the operator's client (RBAC: `tokenreviews` `create`).
 #[derive(Clone)]
 pub struct TokenReviewer {
@@ -93,12 +105,7 @@ impl TokenReviewer {
 
     /// Who `token` authenticates, for audience [`AUDIENCE`].
     pub async fn review(&self, token: &str) -> Result<ServiceAccountId, TokenError> {
-        if token.is_empty() {
-            return Err(TokenError::Missing);
-        }
-        if token.len() > MAX_TOKEN_LEN {
-            return Err(TokenError::TooLong);
-        }
+        precheck(token)?;
         let review = TokenReview {
             spec: TokenReviewSpec {
                 token: Some(token.to_owned()),

@@ -267,11 +267,14 @@ impl Shape {
         {
             req.headers_mut().insert(header::HOST, v);
         }
-        let path = req
-            .uri()
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        // An absolute-form target may have no path (`http://a?q`, found by fuzzing): the
+        // origin form needs one, or the upstream gets an empty request target.
+        let path = match req.uri().path_and_query() {
+            Some(p) if p.as_str().starts_with('/') || p.as_str() == "*" => p.clone(),
+            Some(p) => PathAndQuery::try_from(format!("/{}", p.as_str()))
+                .map_err(|e| ProxyError::Upstream(fallback.clone(), e.to_string()))?,
+            None => PathAndQuery::from_static("/"),
+        };
         let mut parts = http::uri::Parts::default();
         if self.h2 {
             let authority = req.uri().authority().cloned().or_else(|| {
