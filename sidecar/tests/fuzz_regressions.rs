@@ -9,7 +9,11 @@ use remora_proxy::http::Shape;
 /// but no path; the HTTP/1 shape sent an empty request target upstream.
 #[test]
 fn an_absolute_target_without_a_path_gets_one() {
-    for target in ["http://reviews.?0", "http://reviews.shop"] {
+    for target in [
+        "http://reviews.#shop:?0",
+        "http://reviews.?0",
+        "http://reviews.shop",
+    ] {
         let mut req = Request::get(target)
             .body(Either::Right(Full::new(Bytes::new())))
             .expect("request");
@@ -19,6 +23,11 @@ fn an_absolute_target_without_a_path_gets_one() {
         }
         .apply(&mut req, &Authority::from_static("10.0.0.1:80"))
         .expect("shaped");
-        assert!(req.uri().path().starts_with('/'), "{target}: {}", req.uri());
+        let path = req.uri().path().to_owned();
+        assert!(
+            path.starts_with('/'),
+            "{target}: {} path {path:?}",
+            req.uri()
+        );
     }
 }

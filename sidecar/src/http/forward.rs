@@ -267,12 +267,21 @@ impl Shape {
         {
             req.headers_mut().insert(header::HOST, v);
         }
-        // An absolute-form target may have no path (`http://a?q`, found by fuzzing): the
-        // origin form needs one, or the upstream gets an empty request target.
+        // An absolute-form target may have an empty path (`http://a#x`, found by fuzzing),
+        // which an origin form without its authority would send as an empty request
+        // target: rebuild it from its normalised text (origin forms always have a path).
         let path = match req.uri().path_and_query() {
-            Some(p) if p.as_str().starts_with('/') || p.as_str() == "*" => p.clone(),
-            Some(p) => PathAndQuery::try_from(format!("/{}", p.as_str()))
-                .map_err(|e| ProxyError::Upstream(fallback.clone(), e.to_string()))?,
+            Some(p) if req.uri().authority().is_none() => p.clone(),
+            Some(p) => {
+                let s = p.as_str();
+                let s = if s.starts_with('/') || s == "*" {
+                    s.to_owned()
+                } else {
+                    format!("/{s}")
+                };
+                PathAndQuery::try_from(s)
+                    .map_err(|e| ProxyError::Upstream(fallback.clone(), e.to_string()))?
+            }
             None => PathAndQuery::from_static("/"),
         };
         let mut parts = http::uri::Parts::default();
