@@ -287,7 +287,10 @@ async fn load_h2(addr: SocketAddr, dur: Duration) -> anyhow::Result<String> {
                 while !stop.load(Ordering::Relaxed) {
                     let one = async {
                         send.ready().await?;
-                        let resp = send.send_request(request(addr, false)?).await?;
+                        // HTTP/2 requests carry :scheme and :authority, as h2load's do.
+                        let mut req = request(addr, false)?;
+                        *req.uri_mut() = format!("http://{addr}/bench").parse()?;
+                        let resp = send.send_request(req).await?;
                         let ok = resp.status().is_success();
                         let body = resp.into_body().collect().await?.to_bytes();
                         anyhow::ensure!(ok && body.len() == BODY, "bad response");
@@ -680,7 +683,7 @@ fn start_remora(
         pods,
         "client.yaml",
         &format!(
-            "version: 1\n{}outbound:\n  services:\n  - name: server.bench\n    addresses: [\"{SERVER_IP}:{MESH_PORT}\"]\n    policy: {policy}\n    endpoints:\n    - {{address: \"{SERVER_IP}:{MESH_PORT}\", identity: \"{BACKEND}\", meshed: true}}\n",
+            "version: 1\n{}outbound:\n  services:\n  - name: server.bench\n    addresses: [\"{SERVER_IP}:{MESH_PORT}\"]\n    policy: {policy}\n    endpoints:\n    - {{address: \"{SERVER_IP}:{MESH_PORT}\", identity: \"{BACKEND}\", meshed: true}}\n  - name: server-h2.bench\n    addresses: [\"{SERVER_IP}:{H2_PORT}\"]\n    policy: {policy}\n    endpoints:\n    - {{address: \"{SERVER_IP}:{H2_PORT}\", identity: \"{BACKEND}\", meshed: true}}\n",
             client_id.yaml()
         ),
     )?;
