@@ -199,6 +199,8 @@ pub struct Abuse {
     pub plaintext_accepted: Family<PeerIpLabels, Counter>,
     /// Which client IPs have a series of their own.
     pub plaintext_peers: crate::inbound::plaintext::PeerLabels,
+    /// HTTP connections cut off by a limit (`header_timeout`, `write_stall`; see `http`).
+    pub http_cutoffs: Family<OutcomeLabels, Counter>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -223,6 +225,11 @@ impl Abuse {
             "inbound_plaintext_accepted",
             "Plaintext connections accepted on Permissive ports, by client IP (at most 100 IPs, then other)",
             self.plaintext_accepted.clone(),
+        );
+        registry.register(
+            "http_cutoffs",
+            "HTTP connections cut off: header_timeout (a request head not complete in time, or a kept-alive connection idle that long), write_stall (a client taking none of the proxy's writes)",
+            self.http_cutoffs.clone(),
         );
     }
 }

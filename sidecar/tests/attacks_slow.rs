@@ -13,7 +13,7 @@ use std::{
 };
 
 use common::attack::{
-    Knobs, Pair, probe_latency,
+    Knobs, Pair, metric, probe_latency,
     raw_http::{Recorder, statuses},
     stop_probe, upstreams,
 };
@@ -125,6 +125,13 @@ async fn slowloris_heads_are_cut_off_by_the_header_read_timeout() {
          {rss:?} KiB; other client: {}",
         latencies.summary()
     );
+    let counted = metric(
+        pair.b.admin,
+        r#"remora_proxy_http_cutoffs_total{direction="inbound",outcome="header_timeout"}"#,
+    )
+    .await;
+    println!("B counted {counted} header timeouts");
+    assert!(counted >= 400, "each cut-off is counted: {counted}");
     assert!(min >= timeout, "not before the timeout: {min:?}");
     assert!(
         max < timeout + Duration::from_secs(5),
@@ -277,6 +284,20 @@ async fn a_client_that_never_reads_is_cut_off_by_the_write_stall_timeout() {
          {first:?}..{last:?} (write stall timeout {stall:?}); it sent {} MiB per client (socket buffers); \
          RSS (A, B) before / during / after wave 1 / during / after wave 2: {rss:?} KiB",
         (bytes / 40) >> 20
+    );
+    // Each proxy counts the clients it cut off: A its 10 per wave, B its 10 direct ones
+    // per wave and the connections from A that stalled behind them.
+    let series = |direction: &str| {
+        format!(
+            r#"remora_proxy_http_cutoffs_total{{direction="{direction}",outcome="write_stall"}}"#
+        )
+    };
+    let a_cut = metric(pair.a.admin, &series("outbound")).await;
+    let b_cut = metric(pair.b.admin, &series("inbound")).await;
+    println!("write stalls counted: A {a_cut}, B {b_cut}");
+    assert!(
+        a_cut >= 20 && b_cut >= 20,
+        "each cut-off is counted: A {a_cut}, B {b_cut}"
     );
     assert!(
         first >= stall,

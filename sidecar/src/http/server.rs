@@ -6,8 +6,17 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use super::{ConnMeta, forward::handle, stall::StallGuard, upstream::POOL_IDLE_TIMEOUT};
-use crate::{Context, addr::Direction};
+use super::{
+    ConnMeta,
+    forward::handle,
+    stall::{StallGuard, is_write_stall},
+    upstream::POOL_IDLE_TIMEOUT,
+};
+use crate::{
+    Context,
+    addr::Direction,
+    metrics::{OutcomeLabels, Static},
+};
 
 /// How long an inbound HTTP/1 connection from an authenticated mesh peer may wait for its
 /// next request (hyper's header read timeout also bounds the wait between requests on a
@@ -75,6 +84,23 @@ where
         until_drained(&ctx, conn, |c| c.graceful_shutdown()).await
     };
     if let Err(e) = result {
+        let cutoff = if e.is_timeout() {
+            Some("header_timeout")
+        } else if is_write_stall(&e) {
+            Some("write_stall")
+        } else {
+            None
+        };
+        if let Some(outcome) = cutoff {
+            ctx.metrics
+                .abuse
+                .http_cutoffs
+                .get_or_create(&OutcomeLabels {
+                    direction: meta.direction,
+                    outcome: Static(outcome),
+                })
+                .inc();
+        }
         tracing::debug!(direction = %meta.direction, client = %meta.client, error = %e, "HTTP connection ended with an error");
     }
 }

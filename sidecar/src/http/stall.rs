@@ -17,6 +17,27 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::watchdog::Watchdog;
 
+/// The error inside the `TimedOut` I/O error of a stalled write.
+#[derive(Debug, thiserror::Error)]
+#[error("the client read nothing for {0:?}")]
+pub struct WriteStalled(pub Duration);
+
+/// Did `e` (or an error it wraps) come from a stalled write?
+pub fn is_write_stall(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(e);
+    while let Some(err) = next {
+        if err
+            .downcast_ref::<io::Error>()
+            .and_then(io::Error::get_ref)
+            .is_some_and(|inner| inner.is::<WriteStalled>())
+        {
+            return true;
+        }
+        next = err.source();
+    }
+    false
+}
+
 /// Writes through `io`, failing any write (or flush, or shutdown) that has waited for
 /// `limit` without progress.
 #[derive(Debug)]
@@ -43,7 +64,7 @@ impl<I> StallGuard<I> {
         match self.clock.poll_expired(cx) {
             Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
                 io::ErrorKind::TimedOut,
-                format!("the client read nothing for {:?}", self.clock.limit()),
+                WriteStalled(self.clock.limit()),
             ))),
             Poll::Pending => Poll::Pending,
         }
@@ -116,6 +137,7 @@ mod tests {
             }
         };
         assert_eq!(err.kind(), io::ErrorKind::TimedOut, "{err}");
+        assert!(is_write_stall(&err), "{err:?}");
         let took = started.elapsed();
         assert!(took >= Duration::from_millis(300), "{took:?}");
         assert!(took < Duration::from_secs(3), "{took:?}");

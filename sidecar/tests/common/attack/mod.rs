@@ -292,6 +292,18 @@ impl Pair {
     }
 }
 
+/// The value of the metric series `series` (name and labels, as exposed) on a proxy's
+/// admin port; 0 while it has no such series.
+pub async fn metric(admin: SocketAddr, series: &str) -> u64 {
+    let (status, text) = super::admin_get(admin, "/metrics").await;
+    assert_eq!(status, http::StatusCode::OK, "/metrics");
+    text.lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
 /// Latencies of plain requests a well-behaved client sends while an attack runs.
 #[derive(Debug, Default)]
 pub struct Latencies(pub Vec<Duration>);
