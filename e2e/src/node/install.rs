@@ -13,9 +13,12 @@ use k8s_openapi::api::{
         MutatingWebhookConfiguration, ValidatingWebhookConfiguration, WebhookClientConfig,
     },
     apps::v1::Deployment,
-    core::v1::Pod,
+    core::v1::{Namespace, Pod},
 };
-use kube::Api;
+use kube::{
+    Api,
+    api::{ObjectMeta, PostParams},
+};
 
 use super::Node;
 use crate::{HarnessError, apply::repo_root};
@@ -76,6 +79,7 @@ impl Node {
             self.wait_deployment("remora-system", name, timeout).await?;
         }
         self.wait_ca_bundle("remora-webhook", timeout).await?;
+        self.wait_webhook_answers(timeout).await?;
         Ok(Installed {
             import,
             ready: applied.elapsed(),
@@ -162,6 +166,41 @@ impl Node {
                 });
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    /// Waits until the API server can call the webhook through its Service: a Ready pod
+    /// is not enough, because kube-proxy programs the Service's endpoints a moment later
+    /// (the ClusterIP refuses connections until then). A server-side dry run of a labelled
+    /// Namespace goes through the namespace-label webhook and persists nothing.
+    async fn wait_webhook_answers(&self, timeout: Duration) -> Result<(), HarnessError> {
+        let api: Api<Namespace> = Api::all(self.client().await?);
+        let probe = Namespace {
+            metadata: ObjectMeta {
+                name: Some("remora-webhook-probe".to_owned()),
+                labels: Some([("remora.dev/inject".to_owned(), "enabled".to_owned())].into()),
+                ..ObjectMeta::default()
+            },
+            ..Namespace::default()
+        };
+        let params = PostParams {
+            dry_run: true,
+            ..PostParams::default()
+        };
+        let start = Instant::now();
+        loop {
+            let last = match api.create(&params, &probe).await {
+                Ok(_) => return Ok(()),
+                Err(e) => e.to_string(),
+            };
+            if start.elapsed() > timeout {
+                return Err(HarnessError::Timeout {
+                    what: "the webhook answering the API server through its Service".to_owned(),
+                    secs: timeout.as_secs(),
+                    last,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
         }
     }
 
