@@ -131,7 +131,7 @@ fuzz: ## run every fuzz target for FUZZ_SECONDS (default 60) each; installs carg
 	  ( cd fuzz && ASAN_OPTIONS=detect_odr_violation=0 target/$(FUZZ_TRIPLE)/release/$$t \
 	      target/corpus/$$t corpus/$$t -artifact_prefix=artifacts/$$t/ \
 	      -max_total_time=$(FUZZ_SECONDS) -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 ) >$$log 2>&1 || { \
-	    tail -n 60 $$log; echo "fuzz: $$t FAILED (log $$log; the input is in fuzz/artifacts/$$t/)" >&2; exit 1; }; \
+	    tail -n 60 $$log; grep -A4 -m1 -E 'panicked at|ERROR: AddressSanitizer' $$log; echo "fuzz: $$t FAILED (log $$log; the input is in fuzz/artifacts/$$t/)" >&2; exit 1; }; \
 	  grep -E 'stat::(number_of_executed_units|average_exec_per_sec|peak_rss_mb)' $$log | tr '\n' ' '; echo; \
 	done
 

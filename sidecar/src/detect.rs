@@ -248,11 +248,13 @@ fn parse_client_hello(record: &[u8]) -> Option<ClientHello> {
                 // server_name: list of (type, name); type 0 is host_name.
                 let mut list = Reader(Reader(data).vec16()?);
                 while !list.0.is_empty() {
-                    let kind = list.u8()?;
-                    let name = list.vec16()?;
-                    if kind == 0 {
-                        hello.sni = std::str::from_utf8(name).ok().map(str::to_owned);
+                    // Only host_name (0) has a known encoding; after any other type the
+                    // rest of the list cannot be framed, so it ends there (as rustls reads it).
+                    if list.u8()? != 0 {
+                        break;
                     }
+                    let name = list.vec16()?;
+                    hello.sni = std::str::from_utf8(name).ok().map(str::to_owned);
                 }
             }
             16 => {
@@ -330,6 +332,40 @@ mod tests {
         // Incomplete record: wait for more.
         assert_eq!(classify(&mesh[..mesh.len() - 1]), None);
         assert_eq!(classify(&mesh[..3]), None);
+    }
+
+    /// Found by the `detect` fuzz target: an SNI list whose second entry has an unknown
+    /// name type. rustls reads the host_name and ignores the rest; the proxy gave up on
+    /// the whole ClientHello and classified a mesh client as foreign TLS.
+    #[test]
+    fn sni_list_with_an_unknown_name_type_keeps_the_alpn() {
+        let mut rec = client_hello(Some("reviews.shop"), &[MESH_ALPN]);
+        // Append a name of type 0x6f with a truncated length to the server_name list and
+        // grow every enclosing length by 2.
+        let ext_start = 5 + 4 + 2 + 32 + 1 + 4 + 2;
+        let sni_list_len = ext_start + 2 + 4; // server_name's list length
+        let bump = |rec: &mut Vec<u8>, at: usize, width: usize| {
+            let mut v = 0usize;
+            for b in &rec[at..at + width] {
+                v = v << 8 | usize::from(*b);
+            }
+            let v = (v + 2).to_be_bytes();
+            rec[at..at + width].copy_from_slice(&v[v.len() - width..]);
+        };
+        let insert_at = sni_list_len + 2 + 3 + "reviews.shop".len();
+        rec.splice(insert_at..insert_at, [0x6f, 0x6d]);
+        bump(&mut rec, sni_list_len, 2); // ServerNameList
+        bump(&mut rec, ext_start + 2 + 2, 2); // extension data
+        bump(&mut rec, ext_start, 2); // extensions
+        bump(&mut rec, 6, 3); // handshake
+        bump(&mut rec, 3, 2); // record
+        match classify(&rec) {
+            Some(Protocol::MeshTls(h)) => {
+                assert_eq!(h.sni.as_deref(), Some("reviews.shop"));
+                assert_eq!(h.alpn, vec![MESH_ALPN.to_vec()]);
+            }
+            other => panic!("expected mesh TLS, got {other:?}"),
+        }
     }
 
     #[test]
