@@ -17,7 +17,7 @@ use tokio::{
 
 use crate::{
     Context,
-    addr::{ClientAddr, Direction, LocalAddr, OrigDstAddr},
+    addr::{ClientAddr, Direction, OrigDstAddr},
     detect::{self, Detection, OpaqueReason, Protocol},
     http::{self, ConnMeta},
     inbound::{self, Admission},
@@ -76,13 +76,12 @@ pub async fn serve(
     direction: Direction,
     mut stream: TcpStream,
     client: ClientAddr,
-    local: LocalAddr,
 ) {
     let orig_dst = match resolve_orig_dst(
         ctx.settings.orig_dst,
         &ctx.listen_addrs,
         &stream,
-        local,
+        client,
         (direction == Direction::Outbound).then_some(client),
     ) {
         Ok(d) => d,
@@ -100,7 +99,6 @@ pub async fn serve(
     let _in_flight = ctx.shutdown.track();
     let _open = OpenGuard::new(&ctx.metrics, direction);
     ctx.metrics.connection(direction, "accepted");
-    let _ = stream.set_nodelay(true);
 
     // Kubernetes mode: an outbound destination without a route is asked for first. The
     // route found here is the connection's: resolved once, handed down.

@@ -36,7 +36,7 @@ use std::{
 };
 
 use remora_crds::proxy::ProxyConfig;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 
 use crate::{
     addr::Direction, admin::LogLevel, config::ConfigStore, listen::OrigDstMode, metrics::Metrics,
@@ -194,22 +194,20 @@ pub struct Proxy {
     pub admin_addr: Option<SocketAddr>,
 }
 
-async fn bind(addrs: &[SocketAddr], what: &'static str) -> Result<Vec<TcpListener>, StartError> {
+fn bind(addrs: &[SocketAddr], what: &'static str) -> Result<Vec<TcpListener>, StartError> {
     let mut out = Vec::with_capacity(addrs.len());
     for addr in addrs {
-        let l = match TcpListener::bind(addr).await {
+        let l = match listen(*addr) {
             Ok(l) => l,
             // `[::]` is dual-stack; on a host without IPv6, serve IPv4 alone.
             Err(e) if addr.is_ipv6() && addr.ip().is_unspecified() => {
                 let v4 = SocketAddr::from(([0, 0, 0, 0], addr.port()));
                 tracing::info!(%addr, error = %e, "IPv6 unavailable; listening on IPv4 only");
-                TcpListener::bind(v4)
-                    .await
-                    .map_err(|source| StartError::Bind {
-                        addr: v4,
-                        what,
-                        source,
-                    })?
+                listen(v4).map_err(|source| StartError::Bind {
+                    addr: v4,
+                    what,
+                    source,
+                })?
             }
             Err(source) => {
                 return Err(StartError::Bind {
@@ -224,6 +222,24 @@ async fn bind(addrs: &[SocketAddr], what: &'static str) -> Result<Vec<TcpListene
     Ok(out)
 }
 
+/// A listener as `TcpListener::bind` makes it (`SO_REUSEADDR`, the same backlog), with
+/// `TCP_NODELAY` set: every socket it accepts inherits the option, which saves a
+/// `setsockopt` per connection.
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.set_nodelay(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
+/// `TcpListener::bind`'s backlog (mio's, the standard library's).
+const LISTEN_BACKLOG: u32 = 128;
+
 fn local_addrs(ls: &[TcpListener]) -> Vec<SocketAddr> {
     ls.iter().filter_map(|l| l.local_addr().ok()).collect()
 }
@@ -235,10 +251,10 @@ impl Proxy {
         config: ProxyConfig,
         log: Option<LogLevel>,
     ) -> Result<Self, StartError> {
-        let outbound = bind(&settings.outbound_listen, "outbound").await?;
-        let inbound = bind(&settings.inbound_listen, "inbound").await?;
+        let outbound = bind(&settings.outbound_listen, "outbound")?;
+        let inbound = bind(&settings.inbound_listen, "inbound")?;
         let admin = match settings.admin_listen {
-            Some(a) => bind(&[a], "admin").await?.pop(),
+            Some(a) => bind(&[a], "admin")?.pop(),
             None => None,
         };
         let outbound_addrs = local_addrs(&outbound);
@@ -368,5 +384,29 @@ impl Proxy {
             );
         }
         drained
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The per-connection `setsockopt` is gone only because accepted sockets inherit
+    /// `TCP_NODELAY` from the listener (Linux does): checked for both families.
+    #[tokio::test]
+    async fn accepted_sockets_inherit_nodelay() {
+        let mut addrs = vec![SocketAddr::from(([127, 0, 0, 1], 0))];
+        if std::net::TcpListener::bind("[::1]:0").is_ok() {
+            addrs.push("[::]:0".parse().expect("addr"));
+        }
+        for addr in addrs {
+            let l = listen(addr).expect("listen");
+            let port = l.local_addr().expect("addr").port();
+            let _client = tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .expect("connect");
+            let (accepted, _) = l.accept().await.expect("accept");
+            assert!(accepted.nodelay().expect("nodelay"), "{addr}");
+        }
     }
 }

@@ -3,6 +3,12 @@
 //! was not redirected (no NAT entry, or its destination is one of the proxy's own
 //! listeners) is refused and counted, so the proxy can never loop into itself.
 //!
+//! The accept path makes no system call it can do without: the original destination's
+//! address family comes from the client's address (a TCP socket's two ends share it), and
+//! the socket's own address (`getsockname`) is asked only when the destination's port is
+//! one of the proxy's listener ports, the only case where it can decide a loop. Accepted
+//! sockets inherit `TCP_NODELAY` from their listener (set once in [`crate::Proxy::start`]).
+//!
 //! A failing `accept` (out of file descriptors, most often: the connection stays in the
 //! kernel's backlog and the listener stays readable) would otherwise spin the loop at
 //! 100 % CPU. The loop backs off instead, 10 ms doubling to 100 ms while the failures go
@@ -16,7 +22,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::{
     Context,
-    addr::{ClientAddr, Direction, LocalAddr, OrigDstAddr},
+    addr::{ClientAddr, Direction, OrigDstAddr},
     conn, orig_dst,
 };
 
@@ -33,8 +39,8 @@ pub enum OrigDstMode {
 /// Why a connection was not proxied.
 #[derive(Debug, thiserror::Error)]
 pub enum Refusal {
-    #[error("connection to {0} was not redirected (no original destination: {1})")]
-    NotRedirected(LocalAddr, std::io::Error),
+    #[error("connection from {0} was not redirected (no original destination: {1})")]
+    NotRedirected(ClientAddr, std::io::Error),
     #[error("original destination {0} is the proxy's own listener; refusing to loop")]
     Loop(OrigDstAddr),
 }
@@ -49,20 +55,31 @@ impl Refusal {
 }
 
 /// The original destination of `stream`, unless it points back at the proxy.
+/// `local_client` is the client of an outbound connection (see [`is_own`]).
 pub fn resolve_orig_dst(
     mode: OrigDstMode,
     own: &[SocketAddr],
     stream: &TcpStream,
-    local: LocalAddr,
+    client: ClientAddr,
     local_client: Option<ClientAddr>,
 ) -> Result<OrigDstAddr, Refusal> {
     let dst = match mode {
         OrigDstMode::Kernel => {
-            orig_dst::original_dst(stream, local).map_err(|e| Refusal::NotRedirected(local, e))?
+            orig_dst::original_dst(stream, client).map_err(|e| Refusal::NotRedirected(client, e))?
         }
         OrigDstMode::Fixed(addr) => OrigDstAddr(addr),
     };
-    if is_own(dst.0, local.0, local_client.map(|c| c.0), own) {
+    // The socket's local port is one of `own`'s (it was accepted by one of them), so a
+    // destination on any other port can be neither the socket itself nor a listener:
+    // no need to ask for the local address.
+    if !own.iter().any(|o| o.port() == dst.0.port()) {
+        return Ok(dst);
+    }
+    // Not knowing the local address, refuse: the socket is gone anyway.
+    let looped = stream.local_addr().map_or(true, |local| {
+        is_own(dst.0, local, local_client.map(|c| c.0), own)
+    });
+    if looped {
         return Err(Refusal::Loop(dst));
     }
     Ok(dst)
@@ -193,21 +210,15 @@ pub async fn accept_loop(ctx: Arc<Context>, listener: TcpListener, direction: Di
                 }
             }
         };
-        let local = match stream.local_addr() {
-            Ok(l) => LocalAddr(l),
-            Err(e) => {
-                tracing::debug!(%direction, error = %e, "connection closed before it was served");
-                continue;
-            }
-        };
-        // Boxed: the connection's state machine (detection, TLS, hyper) is several KB,
-        // and spawning it unboxed copies all of it more than once per connection.
+        // Boxed: the connection's state machine (detection, TLS) is several KB, and
+        // spawning it unboxed copies all of it more than once per connection. hyper's
+        // connection is boxed apart (`http::server::until_drained`), so this box stays
+        // small.
         tokio::spawn(Box::pin(conn::serve(
             ctx.clone(),
             direction,
             stream,
             ClientAddr(peer),
-            local,
         )));
     }
     tracing::info!(%direction, "listener closed");

@@ -9,11 +9,15 @@
 //! - [`upstream`]: the pooled clients of one endpoint;
 //! - [`error`]: why the proxy answered itself, as a status and an
 //!   `x-remora-proxy-error` reason instead of a hang;
+//! - [`coalesce`]: the writes of an HTTP/2 connection's turn, sent as one;
+//! - [`exec`]: the executor hyper spawns HTTP/2 tasks on (large futures boxed);
 //! - [`headers`]: hop-by-hop rules and which bodies are read whole;
 //! - [`limits`], [`idle`], [`stall`]: what one client can hold (a body that stops, a
 //!   response nobody reads, HTTP/2 streams), and the guards that enforce it.
 
+pub mod coalesce;
 pub mod error;
+mod exec;
 mod forward;
 pub mod headers;
 pub mod idle;

@@ -3,11 +3,13 @@
 use std::{convert::Infallible, future::Future, pin::Pin, sync::Arc, time::Duration};
 
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::{
     ConnMeta,
+    coalesce::Coalesce,
+    exec::Exec,
     forward::handle,
     stall::{StallGuard, is_write_stall},
     upstream::POOL_IDLE_TIMEOUT,
@@ -50,9 +52,10 @@ where
     // Detection already chose the protocol, so each gets hyper's own server (the `auto`
     // builder would add a version sniffing layer to every read).
     let limits = &ctx.settings.http_limits;
-    let io = TokioIo::new(StallGuard::new(io, limits.write_stall_timeout));
+    let io = StallGuard::new(io, limits.write_stall_timeout);
     let result = if http2 {
-        let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        let io = TokioIo::new(Coalesce::new(io));
+        let conn = hyper::server::conn::http2::Builder::new(Exec)
             .timer(TokioTimer::new())
             .max_header_list_size(u32::try_from(ctx.settings.max_header_bytes).unwrap_or(u32::MAX))
             .max_concurrent_streams(limits.h2_max_concurrent_streams)
@@ -65,7 +68,7 @@ where
             )
             .serve_connection(io, service);
         // HTTP/2: GOAWAY, then the streams in flight finish.
-        until_drained(&ctx, conn, |c| c.graceful_shutdown()).await
+        until_drained(&ctx, Box::pin(conn), |c| c.graceful_shutdown()).await
     } else {
         let head_timeout = match (meta.direction, &meta.peer.0) {
             (Direction::Outbound, _) => APP_CLIENT_IDLE_TIMEOUT,
@@ -73,6 +76,7 @@ where
             (Direction::Inbound, None) => ctx.settings.header_read_timeout,
         }
         .max(ctx.settings.header_read_timeout);
+        let io = TokioIo::new(io);
         let conn = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(head_timeout)
@@ -81,7 +85,7 @@ where
             .serve_connection(io, service)
             .with_upgrades();
         // HTTP/1: close once the response in flight is written.
-        until_drained(&ctx, conn, |c| c.graceful_shutdown()).await
+        until_drained(&ctx, Box::pin(conn), |c| c.graceful_shutdown()).await
     };
     if let Err(e) = result {
         let cutoff = if e.is_timeout() {
@@ -106,16 +110,17 @@ where
 }
 
 /// Runs `conn` to its end; once the proxy shuts down, `graceful` asks it to finish what
-/// is in flight and stop.
+/// is in flight and stop. The connection comes boxed: hyper's connection state (1-3 KiB)
+/// would otherwise sit in this future twice (argument and pinned local) and make the
+/// connection task's future ~12 KiB, copied whole into its box at every accept.
 async fn until_drained<C>(
     ctx: &Context,
-    conn: C,
+    mut conn: Pin<Box<C>>,
     graceful: fn(Pin<&mut C>),
 ) -> Result<(), hyper::Error>
 where
     C: Future<Output = Result<(), hyper::Error>>,
 {
-    tokio::pin!(conn);
     tokio::select! {
         r = conn.as_mut() => r,
         () = ctx.shutdown.signaled() => {

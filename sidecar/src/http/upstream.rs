@@ -8,12 +8,9 @@ use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::{BodyExt, Either, Full};
 use hyper::body::Incoming;
-use hyper_util::{
-    client::legacy::Client,
-    rt::{TokioExecutor, TokioTimer},
-};
+use hyper_util::{client::legacy::Client, rt::TokioTimer};
 
-use super::{ProxyBody, idle::IdleBody};
+use super::{ProxyBody, exec::Exec, idle::IdleBody};
 use crate::{
     outbound::dial::{Connector, DialTarget, Dialer},
     pool,
@@ -56,11 +53,11 @@ impl Pools {
         let connector = Connector::new(dialer, target);
         Self {
             h1: Arc::new(H1Pool::new(connector.clone(), POOL_IDLE_TIMEOUT)),
-            h2: Client::builder(TokioExecutor::new())
+            h2: Client::builder(Exec)
                 .pool_timer(TokioTimer::new())
                 .timer(TokioTimer::new())
                 .http2_only(true)
-                .build(connector),
+                .build(connector.http2()),
         }
     }
 

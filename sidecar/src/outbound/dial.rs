@@ -27,6 +27,7 @@ use tokio_rustls::client;
 
 use super::breaker::{Breaker, Permit};
 use crate::{
+    http::coalesce::Coalesce,
     metrics::Metrics,
     tls::{self, IdentityStore},
 };
@@ -152,12 +153,37 @@ pub struct UpstreamIo {
 enum Io {
     Plain(TokioIo<TcpStream>),
     Tls(Box<TokioIo<client::TlsStream<TcpStream>>>),
+    /// HTTP/2 connections, their writes coalesced (see [`crate::http::coalesce`]).
+    PlainH2(TokioIo<Coalesce<TcpStream>>),
+    TlsH2(Box<TokioIo<Coalesce<client::TlsStream<TcpStream>>>>),
+}
+
+/// `$body` with `$io` bound to the connection of whichever kind it is.
+macro_rules! with_io {
+    ($this:expr, $io:ident => $body:expr) => {
+        match $this {
+            Io::Plain($io) => $body,
+            Io::Tls($io) => $body,
+            Io::PlainH2($io) => $body,
+            Io::TlsH2($io) => $body,
+        }
+    };
 }
 
 impl UpstreamIo {
     /// Whether the connection is mesh mTLS.
     pub fn is_tls(&self) -> bool {
-        matches!(self.io, Io::Tls(_))
+        matches!(self.io, Io::Tls(_) | Io::TlsH2(_))
+    }
+
+    /// The connection with its writes coalesced: it will carry HTTP/2.
+    fn coalesce_writes(self) -> Self {
+        let io = match self.io {
+            Io::Plain(io) => Io::PlainH2(TokioIo::new(Coalesce::new(io.into_inner()))),
+            Io::Tls(io) => Io::TlsH2(Box::new(TokioIo::new(Coalesce::new(io.into_inner())))),
+            h2 => h2,
+        };
+        Self { io, ..self }
     }
 }
 
@@ -187,10 +213,7 @@ impl hyper::rt::Read for UpstreamIo {
         cx: &mut TaskContext<'_>,
         buf: hyper::rt::ReadBufCursor<'_>,
     ) -> Poll<io::Result<()>> {
-        match &mut self.get_mut().io {
-            Io::Plain(io) => Pin::new(io).poll_read(cx, buf),
-            Io::Tls(io) => Pin::new(&mut **io).poll_read(cx, buf),
-        }
+        with_io!(&mut self.get_mut().io, io => Pin::new(io).poll_read(cx, buf))
     }
 }
 
@@ -200,31 +223,19 @@ impl hyper::rt::Write for UpstreamIo {
         cx: &mut TaskContext<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        match &mut self.get_mut().io {
-            Io::Plain(io) => Pin::new(io).poll_write(cx, buf),
-            Io::Tls(io) => Pin::new(&mut **io).poll_write(cx, buf),
-        }
+        with_io!(&mut self.get_mut().io, io => Pin::new(io).poll_write(cx, buf))
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
-        match &mut self.get_mut().io {
-            Io::Plain(io) => Pin::new(io).poll_flush(cx),
-            Io::Tls(io) => Pin::new(&mut **io).poll_flush(cx),
-        }
+        with_io!(&mut self.get_mut().io, io => Pin::new(io).poll_flush(cx))
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
-        match &mut self.get_mut().io {
-            Io::Plain(io) => Pin::new(io).poll_shutdown(cx),
-            Io::Tls(io) => Pin::new(&mut **io).poll_shutdown(cx),
-        }
+        with_io!(&mut self.get_mut().io, io => Pin::new(io).poll_shutdown(cx))
     }
 
     fn is_write_vectored(&self) -> bool {
-        match &self.io {
-            Io::Plain(io) => io.is_write_vectored(),
-            Io::Tls(io) => io.is_write_vectored(),
-        }
+        with_io!(&self.io, io => io.is_write_vectored())
     }
 
     fn poll_write_vectored(
@@ -232,10 +243,7 @@ impl hyper::rt::Write for UpstreamIo {
         cx: &mut TaskContext<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        match &mut self.get_mut().io {
-            Io::Plain(io) => Pin::new(io).poll_write_vectored(cx, bufs),
-            Io::Tls(io) => Pin::new(&mut **io).poll_write_vectored(cx, bufs),
-        }
+        with_io!(&mut self.get_mut().io, io => Pin::new(io).poll_write_vectored(cx, bufs))
     }
 }
 
@@ -252,11 +260,25 @@ impl Connection for UpstreamIo {
 pub struct Connector {
     dialer: Dialer,
     target: Arc<DialTarget>,
+    /// The connections carry HTTP/2: their writes are coalesced.
+    http2: bool,
 }
 
 impl Connector {
     pub fn new(dialer: Dialer, target: Arc<DialTarget>) -> Self {
-        Self { dialer, target }
+        Self {
+            dialer,
+            target,
+            http2: false,
+        }
+    }
+
+    /// The same dialer for connections that carry HTTP/2.
+    pub fn http2(self) -> Self {
+        Self {
+            http2: true,
+            ..self
+        }
     }
 }
 
@@ -275,15 +297,18 @@ impl tower::Service<Uri> for Connector {
         let this = self.clone();
         let limits = LIMITS.try_with(Arc::clone).ok();
         Box::pin(async move {
-            let Some(breaker) = limits else {
-                return Ok(this.dialer.dial(&this.target).await?);
+            let io = match limits {
+                None => this.dialer.dial(&this.target).await?,
+                Some(breaker) => {
+                    let slot = breaker.connection()?;
+                    let waiting = breaker.pending_request()?;
+                    let mut io = this.dialer.dial(&this.target).await?;
+                    drop(waiting);
+                    io._slot = Some(slot);
+                    io
+                }
             };
-            let slot = breaker.connection()?;
-            let waiting = breaker.pending_request()?;
-            let mut io = this.dialer.dial(&this.target).await?;
-            drop(waiting);
-            io._slot = Some(slot);
-            Ok(io)
+            Ok(if this.http2 { io.coalesce_writes() } else { io })
         })
     }
 }
