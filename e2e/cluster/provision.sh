@@ -48,9 +48,10 @@ apt_install() {
 # Runtime prerequisites of the harness, of the network-namespace tier and of the node tier
 # (containerd runs the pods with runc, the CNI bridge + host-local plugins give them their
 # addresses, kube-proxy needs conntrack; gcc + libc6-dev compile the static pause binary;
-# busybox-static makes the node tests' small test image).
+# busybox-static makes the node tests' small test image; bpftool shows what the
+# accelerator tests' agent attached and that --cleanup left nothing).
 apt_install etcd-server etcd-client openssl iproute2 iptables ca-certificates curl util-linux \
-  containerd runc containernetworking-plugins conntrack gcc libc6-dev busybox-static
+  containerd runc containernetworking-plugins conntrack gcc libc6-dev busybox-static bpftool
 
 # kubectl renders the kustomizations under config/ (directory resources need its built-in
 # kustomize >= v3, i.e. kubectl >= 1.21; Debian's kubernetes-client 1.20 is too old). The

@@ -1,8 +1,11 @@
 //! One run of `remora-init`: flags in, side effects and an exit code out.
 
+use std::path::Path;
 use std::process::ExitCode;
 
+use crate::accel::{self, Registration};
 use crate::backend;
+use crate::config::Config;
 use crate::exec::Executor;
 use crate::flags::{Flags, Mode};
 use crate::installed;
@@ -66,13 +69,38 @@ pub fn run(flags: &Flags) -> ExitCode {
                 "remora-init: applied the rules for {} ({backend} backend)",
                 families.join(" and ")
             );
+            if let Some(dir) = flags.accel_registrations() {
+                register_with_accel(dir, &cfg);
+            }
             ExitCode::SUCCESS
         }
         Err(e) => fail(EXIT_APPLY, e),
     }
 }
 
-fn run_validate(flags: &Flags, cfg: &crate::config::Config) -> ExitCode {
+/// Tells the node's `remora-accel` agent about this pod. Never fails the run: the rules
+/// just applied carry the pod's traffic whether or not the agent ever reads the file.
+fn register_with_accel(dir: &Path, cfg: &Config) {
+    let written = accel::current_netns_cookie()
+        .map_err(|e| format!("cannot read this network namespace's cookie: {e}"))
+        .and_then(|cookie| {
+            Registration::new(cookie, cfg)
+                .write_into(dir)
+                .map_err(|e| e.to_string())
+        });
+    match written {
+        Ok(path) => eprintln!(
+            "remora-init: registered with remora-accel: {}",
+            path.display()
+        ),
+        Err(e) => eprintln!(
+            "remora-init: warning: not registered with remora-accel ({e}); \
+             the pod's traffic goes through the iptables rules"
+        ),
+    }
+}
+
+fn run_validate(flags: &Flags, cfg: &Config) -> ExitCode {
     let probes = match validate::probe_addrs(cfg, &flags.validate_addr.0) {
         Ok(p) => p,
         Err(e) => return fail(EXIT_BAD_INPUT, e),

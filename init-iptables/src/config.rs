@@ -57,6 +57,16 @@ pub struct PortRange {
 }
 
 impl PortRange {
+    /// The first port of the range.
+    pub fn first(&self) -> u16 {
+        self.first
+    }
+
+    /// The last port of the range (inclusive).
+    pub fn last(&self) -> u16 {
+        self.last
+    }
+
     /// A range of one port.
     pub fn single(port: u16) -> Self {
         Self {
@@ -128,6 +138,16 @@ pub struct Cidr {
 }
 
 impl Cidr {
+    /// The network's address, host bits cleared.
+    pub fn addr(&self) -> IpAddr {
+        self.addr
+    }
+
+    /// The prefix length in bits.
+    pub fn prefix(&self) -> u8 {
+        self.prefix
+    }
+
     /// The family of the network.
     pub fn family(&self) -> Family {
         Family::of(&self.addr)

@@ -3,10 +3,11 @@
 //! through its environment), turned into a validated [`Config`] and a [`Mode`].
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::Parser;
-use clap::builder::BoolishValueParser;
+use clap::builder::{BoolishValueParser, OsStringValueParser, TypedValueParser as _};
 
 use crate::backend::BackendChoice;
 use crate::config::{
@@ -150,6 +151,21 @@ pub struct Flags {
     #[arg(long, env = "REMORA_INIT_VALIDATE_TIMEOUT_MS", default_value_t = 3000,
           value_name = "MS", value_parser = clap::value_parser!(u64).range(1..))]
     pub validate_timeout_ms: u64,
+
+    /// After applying the rules, register this pod with the node's remora-accel agent by
+    /// writing <netns cookie>.json (the outbound capture settings) into DIR; empty: off.
+    /// The rules stay installed as the fallback, and a failed write is only a warning.
+    /// Ignored with --dry-run, --cleanup and --validate (nothing is written or removed).
+    #[arg(
+        long,
+        env = "REMORA_INIT_ACCEL_REGISTRATIONS",
+        default_value = "",
+        value_name = "DIR",
+        hide_default_value = true,
+        // Empty is allowed (off), which clap's PathBuf parser refuses.
+        value_parser = OsStringValueParser::new().map(PathBuf::from)
+    )]
+    pub accel_registrations: PathBuf,
 }
 
 /// A comma-separated list of socket addresses (`192.0.2.1:20001,[2001:db8::1]:20001`);
@@ -218,6 +234,12 @@ impl Flags {
         }
     }
 
+    /// The accelerator's registration directory, if `--accel-registrations` is set.
+    pub fn accel_registrations(&self) -> Option<&Path> {
+        let dir = self.accel_registrations.as_path();
+        (!dir.as_os_str().is_empty()).then_some(dir)
+    }
+
     /// `--validate-timeout-ms` as a duration.
     pub fn validate_timeout(&self) -> Duration {
         Duration::from_millis(self.validate_timeout_ms)
@@ -255,6 +277,24 @@ mod tests {
         let flags = Flags::try_parse_from(["remora-init"]).expect("defaults parse");
         assert_eq!(flags.config().expect("valid"), Config::default());
         assert_eq!(flags.mode(), Mode::Apply);
+    }
+
+    #[test]
+    fn accel_registrations_is_off_by_default_and_set_by_its_flag() {
+        let off = Flags::try_parse_from(["remora-init"]).expect("defaults parse");
+        assert_eq!(off.accel_registrations(), None);
+        let on =
+            Flags::try_parse_from(["remora-init", "--accel-registrations", "/run/remora/accel"])
+                .expect("flag parses");
+        assert_eq!(
+            on.accel_registrations(),
+            Some(Path::new("/run/remora/accel"))
+        );
+        // The registration never changes the rules.
+        assert_eq!(on.config().expect("valid"), Config::default());
+        let empty = Flags::try_parse_from(["remora-init", "--accel-registrations="])
+            .expect("an empty value parses");
+        assert_eq!(empty.accel_registrations(), None);
     }
 
     #[test]

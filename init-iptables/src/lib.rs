@@ -7,6 +7,7 @@
 //! it too. [`probe`] is the listener/client behind the `remora-probe` debugging tool
 //! and the network-namespace tests.
 
+pub mod accel;
 pub mod app;
 pub mod backend;
 pub mod config;

@@ -17,6 +17,8 @@ fn help_documents_exit_codes_and_env() {
         "  5  --validate",
         "REMORA_INIT_SKIP_OUTBOUND_CIDRS",
         "REMORA_INIT_BACKEND",
+        "REMORA_INIT_ACCEL_REGISTRATIONS",
+        "Ignored with --dry-run, --cleanup and --validate",
     ] {
         assert!(help.contains(needle), "--help lacks {needle:?}:\n{help}");
     }

@@ -20,6 +20,15 @@
 //! - **baseline** (only with `REMORA_BENCH_BASELINE=/path/to/remora-proxy`): another build of
 //!   the proxy, e.g. main's, as a second Remora pair in its own pods, so a change is
 //!   compared with it in the same run;
+//! - **accel**: the same build and config as **remora**, in pods of its own, with the
+//!   `remora-accel` agent attached to a cgroup holding only that pair's processes
+//!   (`pair/accel.rs`): the app↔proxy hops go through `connect4` and `sk_msg` instead of the
+//!   TCP stack. `make bench` builds the agent; `REMORA_BENCH_SKIP_ACCEL=1` leaves it out.
+//!   **accel-both** is the same with the agent's `--redirect-to-app` (the proxies' sends
+//!   handed to the apps too), its own agent on a sibling cgroup;
+//!   `REMORA_BENCH_SKIP_ACCEL_BOTH=1` leaves only that one out. Their lines under the
+//!   table give each ÷ remora (added p50 at 2,000 rps, HTTP/1.1 throughput) and CPU per
+//!   request ÷ remora and ÷ floor by each CPU measure below;
 //! - **policy**: the same build as **remora** with the full traffic policy on the service
 //!   (least request, retries with a budget, circuit breaker limits and error rate, outlier
 //!   detection, timeouts; `POLICY`), where **remora** has round robin and nothing else: what
@@ -35,12 +44,21 @@
 //! HTTP/2 port 8082, direct 9092). Each pod is pinned to a CPU of its own (`taskset`: the
 //! client pod's load generator and sidecar on CPU 0, the server pod's app and sidecar on
 //! CPU 1), so a sidecar competes with its own app, as under a pod CPU limit. Proxy RSS
-//! comes from `/proc/<pid>/status` (VmRSS), CPU from `/proc/<pid>/stat` (utime+stime).
+//! comes from `/proc/<pid>/status` (VmRSS). CPU per request is measured three ways
+//! (`pair/cpu.rs`): the pair's (the two sidecars' utime+stime), the pods' (the sidecars,
+//! the server app and the load generator), and the machine's (`/proc/stat`, busy ticks of
+//! every CPU, with its softirq share): a loopback hop costs whoever sends on it, app or
+//! sidecar, and softirq work in ksoftirqd is charged to no pod. The machine's figures
+//! include everything else running, so they mean something only on a quiet machine.
 //!
 //! Every namespace (and with it the veths) and process is removed by a guard's `Drop` (the
 //! guards of `tests/common/netns.rs`, shared with the namespace tests; a failure to set up a
 //! namespace panics, and the guards still clean up).
 
+#[path = "pair/accel.rs"]
+mod accel;
+#[path = "pair/cpu.rs"]
+mod cpu;
 #[path = "pair/envoy.rs"]
 mod envoy;
 #[path = "pair/floor.rs"]
@@ -101,6 +119,7 @@ fn main() -> ExitCode {
         Some("--serve") => serve(),
         Some("--load") => load(&args[1..]),
         Some("--relay") => floor::relay(),
+        Some("--netns-cookie") => accel::print_netns_cookie(),
         _ => bench(),
     };
     match result {
@@ -531,33 +550,6 @@ fn rss_kib(pid: u32) -> anyhow::Result<u64> {
         .ok_or_else(|| anyhow::anyhow!("no VmRSS for {pid}"))
 }
 
-/// utime + stime in clock ticks.
-fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // Fields after the `(comm)`, which may contain spaces.
-    let rest = stat
-        .rsplit_once(')')
-        .map(|(_, r)| r)
-        .ok_or_else(|| anyhow::anyhow!("bad /proc/{pid}/stat"))?;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    // rest[0] is field 3 (state); utime is field 14, stime 15.
-    let get = |i: usize| -> anyhow::Result<u64> {
-        f.get(i - 3)
-            .and_then(|v| v.parse().ok())
-            .ok_or_else(|| anyhow::anyhow!("bad /proc/{pid}/stat field {i}"))
-    };
-    Ok(get(14)? + get(15)?)
-}
-
-fn clk_tck() -> f64 {
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
-        .unwrap_or(100.0)
-}
-
 #[derive(Debug, Default, Clone)]
 struct Load {
     requests: f64,
@@ -807,14 +799,21 @@ struct Path<'a> {
     h2_addr: String,
     /// The pair's PIDs (A, B); none for the direct path.
     pids: Option<(u32, u32)>,
+    /// The server app's PID (the one the direct path shares with the remora pair).
+    server: u32,
+    /// An accelerated pair's node: its load generator runs in the pair's cgroup.
+    accel: Option<&'a accel::Node>,
 }
 
 impl Path<'_> {
-    fn cpu(&self) -> anyhow::Result<u64> {
-        match self.pids {
-            Some((a, b)) => Ok(cpu_ticks(a)? + cpu_ticks(b)?),
-            None => Ok(0),
-        }
+    /// The CPU counters now (`cpu.rs`): this path's sidecars and server app, the load
+    /// generators waited for, the machine.
+    fn sample(&self) -> anyhow::Result<cpu::Sample> {
+        let sidecars = match self.pids {
+            Some((a, b)) => vec![a, b],
+            None => Vec::new(),
+        };
+        cpu::Sample::take(&sidecars, &[self.server])
     }
 
     fn rss(&self) -> anyhow::Result<Option<(u64, u64)>> {
@@ -844,6 +843,13 @@ struct Series {
     h2: Vec<f64>,
     cpu_rate: Vec<f64>,
     cpu_max: Vec<f64>,
+    /// Everything in the two pods: load generator, server app, sidecars.
+    pods_rate: Vec<f64>,
+    pods_max: Vec<f64>,
+    /// The whole machine (`/proc/stat`), and its softirq share.
+    machine_rate: Vec<f64>,
+    machine_max: Vec<f64>,
+    softirq_rate: Vec<f64>,
 }
 
 /// A sidecar pair in its own two pods, with its own server.
@@ -852,6 +858,8 @@ struct Pair {
     pods: Pods,
     /// A's and B's PIDs.
     pids: (u32, u32),
+    /// The server app's PID.
+    server: u32,
     /// The log names of A and B.
     logs: [&'static str; 2],
 }
@@ -873,12 +881,14 @@ impl Pair {
             &[me, "--serve"],
             &log_path(&pods, "server"),
         )?;
+        let server_pid = server.pid();
         pods.procs.push(server);
         let pids = start(&mut pods)?;
         Ok(Self {
             name,
             pods,
             pids,
+            server: server_pid,
             logs,
         })
     }
@@ -889,6 +899,7 @@ fn bench() -> anyhow::Result<()> {
     // A missing Envoy fails here, before any namespace exists, unless opted out.
     let envoy_bin = envoy::binary()?.map(|p| p.display().to_string());
     let haproxy_bin = haproxy::binary()?.map(|p| p.display().to_string());
+    let accel_bin = accel::binary()?;
     // Extra proxy flags, e.g. REMORA_BENCH_PROXY_ARGS="--worker-threads 1".
     let extra_proxy_args = std::env::var("REMORA_BENCH_PROXY_ARGS").unwrap_or_default();
     let mesh_protocol = envoy::MeshProtocol::of_proxy_args(&extra_proxy_args);
@@ -905,7 +916,37 @@ fn bench() -> anyhow::Result<()> {
     // (say, main's), for a same-run comparison: on a shared 2-core VM, figures from
     // separate runs differ more than most changes do.
     let baseline_bin = std::env::var(BASELINE_ENV).ok().filter(|v| !v.is_empty());
+    // Declared before the pairs, so dropped after them: their cgroups must be empty by
+    // then. One agent per mode, each on a cgroup and bpffs of its own (sibling cgroups:
+    // each agent's programs see only its own pair's sockets).
+    let mut accel_nodes = match &accel_bin {
+        Some(bin) => accel::Mode::wanted()
+            .into_iter()
+            .map(|m| accel::Node::new(bin.clone(), m))
+            .collect::<anyhow::Result<Vec<_>>>()?,
+        None => Vec::new(),
+    };
     let mut others = Vec::new();
+    for node in &mut accel_nodes {
+        let pair = {
+            let _inside = node.enter()?;
+            let m = node.mode;
+            Pair::start(m.pod(), m.name(), &me, ["proxy-a", "proxy-b"], |pods| {
+                start_remora(
+                    pods,
+                    env!("CARGO_BIN_EXE_remora-proxy"),
+                    &extra_proxy_args,
+                    NO_POLICY,
+                )
+            })?
+        };
+        node.start_agent(&pair.pods.client)?;
+        let config = accel::config(&[DIRECT_PORT, DIRECT_H2_PORT]);
+        for ns in [&pair.pods.client, &pair.pods.server] {
+            node.register(ns, &me, &config)?;
+        }
+        others.push(pair);
+    }
     if let Some(bin) = &baseline_bin {
         others.push(Pair::start(
             'c',
@@ -971,6 +1012,8 @@ fn bench() -> anyhow::Result<()> {
         addr: direct.clone(),
         h2_addr: format!("{SERVER_IP}:{DIRECT_H2_PORT}"),
         pids: None,
+        server: remora.server,
+        accel: None,
     }];
     for pair in std::iter::once(&remora).chain(&others) {
         paths.push(Path {
@@ -979,6 +1022,8 @@ fn bench() -> anyhow::Result<()> {
             addr: mesh.clone(),
             h2_addr: format!("{SERVER_IP}:{H2_PORT}"),
             pids: Some(pair.pids),
+            server: pair.server,
+            accel: accel_nodes.iter().find(|n| n.mode.name() == pair.name),
         });
     }
     // Ready, before any traffic: what an idle sidecar costs.
@@ -988,7 +1033,8 @@ fn bench() -> anyhow::Result<()> {
     wait_for("server reachable directly", || {
         load_in(&remora.pods.client, "connect", &direct, 1).is_ok()
     })?;
-    for pair in std::iter::once(&remora).chain(&others) {
+    for (pair, path) in std::iter::once(&remora).chain(&others).zip(&paths[1..]) {
+        let _inside = path.accel.map(accel::Node::enter).transpose()?;
         wait_for(&format!("the {} path", pair.name), || {
             load_in(&pair.pods.client, "connect", &mesh, 1).is_ok()
         })
@@ -1019,9 +1065,9 @@ fn bench() -> anyhow::Result<()> {
         names.join(", ")
     );
     let load_before = loadavg();
-    let tck = clk_tck();
-    // CPU seconds of the pair per 1,000 requests (= vCPU per 1,000 rps). The counted
-    // requests exclude each phase's short warm-up, so this errs slightly high.
+    let tck = cpu::clk_tck();
+    // CPU seconds per 1,000 requests (= vCPU per 1,000 rps). The counted requests exclude
+    // each phase's short warm-up, so this errs slightly high.
     let per_k = |ticks: u64, l: &Load| ticks as f64 / tck / (l.requests / 1000.0);
     let mut series: Vec<Series> = paths.iter().map(|_| Series::default()).collect();
     let mut errors = 0.0;
@@ -1029,7 +1075,8 @@ fn bench() -> anyhow::Result<()> {
         eprintln!("pair bench: round {}/{rounds}", round + 1);
         for mode in ["max", "rate", "connect", "h2"] {
             for (path, s) in paths.iter().zip(series.iter_mut()) {
-                let c0 = path.cpu()?;
+                let _inside = path.accel.map(accel::Node::enter).transpose()?;
+                let c0 = path.sample()?;
                 let addr = if mode == "h2" {
                     &path.h2_addr
                 } else {
@@ -1048,15 +1095,19 @@ fn bench() -> anyhow::Result<()> {
                     }
                     Err(e) => return Err(e),
                 };
-                let cpu = per_k(path.cpu()? - c0, &l);
+                let used = path.sample()?.since(c0);
+                let cpu = per_k(used.pair, &l);
+                let pods = per_k(used.pods, &l);
+                let machine = per_k(used.machine, &l);
                 if verbose {
                     eprintln!(
-                        "pair bench: {mode} {}: {:.0} rps, p50/p90/p99 {:.0}/{:.0}/{:.0} us, {cpu:.3} CPU s per 1000",
+                        "pair bench: {mode} {}: {:.0} rps, p50/p90/p99 {:.0}/{:.0}/{:.0} us, CPU s per 1000: pair {cpu:.3}, pods {pods:.3}, machine {machine:.3} (softirq {:.3})",
                         path.name,
                         l.rate(),
                         l.p50,
                         l.p90,
-                        l.p99
+                        l.p99,
+                        per_k(used.softirq, &l),
                     );
                 }
                 errors += l.errors;
@@ -1064,6 +1115,8 @@ fn bench() -> anyhow::Result<()> {
                     "max" => {
                         s.max.push(l.rate());
                         s.cpu_max.push(cpu);
+                        s.pods_max.push(pods);
+                        s.machine_max.push(machine);
                     }
                     "rate" => {
                         s.p50.push(l.p50);
@@ -1071,6 +1124,9 @@ fn bench() -> anyhow::Result<()> {
                         s.p99.push(l.p99);
                         s.achieved.push(l.rate());
                         s.cpu_rate.push(cpu);
+                        s.pods_rate.push(pods);
+                        s.machine_rate.push(machine);
+                        s.softirq_rate.push(per_k(used.softirq, &l));
                     }
                     "connect" => s.connect.push(l.rate()),
                     _ => s.h2.push(l.rate()),
@@ -1234,6 +1290,29 @@ fn bench() -> anyhow::Result<()> {
         vs_haproxy(|s| &s.cpu_max, false),
         "",
     );
+    // The whole path's CPU (`cpu.rs`): the pair's hops also cost the apps that send
+    // through them, and softirq work that no process is charged for.
+    let whole: [(String, Field); 5] = [
+        (format!("pods CPU s per 1000 req at {RATE} rps"), |s| {
+            &s.pods_rate
+        }),
+        ("pods CPU s per 1000 req at max throughput".into(), |s| {
+            &s.pods_max
+        }),
+        (format!("machine CPU s per 1000 req at {RATE} rps"), |s| {
+            &s.machine_rate
+        }),
+        ("machine CPU s per 1000 req at max thr.".into(), |s| {
+            &s.machine_max
+        }),
+        (
+            format!("machine softirq s per 1000 req at {RATE} rps"),
+            |s| &s.softirq_rate,
+        ),
+    ];
+    for (name, f) in whole {
+        row(&name, cells(f, 3), none(), String::new(), "");
+    }
     let mb = |rss: &[Option<(u64, u64)>]| -> Vec<String> {
         rss.iter()
             .map(|r| match r {
@@ -1295,8 +1374,50 @@ fn bench() -> anyhow::Result<()> {
             r(|s| &s.connect),
         );
     }
+    for (i, path) in paths.iter().enumerate() {
+        if let Some(node) = path.accel {
+            println!("{}", node.check(path.client)?);
+            println!("{}", accel_line(&series, &paths, i));
+        }
+    }
     println!("failed requests across all phases: {errors:.0}");
     Ok(())
+}
+
+/// An accelerated pair against the plain one and the floor, each figure the median of
+/// the per-round ratios (issue 14's targets), CPU per request by each measure.
+fn accel_line(series: &[Series], paths: &[Path<'_>], accel: usize) -> String {
+    let (direct, remora, a) = (&series[0], &series[1], &series[accel]);
+    let r = |f: Field, num: &Series, den: &Series| {
+        median(f(num).iter().zip(f(den)).map(|(n, d)| n / d).collect())
+    };
+    let added_p50 = median(
+        (0..a.p50.len().min(remora.p50.len()))
+            .map(|i| (a.p50[i] - direct.p50[i]) / (remora.p50[i] - direct.p50[i]))
+            .collect(),
+    );
+    let floor = paths.iter().position(|p| p.name == "floor");
+    let measures: [(&str, Field); 5] = [
+        ("pair (sidecars)", |s| &s.cpu_rate),
+        ("pods (apps + sidecars)", |s| &s.pods_rate),
+        ("machine", |s| &s.machine_rate),
+        ("pods at max throughput", |s| &s.pods_max),
+        ("machine at max throughput", |s| &s.machine_max),
+    ];
+    let cpu = measures
+        .iter()
+        .map(|(what, f)| {
+            let vs_floor =
+                floor.map_or("-".to_owned(), |i| format!("{:.3}x", r(*f, a, &series[i])));
+            format!("{what} {:.3}x remora, {vs_floor} floor", r(*f, a, remora))
+        })
+        .collect::<Vec<_>>()
+        .join("; ");
+    let name = paths[accel].name;
+    format!(
+        "{name} ÷ remora: added p50 at {RATE} rps {added_p50:.3}x (target <= 0.7x), HTTP/1.1 throughput {:.3}x (target >= 1.3x)\n{name} CPU per request at {RATE} rps unless said (target <= 0.7x remora, < 1.0x floor): {cpu}",
+        r(|s| &s.max, a, remora),
+    )
 }
 
 fn median(mut v: Vec<f64>) -> f64 {

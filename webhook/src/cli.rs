@@ -11,6 +11,7 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use clap::{Args, Parser, Subcommand};
 
+use crate::accel;
 use crate::annotations;
 use crate::events::EventRecorder;
 use crate::inject::{InjectConfig, ProxyDefaults};
@@ -97,6 +98,17 @@ pub struct InjectionArgs {
     /// Default proxy drain period on shutdown.
     #[arg(long, env = "REMORA_WEBHOOK_PROXY_SHUTDOWN_GRACE_PERIOD", default_value = "30s", value_parser = parse_duration)]
     pub proxy_shutdown_grace_period: Duration,
+    /// Node directory of the remora-accel agent (e.g. /run/remora/accel): remora-init gets
+    /// it as a hostPath and registers each pod there. Empty: off. Set it only when every
+    /// node runs the agent's DaemonSet (config/accel); elsewhere the iptables path serves.
+    #[arg(
+        long,
+        env = "REMORA_WEBHOOK_ACCEL_REGISTRATIONS",
+        default_value = "",
+        value_name = "DIR",
+        hide_default_value = true
+    )]
+    pub accel_registrations: String,
 }
 
 impl InjectionArgs {
@@ -127,6 +139,7 @@ impl InjectionArgs {
             trust_domain: self.trust_domain.clone(),
             trust_bundle_configmap: self.trust_bundle_configmap.clone(),
             native_sidecar,
+            accel_registrations: accel::parse_dir(&self.accel_registrations)?,
             defaults: ProxyDefaults {
                 cpu_request: opt("proxy-cpu-request", &self.proxy_cpu_request)?,
                 cpu_limit: opt("proxy-cpu-limit", &self.proxy_cpu_limit)?,
@@ -388,5 +401,33 @@ mod tests {
             Cli::try_parse_from(["remora-webhook", "--proxy-memory-limit=lots"]).expect("parse");
         let err = cli.serve.injection.config(true).expect_err("bad quantity");
         assert!(err.to_string().contains("--proxy-memory-limit"), "{err}");
+        let cli =
+            Cli::try_parse_from(["remora-webhook", "--accel-registrations=run/x"]).expect("parse");
+        let err = cli.serve.injection.config(true).expect_err("relative");
+        assert!(err.to_string().contains("--accel-registrations"), "{err}");
+    }
+
+    #[test]
+    fn the_accelerator_is_off_unless_its_directory_is_given() {
+        let off = Cli::try_parse_from(["remora-webhook"]).expect("parse");
+        let cfg = off.serve.injection.config(true).expect("config");
+        assert_eq!(cfg.accel_registrations, None);
+        let on = Cli::try_parse_from([
+            "remora-webhook",
+            "inject",
+            "-f",
+            "-",
+            "--accel-registrations",
+            "/run/remora/accel",
+        ])
+        .expect("parse");
+        let Some(Command::Inject(args)) = on.command else {
+            panic!("inject expected");
+        };
+        let cfg = args.injection.config(true).expect("config");
+        assert_eq!(
+            cfg.accel_registrations.as_deref(),
+            Some("/run/remora/accel")
+        );
     }
 }

@@ -12,6 +12,8 @@
 //!   init containers, so those keep plain network access instead of being captured by a
 //!   proxy that is not running yet;
 //! - a projected service-account token (audience `remora`, 1 h) and the trust bundle;
+//! - with `--accel-registrations`, the node's registration directory for `remora-init`
+//!   (see [`crate::accel`]);
 //! - HTTP/TCP/gRPC probes rewritten to the proxy (see [`crate::probes`]);
 //! - the annotation `remora.dev/injected: <version>`.
 
@@ -27,6 +29,7 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity as K8sQuantity;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
+use crate::accel;
 use crate::annotations::{
     self, AnnotationError, InjectMode, PodOverrides, PortList, PortRange, Quantity,
 };
@@ -114,6 +117,9 @@ pub struct InjectConfig {
     pub native_sidecar: bool,
     /// Proxy resources, log level and grace period.
     pub defaults: ProxyDefaults,
+    /// The node directory where `remora-init` registers the pod with `remora-accel`
+    /// (checked by [`accel::parse_dir`]); `None`: the accelerator is off.
+    pub accel_registrations: Option<String>,
 }
 
 impl Default for InjectConfig {
@@ -128,6 +134,7 @@ impl Default for InjectConfig {
             trust_bundle_configmap: "remora-trust-bundle".into(),
             native_sidecar: true,
             defaults: ProxyDefaults::default(),
+            accel_registrations: None,
         }
     }
 }
@@ -290,8 +297,10 @@ pub fn inject(
             return Err(InjectError::UidConflict(c.name.clone()));
         }
     }
+    let accel_volume = cfg.accel_registrations.as_ref().map(|_| accel::VOLUME);
     for v in spec.volumes.iter().flatten() {
-        if v.name == TOKEN_VOLUME || v.name == TRUST_VOLUME {
+        if v.name == TOKEN_VOLUME || v.name == TRUST_VOLUME || Some(v.name.as_str()) == accel_volume
+        {
             return Err(InjectError::VolumeConflict(v.name.clone()));
         }
     }
@@ -392,27 +401,34 @@ fn init_container(cfg: &InjectConfig, o: &PodOverrides) -> Container {
         .iter()
         .map(ToString::to_string)
         .collect();
+    let mut envs = vec![
+        env("REMORA_INIT_PROXY_UID", PROXY_UID.to_string()),
+        env("REMORA_INIT_PROXY_GID", PROXY_UID.to_string()),
+        env("REMORA_INIT_OUTBOUND_PORT", OUTBOUND_PORT.to_string()),
+        env("REMORA_INIT_INBOUND_PORT", INBOUND_PORT.to_string()),
+        // Never redirected, so kubelet probes reach the proxy directly.
+        env("REMORA_INIT_ADMIN_PORT", ADMIN_PORT.to_string()),
+        env("REMORA_INIT_INBOUND_PORTS", "*"),
+        env(
+            "REMORA_INIT_SKIP_INBOUND_PORTS",
+            o.skip_inbound_ports.to_string(),
+        ),
+        env(
+            "REMORA_INIT_SKIP_OUTBOUND_PORTS",
+            o.skip_outbound_ports.to_string(),
+        ),
+        env("REMORA_INIT_SKIP_OUTBOUND_CIDRS", cidrs.join(",")),
+    ];
+    let mut mounts = None;
+    if let Some(dir) = &cfg.accel_registrations {
+        envs.push(accel::init_env(dir));
+        mounts = Some(vec![accel::init_mount(dir)]);
+    }
     Container {
         name: INIT_CONTAINER.into(),
         image: Some(cfg.init_image.clone()),
-        env: Some(vec![
-            env("REMORA_INIT_PROXY_UID", PROXY_UID.to_string()),
-            env("REMORA_INIT_PROXY_GID", PROXY_UID.to_string()),
-            env("REMORA_INIT_OUTBOUND_PORT", OUTBOUND_PORT.to_string()),
-            env("REMORA_INIT_INBOUND_PORT", INBOUND_PORT.to_string()),
-            // Never redirected, so kubelet probes reach the proxy directly.
-            env("REMORA_INIT_ADMIN_PORT", ADMIN_PORT.to_string()),
-            env("REMORA_INIT_INBOUND_PORTS", "*"),
-            env(
-                "REMORA_INIT_SKIP_INBOUND_PORTS",
-                o.skip_inbound_ports.to_string(),
-            ),
-            env(
-                "REMORA_INIT_SKIP_OUTBOUND_PORTS",
-                o.skip_outbound_ports.to_string(),
-            ),
-            env("REMORA_INIT_SKIP_OUTBOUND_CIDRS", cidrs.join(",")),
-        ]),
+        env: Some(envs),
+        volume_mounts: mounts,
         // A failed run's last log lines (remora-init's error) become the termination
         // message that `kubectl describe pod` shows under the init container.
         termination_message_policy: Some("FallbackToLogsOnError".into()),
@@ -640,7 +656,7 @@ fn proxy_container(
 }
 
 fn volumes(cfg: &InjectConfig) -> Vec<Volume> {
-    vec![
+    let mut volumes = vec![
         Volume {
             name: TOKEN_VOLUME.into(),
             projected: Some(ProjectedVolumeSource {
@@ -664,5 +680,7 @@ fn volumes(cfg: &InjectConfig) -> Vec<Volume> {
             }),
             ..Default::default()
         },
-    ]
+    ];
+    volumes.extend(cfg.accel_registrations.as_deref().map(accel::volume));
+    volumes
 }

@@ -3,9 +3,11 @@
 //!
 //! The pure builder ([`inject::inject`]) turns a pod into a skip reason or an injected pod
 //! plus a JSON patch; [`admission`] wraps it in the AdmissionReview protocol, [`server`]
-//! serves it over TLS, and [`offline`] applies it to manifests. [`namespace`] validates
+//! serves it over TLS, and [`offline`] applies it to manifests; [`accel`] is what the
+//! optional socket accelerator adds. [`namespace`] validates
 //! the mesh's namespace label (`/validate-namespace`).
 
+pub mod accel;
 pub mod admission;
 pub mod annotations;
 pub mod cli;

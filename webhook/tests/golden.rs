@@ -8,7 +8,8 @@ use std::path::{Path, PathBuf};
 
 use k8s_openapi::api::core::v1::Pod;
 use pretty_assertions::assert_eq;
-use remora_webhook::inject::{self, InjectConfig, Outcome, SkipReason};
+use remora_webhook::accel;
+use remora_webhook::inject::{self, InjectConfig, InjectError, Injection, Outcome, SkipReason};
 use remora_webhook::offline;
 
 fn dir() -> PathBuf {
@@ -233,6 +234,33 @@ fn read_input(input: &str) -> (Pod, serde_json::Value) {
     (pod, raw)
 }
 
+/// Compares an injection with its golden files, applies its patch to the raw input with an
+/// independent RFC 6902 implementation (as the API server does), and re-injects it.
+fn check_injected(case: &str, raw: &serde_json::Value, inj: &Injection, cfg: &InjectConfig) {
+    let patch = serde_json::to_string_pretty(&inj.patch).expect("patch JSON") + "\n";
+    golden(&format!("{case}.patch.json"), &patch);
+    golden(
+        &format!("{case}.injected.yaml"),
+        &serde_yaml::to_string(&inj.pod).expect("pod YAML"),
+    );
+    let ops: json_patch::Patch =
+        serde_json::from_str(&patch).expect("the patch is valid RFC 6902 JSON");
+    let mut patched = raw.clone();
+    json_patch::patch(&mut patched, &ops)
+        .unwrap_or_else(|e| panic!("{case}: patch does not apply: {e}"));
+    let expected = serde_json::to_value(&inj.pod).expect("json");
+    assert_eq!(
+        patched, expected,
+        "{case}: patched raw input differs from the injected pod"
+    );
+    // Idempotence: the injected pod is left alone.
+    assert_eq!(
+        inject::inject(&inj.pod, None, cfg).expect("re-inject"),
+        Outcome::Skipped(SkipReason::AlreadyInjected),
+        "{case}: re-injection"
+    );
+}
+
 #[test]
 fn pod_cases() {
     for (case, input, native, expect) in POD_CASES {
@@ -240,32 +268,7 @@ fn pod_cases() {
         let result = inject::inject(&pod, None, &config(*native));
         match (result, expect) {
             (Ok(Outcome::Injected(inj)), Expect::Injected) => {
-                let patch = serde_json::to_string_pretty(&inj.patch).expect("patch JSON") + "\n";
-                golden(&format!("{case}.patch.json"), &patch);
-                golden(
-                    &format!("{case}.injected.yaml"),
-                    &serde_yaml::to_string(&inj.pod).expect("pod YAML"),
-                );
-
-                // The patch, applied by an independent RFC 6902 implementation to the raw
-                // input (as the API server does), yields the injected pod.
-                let ops: json_patch::Patch =
-                    serde_json::from_str(&patch).expect("the patch is valid RFC 6902 JSON");
-                let mut patched = raw.clone();
-                json_patch::patch(&mut patched, &ops)
-                    .unwrap_or_else(|e| panic!("{case}: patch does not apply: {e}"));
-                let expected = serde_json::to_value(&inj.pod).expect("json");
-                assert_eq!(
-                    patched, expected,
-                    "{case}: patched raw input differs from the injected pod"
-                );
-
-                // Idempotence: the injected pod is left alone.
-                assert_eq!(
-                    inject::inject(&inj.pod, None, &config(*native)).expect("re-inject"),
-                    Outcome::Skipped(SkipReason::AlreadyInjected),
-                    "{case}: re-injection"
-                );
+                check_injected(case, &raw, &inj, &config(*native));
             }
             (Ok(Outcome::Skipped(reason)), Expect::Skipped(want)) => {
                 assert_eq!(reason, *want, "{case}");
@@ -349,5 +352,96 @@ fn namespace_label_is_checked_when_known() {
     assert!(matches!(
         inject::inject(&pod, Some(&labels), &config(true)).expect("decide"),
         Outcome::Injected(_)
+    ));
+}
+
+const ACCEL_DIR: &str = "/run/remora/accel";
+
+/// (case, input, native sidecar): injected with `--accel-registrations /run/remora/accel`.
+const ACCEL_CASES: &[(&str, &str, bool)] = &[
+    ("accel-plain-pod-native", "plain-pod", true),
+    ("accel-plain-pod-classic", "plain-pod", false),
+    (
+        "accel-existing-init-containers-classic",
+        "existing-init-containers",
+        false,
+    ),
+];
+
+fn accel_config(native_sidecar: bool) -> InjectConfig {
+    InjectConfig {
+        accel_registrations: Some(ACCEL_DIR.to_owned()),
+        ..config(native_sidecar)
+    }
+}
+
+#[test]
+fn accel_cases() {
+    for (case, input, native) in ACCEL_CASES {
+        let (pod, raw) = read_input(input);
+        let cfg = accel_config(*native);
+        let Outcome::Injected(inj) = inject::inject(&pod, None, &cfg).expect("inject") else {
+            panic!("{case}: not injected");
+        };
+        check_injected(case, &raw, &inj, &cfg);
+
+        // Exactly the registration directory is added, to remora-init only, and nothing
+        // else differs from the injection without the accelerator.
+        let Outcome::Injected(plain) =
+            inject::inject(&pod, None, &config(*native)).expect("inject")
+        else {
+            panic!("{case}: not injected without the accelerator");
+        };
+        let mut with = serde_json::to_value(&inj.pod).expect("json");
+        let spec = &mut with["spec"];
+        let volumes = spec["volumes"].as_array_mut().expect("volumes");
+        let last = volumes.pop().expect("the accelerator's volume");
+        assert_eq!(
+            last,
+            serde_json::json!({"name": accel::VOLUME, "hostPath": {"path": ACCEL_DIR, "type": "DirectoryOrCreate"}})
+        );
+        let inits = spec["initContainers"]
+            .as_array_mut()
+            .expect("init containers");
+        let init = inits
+            .iter_mut()
+            .find(|c| c["name"] == inject::INIT_CONTAINER)
+            .expect("remora-init");
+        let env = init["env"].as_array_mut().expect("env");
+        assert_eq!(
+            env.pop(),
+            Some(serde_json::json!({"name": accel::INIT_ENV, "value": ACCEL_DIR}))
+        );
+        let mounts = init
+            .as_object_mut()
+            .and_then(|o| o.remove("volumeMounts"))
+            .expect("remora-init's mounts");
+        assert_eq!(
+            mounts,
+            serde_json::json!([{"name": accel::VOLUME, "mountPath": ACCEL_DIR}])
+        );
+        assert_eq!(
+            with,
+            serde_json::to_value(&plain.pod).expect("json"),
+            "{case}: the accelerator changed more than remora-init's registration directory"
+        );
+    }
+}
+
+#[test]
+fn the_accelerators_volume_name_is_reserved_only_when_it_is_on() {
+    let (mut pod, _) = read_input("plain-pod");
+    let spec = pod.spec.as_mut().expect("spec");
+    spec.volumes.get_or_insert_with(Vec::new).push(
+        serde_json::from_value(serde_json::json!({"name": accel::VOLUME, "emptyDir": {}}))
+            .expect("volume"),
+    );
+    assert_eq!(
+        inject::inject(&pod, None, &accel_config(true)),
+        Err(InjectError::VolumeConflict(accel::VOLUME.to_owned()))
+    );
+    assert!(matches!(
+        inject::inject(&pod, None, &config(true)),
+        Ok(Outcome::Injected(_))
     ));
 }

@@ -1,6 +1,8 @@
 //! The MutatingWebhookConfiguration in `config/webhook/` parses as the Kubernetes type and
 //! says what the injector relies on: fail closed, no side effects, a short timeout, v1
 //! reviews, pod CREATE only, labelled namespaces only, never kube-system or remora-system.
+//! The `config/accel` component's webhook flag is one this webhook accepts, naming the
+//! directory the agent's DaemonSet shares with the nodes.
 
 use std::path::Path;
 
@@ -114,5 +116,54 @@ fn validating_webhook_configuration() {
     assert!(
         kustomization.contains("- validatingwebhookconfiguration.yaml"),
         "{kustomization}"
+    );
+}
+
+/// The flag `config/accel` adds to the webhook parses, and the directory it gives every
+/// injected remora-init is the host directory the agent's DaemonSet reads.
+#[test]
+fn the_accel_component_and_the_webhook_agree_on_the_registration_dir() {
+    use clap::Parser as _;
+    use k8s_openapi::api::apps::v1::DaemonSet;
+    use remora_webhook::cli::Cli;
+
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/accel");
+    let kustomization: serde_yaml::Value = serde_yaml::from_str(
+        &std::fs::read_to_string(dir.join("kustomization.yaml")).expect("read the component"),
+    )
+    .expect("YAML");
+    assert_eq!(kustomization["kind"], "Component");
+    let patch: serde_yaml::Value = serde_yaml::from_str(
+        kustomization["patches"][0]["patch"]
+            .as_str()
+            .expect("an inline patch"),
+    )
+    .expect("patch YAML");
+    let flag = patch[0]["value"].as_str().expect("the added argument");
+    let cli = Cli::try_parse_from(["remora-webhook", flag]).expect("the webhook accepts the flag");
+    let cfg = cli
+        .serve
+        .injection
+        .config(true)
+        .expect("valid injection settings");
+    let registrations = cfg.accel_registrations.expect("the accelerator is on");
+
+    let ds: DaemonSet = serde_yaml::from_str(
+        &std::fs::read_to_string(dir.join("daemonset.yaml")).expect("read the DaemonSet"),
+    )
+    .expect("a DaemonSet");
+    let pod = ds.spec.expect("spec").template.spec.expect("pod spec");
+    let host = pod
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == "registrations")
+        .and_then(|v| v.host_path.as_ref())
+        .expect("the registrations hostPath");
+    assert_eq!(host.path, registrations);
+    let args = pod.containers[0].args.clone().unwrap_or_default();
+    assert!(
+        args.contains(&format!("--registrations={registrations}")),
+        "{args:?}"
     );
 }

@@ -12,7 +12,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use remora_e2e::image::inspect::inspect;
-use remora_e2e::image::recipes::{COMPONENTS, DEFAULT_REGISTRY, DEFAULT_TAG, recipe, reference};
+use remora_e2e::image::recipes::{DEFAULT_REGISTRY, DEFAULT_TAG, all_images, recipe, reference};
 
 struct Args {
     bin_dir: PathBuf,
@@ -23,7 +23,7 @@ struct Args {
 }
 
 const USAGE: &str = "usage: remora-images [--bin-dir DIR] [--out DIR] [--registry REGISTRY] [--tag TAG] [NAME...]\n\
-    NAME is one of remora-operator, remora-webhook, remora-proxy, remora-init, remora-demo-app (default: all)";
+    NAME is one of remora-operator, remora-webhook, remora-proxy, remora-init, remora-demo-app, remora-accel (default: all)";
 
 fn parse(mut argv: impl Iterator<Item = String>) -> Result<Args, String> {
     let target = std::env::var_os("CARGO_TARGET_DIR")
@@ -54,12 +54,12 @@ fn parse(mut argv: impl Iterator<Item = String>) -> Result<Args, String> {
             "--tag" => a.tag = value()?,
             "-h" | "--help" => return Err(String::new()),
             f if f.starts_with('-') => return Err(format!("unknown option {f}")),
-            name if COMPONENTS.contains(&name) => a.names.push(name.to_owned()),
+            name if all_images().any(|n| n == name) => a.names.push(name.to_owned()),
             name => return Err(format!("unknown image '{name}'")),
         }
     }
     if a.names.is_empty() {
-        a.names = COMPONENTS.iter().map(|s| (*s).to_owned()).collect();
+        a.names = all_images().map(str::to_owned).collect();
     }
     Ok(a)
 }

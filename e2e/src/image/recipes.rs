@@ -4,6 +4,8 @@
 //! also carries the host's iptables (both the nf_tables and the legacy multi-call binary,
 //! their program links, libraries and xtables extensions), because it runs
 //! `iptables-{nft,legacy}-{save,restore}` for whichever backend the pod uses.
+//! `remora-accel`, the optional socket accelerator's node agent ([`OPTIONAL`]), is built
+//! by `make images` too but is not part of `config/default`.
 //!
 //! The references are `<registry>/<name>:<tag>`, by default what `config/` and the
 //! webhook's defaults name: `ghcr.io/remora-mesh/<name>:<workspace version>`.
@@ -28,6 +30,15 @@ pub const COMPONENTS: [&str; 5] = [
     "remora-init",
     "remora-demo-app",
 ];
+
+/// Images of optional components (`config/accel`), built beside [`COMPONENTS`] but not
+/// installed by `config/default`.
+pub const OPTIONAL: [&str; 1] = ["remora-accel"];
+
+/// Every image this module builds: [`COMPONENTS`], then [`OPTIONAL`].
+pub fn all_images() -> impl Iterator<Item = &'static str> {
+    COMPONENTS.into_iter().chain(OPTIONAL)
+}
 
 /// The uid (and gid) of the proxy: the init container's rules exempt its traffic. It must
 /// equal the webhook's `PROXY_UID`.
@@ -59,10 +70,18 @@ pub fn recipe(name: &str, bin_dir: &Path, reference: &str) -> Result<Image, Imag
         // Root with NET_ADMIN/NET_RAW only: the webhook's securityContext.
         "remora-init" => (0, &[]),
         "remora-demo-app" => (NONROOT_UID, &["serve"]),
+        // Root, with CAP_BPF and CAP_NET_ADMIN only (config/accel's securityContext):
+        // Kubernetes gives added capabilities to a non-root process only through file
+        // capabilities on its binary (a security.capability xattr, as setcap writes), which
+        // this image writer does not set; it has no ambient capabilities.
+        "remora-accel" => (0, &[]),
         other => {
             return Err(ImageError::Missing {
                 what: format!("an image recipe for '{other}'"),
-                how: format!("choose one of {}", COMPONENTS.join(", ")),
+                how: format!(
+                    "choose one of {}",
+                    all_images().collect::<Vec<_>>().join(", ")
+                ),
             });
         }
     };
@@ -210,29 +229,33 @@ mod tests {
         }
     }
 
-    #[test]
-    fn the_proxy_image_holds_the_binary_its_libraries_and_the_loader() {
-        let bins = fake_bin_dir("remora-proxy");
+    /// Writes the image of `name` under its default reference from a stand-in binary and
+    /// checks what every image has: that reference, `user`, its binary as the entrypoint,
+    /// runnable with its libraries and loader.
+    fn written_with_defaults(name: &str, user: &str) -> crate::image::inspect::Inspected {
+        let bins = fake_bin_dir(name);
         let out = tempfile::tempdir().expect("tempdir");
-        let r = reference(DEFAULT_REGISTRY, "remora-proxy", DEFAULT_TAG);
-        let image = recipe("remora-proxy", bins.path(), &r).expect("recipe");
-        let path = out.path().join("remora-proxy.tar");
-        image.write(&path).expect("write");
+        let r = reference(DEFAULT_REGISTRY, name, DEFAULT_TAG);
+        let path = out.path().join(format!("{name}.tar"));
+        recipe(name, bins.path(), &r)
+            .expect("recipe")
+            .write(&path)
+            .expect("write");
         let got = inspect(&path).expect("inspect");
         assert_eq!(
             got.repo_tags,
-            vec![format!("ghcr.io/remora-mesh/remora-proxy:{DEFAULT_TAG}")]
+            vec![format!("ghcr.io/remora-mesh/{name}:{DEFAULT_TAG}")]
         );
-        assert_eq!(got.config["config"]["User"], "1337:1337");
-        assert_eq!(
-            got.config["config"]["Entrypoint"][0],
-            "/usr/local/bin/remora-proxy"
-        );
-        assert_runnable(
-            &got,
-            "/usr/local/bin/remora-proxy",
-            &bins.path().join("remora-proxy"),
-        );
+        assert_eq!(got.config["config"]["User"], user);
+        let binary = format!("/usr/local/bin/{name}");
+        assert_eq!(got.config["config"]["Entrypoint"][0], binary.as_str());
+        assert_runnable(&got, &binary, &bins.path().join(name));
+        got
+    }
+
+    #[test]
+    fn the_proxy_image_holds_the_binary_its_libraries_and_the_loader() {
+        let got = written_with_defaults("remora-proxy", "1337:1337");
         let Some((_, LayerEntry::File { data, .. })) = got.resolve("/etc/passwd") else {
             panic!("no /etc/passwd");
         };
@@ -293,10 +316,24 @@ mod tests {
     }
 
     #[test]
+    fn the_accel_image_is_its_binary_and_libraries_run_as_root_without_a_shell() {
+        let got = written_with_defaults("remora-accel", "0:0");
+        for absent in ["/bin/sh", "/usr/bin/sh", "/usr/sbin/iptables"] {
+            assert!(got.resolve(absent).is_none(), "{absent} in the image");
+        }
+        assert!(all_images().any(|n| n == "remora-accel"));
+        assert!(
+            !COMPONENTS.contains(&"remora-accel"),
+            "not in config/default"
+        );
+    }
+
+    #[test]
     fn an_unknown_component_or_a_missing_binary_is_a_clear_error() {
         let empty = tempfile::tempdir().expect("tempdir");
         let err = recipe("remora-nope", empty.path(), "example.com/x:1").expect_err("unknown");
         assert!(err.to_string().contains("remora-operator"), "{err}");
+        assert!(err.to_string().contains("remora-accel"), "{err}");
         let err =
             recipe("remora-operator", empty.path(), "example.com/x:1").expect_err("no binary");
         assert!(err.to_string().contains("make images"), "{err}");

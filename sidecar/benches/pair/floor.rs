@@ -8,7 +8,10 @@
 
 use std::net::SocketAddr;
 
-use remora_proxy::{addr::LocalAddr, orig_dst::original_dst};
+use remora_proxy::{
+    addr::{ClientAddr, LocalAddr},
+    orig_dst::original_dst,
+};
 use tokio::net::{TcpListener, TcpStream};
 
 /// Runs the relay until killed.
@@ -30,21 +33,21 @@ pub fn relay() -> anyhow::Result<()> {
 
 async fn accept_loop(listener: TcpListener) {
     loop {
-        let Ok((client, _)) = listener.accept().await else {
+        let Ok((client, peer)) = listener.accept().await else {
             continue;
         };
         tokio::spawn(async move {
-            if let Err(e) = relay_one(client).await {
+            if let Err(e) = relay_one(client, ClientAddr(peer)).await {
                 eprintln!("relay: {e}");
             }
         });
     }
 }
 
-async fn relay_one(mut client: TcpStream) -> anyhow::Result<()> {
+async fn relay_one(mut client: TcpStream, peer: ClientAddr) -> anyhow::Result<()> {
     client.set_nodelay(true)?;
     let local = LocalAddr(client.local_addr()?);
-    let dst: SocketAddr = original_dst(&client, local)?.0;
+    let dst: SocketAddr = original_dst(&client, peer)?.0;
     anyhow::ensure!(dst != local.0, "connection to {dst} was not redirected");
     let mut upstream = TcpStream::connect(dst).await?;
     upstream.set_nodelay(true)?;

@@ -349,7 +349,7 @@ impl Pods {
 
     /// [`Pods::proxy`] with more flags (`--access-log`).
     pub fn proxy_with(&mut self, server: bool, config: &Path, extra: &[&str]) -> usize {
-        let bin = env!("CARGO_BIN_EXE_remora-proxy");
+        let bin = proxy_bin();
         let cfg = config.display().to_string();
         let what = if server {
             "proxy-server"
@@ -361,7 +361,7 @@ impl Pods {
             "--reuid=1337",
             "--regid=1337",
             "--clear-groups",
-            bin,
+            &bin,
             "--config",
             &cfg,
             "--config-poll-interval",
@@ -381,6 +381,33 @@ impl Pods {
         );
         idx
     }
+}
+
+/// The `remora-proxy` binary: cargo's for this package's tests; for another crate's tests
+/// that reuse this harness (`accel/tests`), the one in the target directory.
+pub fn proxy_bin() -> String {
+    match option_env!("CARGO_BIN_EXE_remora-proxy") {
+        Some(bin) => bin.to_owned(),
+        None => target_bin("remora-proxy"),
+    }
+}
+
+/// A workspace binary in the target directory beside this test binary (`cargo nextest run
+/// --workspace` builds them all).
+pub fn target_bin(name: &str) -> String {
+    let me = std::env::current_exe().expect("test binary");
+    let bin = me
+        .parent()
+        .and_then(Path::parent)
+        .map(|dir| dir.join(name))
+        .filter(|p| p.exists())
+        .unwrap_or_else(|| {
+            panic!(
+                "no {name} beside {}: build it first (cargo build --bin {name})",
+                me.display()
+            )
+        });
+    bin.display().to_string()
 }
 
 /// The command that re-executes this test binary as a peer inside a namespace: `env
