@@ -7,12 +7,14 @@
 #
 #   REMORA_KIND_CLUSTER=name   cluster name (default remora)
 #   REMORA_KIND_KEEP=1         keep the cluster and print its KUBECONFIG
-#   REMORA_KIND_TESTS=filter   nextest filter expression (default: binary(/^node/))
+#   REMORA_KIND_TESTS=filter   nextest filter expression (default: the scenario tests that
+#                              run against REMORA_E2E_KUBECONFIG, node_mesh and node_lifecycle;
+#                              node_smoke and node_accel start a node in a box of their own)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 CLUSTER=${REMORA_KIND_CLUSTER:-remora}
-TESTS=${REMORA_KIND_TESTS:-binary(/^node/)}
+TESTS=${REMORA_KIND_TESTS:-binary(node_mesh) | binary(node_lifecycle)}
 IMAGES=(remora-operator remora-webhook remora-proxy remora-init remora-demo-app)
 
 die() { echo "kind-e2e: $*" >&2; exit 1; }

@@ -3,10 +3,10 @@
 //! configure it.
 //!
 //! Requests go through the proxy's `prepare` (hop-by-hop stripping, `x-request-id`, a
-//! new trace span, `Host`, the small-body buffering) and both upstream shapes
-//! ([`Shape::apply`], HTTP/1 origin form and HTTP/2 absolute form). Asserted: no
-//! hop-by-hop field survives and nothing else changes but the trace and id headers and
-//! an added `Host`; a well-formed `traceparent` keeps its trace id and flags; a body read
+//! new trace span, the small-body buffering) and both upstream shapes ([`Shape::apply`],
+//! HTTP/1 origin form with `Host`, HTTP/2 absolute form). Asserted: no hop-by-hop field
+//! survives and nothing else changes but the trace and id headers (and, in the HTTP/1
+//! shape, an added `Host` naming the request's authority); a well-formed `traceparent` keeps its trace id and flags; a body read
 //! whole has exactly its `Content-Length`; the shaped URIs are well formed. Responses go
 //! through [`read_small_body`] and the hop-by-hop stripping: a buffered body has its
 //! length, and errors are the typed upstream error.
@@ -99,7 +99,7 @@ async fn check_request(req: Request<Incoming>) -> Response<Full<Bytes>> {
     };
     assert_eq!(head, method == Method::HEAD);
     let after = req.headers().clone();
-    check_rewritten(&stripped, &after, &uri);
+    check_rewritten(&stripped, &after);
     if whole {
         let length: u64 = before[header::CONTENT_LENGTH]
             .to_str()
@@ -135,6 +135,11 @@ async fn check_request(req: Request<Incoming>) -> Response<Full<Bytes>> {
         req.headers().contains_key(header::HOST),
         "HTTP/1 without Host"
     );
+    if !h2.headers().contains_key(header::HOST)
+        && let Some(a) = uri.authority()
+    {
+        assert_eq!(req.headers()[header::HOST], a.as_str(), "Host is not the authority");
+    }
     Shape {
         h2: true,
         orig_h1: true,
@@ -216,8 +221,8 @@ fn is_hex(b: &[u8]) -> bool {
 }
 
 /// What `prepare` adds to the stripped headers: an id when there was none, a new span
-/// in well-formed trace headers, `Host` from the URI's authority; nothing else.
-fn check_rewritten(stripped: &HeaderMap, after: &HeaderMap, uri: &http::Uri) {
+/// in well-formed trace headers; nothing else.
+fn check_rewritten(stripped: &HeaderMap, after: &HeaderMap) {
     for (name, _) in after {
         if !REWRITTEN.contains(&name.as_str()) {
             assert_eq!(
@@ -255,14 +260,8 @@ fn check_rewritten(stripped: &HeaderMap, after: &HeaderMap, uri: &http::Uri) {
     if let Some(old) = stripped.get("x-b3-spanid") {
         assert_eq!(after.get("x-b3-parentspanid"), Some(old));
     }
-    match stripped.get(header::HOST) {
-        Some(h) => assert_eq!(after.get(header::HOST), Some(h)),
-        None => {
-            if let Some(a) = uri.authority() {
-                assert_eq!(after[header::HOST], a.as_str());
-            }
-        }
-    }
+    // `Host` is the HTTP/1 shape's (checked after `Shape::apply`), never prepare's.
+    assert_eq!(stripped.get(header::HOST), after.get(header::HOST));
 }
 
 /// Reads `bytes` as an upstream's answer to a GET (or HEAD), with hyper's client as the

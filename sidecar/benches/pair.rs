@@ -26,9 +26,12 @@
 //!   TCP stack. `make bench` builds the agent; `REMORA_BENCH_SKIP_ACCEL=1` leaves it out.
 //!   **accel-both** is the same with the agent's `--redirect-to-app` (the proxies' sends
 //!   handed to the apps too), its own agent on a sibling cgroup;
-//!   `REMORA_BENCH_SKIP_ACCEL_BOTH=1` leaves only that one out. Their lines under the
-//!   table give each ÷ remora (added p50 at 2,000 rps, HTTP/1.1 throughput) and CPU per
-//!   request ÷ remora and ÷ floor by each CPU measure below;
+//!   `REMORA_BENCH_SKIP_ACCEL_BOTH=1` leaves only that one out. **accel-floor** is the
+//!   control: the floor's relay pair with the default agent, for what the accelerator
+//!   saves on a sidecar that is nothing but the hops (`REMORA_BENCH_SKIP_ACCEL_FLOOR=1`,
+//!   or the floor's own opt-out, leaves it out). Their lines under the table give each ÷
+//!   its plain twin (added p50 at 2,000 rps, HTTP/1.1 throughput) and CPU per request ÷
+//!   the twin (and ÷ floor) by each CPU measure below;
 //! - **policy**: the same build as **remora** with the full traffic policy on the service
 //!   (least request, retries with a budget, circuit breaker limits and error rate, outlier
 //!   detection, timeouts; `POLICY`), where **remora** has round robin and nothing else: what
@@ -919,8 +922,9 @@ fn bench() -> anyhow::Result<()> {
     // Declared before the pairs, so dropped after them: their cgroups must be empty by
     // then. One agent per mode, each on a cgroup and bpffs of its own (sibling cgroups:
     // each agent's programs see only its own pair's sockets).
+    let with_floor = !std::env::var(SKIP_FLOOR).is_ok_and(|v| !v.is_empty());
     let mut accel_nodes = match &accel_bin {
-        Some(bin) => accel::Mode::wanted()
+        Some(bin) => accel::Mode::wanted(with_floor)
             .into_iter()
             .map(|m| accel::Node::new(bin.clone(), m))
             .collect::<anyhow::Result<Vec<_>>>()?,
@@ -931,14 +935,20 @@ fn bench() -> anyhow::Result<()> {
         let pair = {
             let _inside = node.enter()?;
             let m = node.mode;
-            Pair::start(m.pod(), m.name(), &me, ["proxy-a", "proxy-b"], |pods| {
-                start_remora(
-                    pods,
-                    env!("CARGO_BIN_EXE_remora-proxy"),
-                    &extra_proxy_args,
-                    NO_POLICY,
-                )
-            })?
+            if m == accel::Mode::Floor {
+                Pair::start(m.pod(), m.name(), &me, ["relay-a", "relay-b"], |pods| {
+                    start_floor(pods, &me)
+                })?
+            } else {
+                Pair::start(m.pod(), m.name(), &me, ["proxy-a", "proxy-b"], |pods| {
+                    start_remora(
+                        pods,
+                        env!("CARGO_BIN_EXE_remora-proxy"),
+                        &extra_proxy_args,
+                        NO_POLICY,
+                    )
+                })?
+            }
         };
         node.start_agent(&pair.pods.client)?;
         let config = accel::config(&[DIRECT_PORT, DIRECT_H2_PORT]);
@@ -995,7 +1005,7 @@ fn bench() -> anyhow::Result<()> {
             |pods| start_envoy(pods, bin, mesh_protocol),
         )?);
     }
-    if !std::env::var(SKIP_FLOOR).is_ok_and(|v| !v.is_empty()) {
+    if with_floor {
         others.push(Pair::start(
             'f',
             "floor",
@@ -1377,26 +1387,36 @@ fn bench() -> anyhow::Result<()> {
     for (i, path) in paths.iter().enumerate() {
         if let Some(node) = path.accel {
             println!("{}", node.check(path.client)?);
-            println!("{}", accel_line(&series, &paths, i));
+            println!("{}", accel_line(&series, &paths, i, node.mode));
         }
     }
     println!("failed requests across all phases: {errors:.0}");
     Ok(())
 }
 
-/// An accelerated pair against the plain one and the floor, each figure the median of
-/// the per-round ratios (issue 14's targets), CPU per request by each measure.
-fn accel_line(series: &[Series], paths: &[Path<'_>], accel: usize) -> String {
-    let (direct, remora, a) = (&series[0], &series[1], &series[accel]);
+/// An accelerated pair against its plain twin (and the Remora ones against the floor),
+/// each figure the median of the per-round ratios (issue 14's targets), CPU per request
+/// by each measure.
+fn accel_line(series: &[Series], paths: &[Path<'_>], accel: usize, mode: accel::Mode) -> String {
+    let at = |name: &str| paths.iter().position(|p| p.name == name);
+    let (direct, a) = (&series[0], &series[accel]);
+    let Some(plain) = at(mode.plain()).map(|i| &series[i]) else {
+        return format!(
+            "{}: no {} pair in this run",
+            paths[accel].name,
+            mode.plain()
+        );
+    };
     let r = |f: Field, num: &Series, den: &Series| {
         median(f(num).iter().zip(f(den)).map(|(n, d)| n / d).collect())
     };
     let added_p50 = median(
-        (0..a.p50.len().min(remora.p50.len()))
-            .map(|i| (a.p50[i] - direct.p50[i]) / (remora.p50[i] - direct.p50[i]))
+        (0..a.p50.len().min(plain.p50.len()))
+            .map(|i| (a.p50[i] - direct.p50[i]) / (plain.p50[i] - direct.p50[i]))
             .collect(),
     );
-    let floor = paths.iter().position(|p| p.name == "floor");
+    // The floor's own twin says nothing new against the floor.
+    let floor = at("floor").filter(|_| mode != accel::Mode::Floor);
     let measures: [(&str, Field); 5] = [
         ("pair (sidecars)", |s| &s.cpu_rate),
         ("pods (apps + sidecars)", |s| &s.pods_rate),
@@ -1407,16 +1427,27 @@ fn accel_line(series: &[Series], paths: &[Path<'_>], accel: usize) -> String {
     let cpu = measures
         .iter()
         .map(|(what, f)| {
-            let vs_floor =
-                floor.map_or("-".to_owned(), |i| format!("{:.3}x", r(*f, a, &series[i])));
-            format!("{what} {:.3}x remora, {vs_floor} floor", r(*f, a, remora))
+            let vs_floor = floor.map_or(String::new(), |i| {
+                format!(", {:.3}x floor", r(*f, a, &series[i]))
+            });
+            format!("{what} {:.3}x {}{vs_floor}", r(*f, a, plain), mode.plain())
         })
         .collect::<Vec<_>>()
         .join("; ");
-    let name = paths[accel].name;
+    let (name, twin) = (paths[accel].name, mode.plain());
+    let targets = if mode == accel::Mode::Floor {
+        "control: what the hops cost a sidecar that does nothing else"
+    } else {
+        "target <= 0.7x remora, < 1.0x floor"
+    };
     format!(
-        "{name} ÷ remora: added p50 at {RATE} rps {added_p50:.3}x (target <= 0.7x), HTTP/1.1 throughput {:.3}x (target >= 1.3x)\n{name} CPU per request at {RATE} rps unless said (target <= 0.7x remora, < 1.0x floor): {cpu}",
-        r(|s| &s.max, a, remora),
+        "{name} ÷ {twin}: added p50 at {RATE} rps {added_p50:.3}x, HTTP/1.1 throughput {:.3}x ({})\n{name} CPU per request at {RATE} rps unless said ({targets}): {cpu}",
+        r(|s| &s.max, a, plain),
+        if mode == accel::Mode::Floor {
+            "control"
+        } else {
+            "targets <= 0.7x, >= 1.3x"
+        },
     )
 }
 

@@ -165,8 +165,9 @@ pub enum StartError {
     },
 }
 
-/// How often upstream pools are checked for idleness…
-const POOL_SWEEP_EVERY: Duration = Duration::from_secs(60);
+/// How often upstream pools are checked for idleness (a pooled connection idle past the
+/// policy's `timeouts.idle` closes within one or two sweeps of it)…
+const POOL_SWEEP_EVERY: Duration = Duration::from_secs(10);
 /// …and how long a pool may go unused before it is forgotten.
 const POOL_IDLE: Duration = Duration::from_secs(300);
 

@@ -13,7 +13,7 @@
 //! clones and rewrites the URI, hashes a pool key and spawns a task that puts the
 //! connection back once the response has been read; on the proxy's hot path (every
 //! HTTP/1 request, mesh hops included) those are a measurable share of the proxy's own
-//! work. HTTP/2 upstreams keep hyper-util's client.
+//! work. HTTP/2 upstreams share one connection per endpoint ([`H2Pool`]).
 
 use std::{
     pin::Pin,
@@ -29,6 +29,9 @@ use hyper::{body::Incoming, client::conn::http1::SendRequest};
 use tower::Service;
 
 use crate::outbound::dial::Connector;
+
+mod h2;
+pub use h2::H2Pool;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -66,7 +69,8 @@ pub enum PoolError {
     /// No connection: refused, timed out, or the TLS handshake failed.
     #[error("{0}")]
     Connect(BoxError),
-    /// The HTTP/1 handshake on a new connection failed.
+    /// The HTTP handshake on a new connection failed (for HTTP/2, its preface and
+    /// SETTINGS).
     #[error("{0}")]
     Handshake(hyper::Error),
     /// The request or its response failed on the connection.
@@ -96,8 +100,8 @@ struct Idle<B> {
 
 /// The HTTP/1 connections of one endpoint; `B` is the request body.
 pub struct H1Pool<B> {
+    /// Also says how long a connection may stay idle (the policy's `timeouts.idle`).
     connector: Connector,
-    idle_timeout: Duration,
     idle: Mutex<Vec<Idle<B>>>,
 }
 
@@ -118,8 +122,9 @@ impl<B> H1Pool<B> {
 
     /// Closes the idle connections older than the idle timeout or already closed.
     pub fn evict_idle(&self) {
+        let timeout = self.connector.idle_timeout();
         self.lock()
-            .retain(|i| i.since.elapsed() < self.idle_timeout && !i.send.is_closed());
+            .retain(|i| i.since.elapsed() < timeout && !i.send.is_closed());
     }
 }
 
@@ -128,11 +133,10 @@ where
     B: Body<Data = Bytes> + Replay + Send + Unpin + 'static,
     B::Error: Into<BoxError>,
 {
-    /// Idle connections older than `idle_timeout` are closed, not used.
-    pub fn new(connector: Connector, idle_timeout: Duration) -> Self {
+    /// Idle connections older than the connector's idle timeout are closed, not used.
+    pub fn new(connector: Connector) -> Self {
         Self {
             connector,
-            idle_timeout,
             idle: Mutex::new(Vec::new()),
         }
     }
@@ -184,7 +188,7 @@ where
         loop {
             let Idle { mut send, since } = self.lock().pop()?;
             let idle_for = since.elapsed();
-            if idle_for >= self.idle_timeout || send.is_closed() {
+            if idle_for >= self.connector.idle_timeout() || send.is_closed() {
                 continue;
             }
             if send.ready().await.is_ok() {

@@ -45,6 +45,14 @@ fn hex16(v: u64) -> [u8; 16] {
     out
 }
 
+/// A value that is new on every request (an id, a span): sent over HTTP/2 as a literal
+/// that is never indexed. Indexed, each one would be inserted into both ends' HPACK
+/// dynamic tables only to be evicted unused, pushing out the headers that do repeat.
+fn per_request(mut v: HeaderValue) -> HeaderValue {
+    v.set_sensitive(true);
+    v
+}
+
 /// Adds `x-request-id` (32 hex digits) when the request has none.
 pub fn ensure_request_id(headers: &mut HeaderMap) {
     if headers.contains_key(&X_REQUEST_ID) {
@@ -54,7 +62,7 @@ pub fn ensure_request_id(headers: &mut HeaderMap) {
     id[..16].copy_from_slice(&hex16(random_u64()));
     id[16..].copy_from_slice(&hex16(random_u64()));
     if let Ok(v) = HeaderValue::from_bytes(&id) {
-        headers.insert(X_REQUEST_ID.clone(), v);
+        headers.insert(X_REQUEST_ID.clone(), per_request(v));
     }
 }
 
@@ -64,23 +72,25 @@ fn is_hex(s: &[u8]) -> bool {
 
 /// Replaces the span ids of any trace context headers with a new one for this hop.
 pub fn new_span(headers: &mut HeaderMap) {
-    let span = hex16(random_u64());
+    // One span id for every trace header of the request, drawn only if one is there.
+    let mut drawn = None;
+    let mut span = || *drawn.get_or_insert_with(|| hex16(random_u64()));
     if let Some(tp) = headers.get(&TRACEPARENT) {
         // version "-" trace-id(32) "-" parent-id(16) "-" flags(2)
         let b = tp.as_bytes();
         if b.len() >= 55 && b[2] == b'-' && b[35] == b'-' && b[52] == b'-' && is_hex(&b[36..52]) {
             let mut v = b.to_vec();
-            v[36..52].copy_from_slice(&span);
+            v[36..52].copy_from_slice(&span());
             if let Ok(v) = HeaderValue::from_bytes(&v) {
-                headers.insert(TRACEPARENT.clone(), v);
+                headers.insert(TRACEPARENT.clone(), per_request(v));
             }
         }
     }
     if let Some(old) = headers.get(&B3_SPAN_ID).cloned()
-        && let Ok(v) = HeaderValue::from_bytes(&span)
+        && let Ok(v) = HeaderValue::from_bytes(&span())
     {
-        headers.insert(B3_SPAN_ID.clone(), v);
-        headers.insert(B3_PARENT_SPAN_ID.clone(), old);
+        headers.insert(B3_SPAN_ID.clone(), per_request(v));
+        headers.insert(B3_PARENT_SPAN_ID.clone(), per_request(old));
     }
     if let Some(b3) = headers.get(&B3) {
         // traceid-spanid[-sampled[-parentspanid]]
@@ -95,13 +105,13 @@ pub fn new_span(headers: &mut HeaderMap) {
             let mut v = Vec::with_capacity(trace.len() + 40);
             v.extend_from_slice(trace);
             v.push(b'-');
-            v.extend_from_slice(&span);
+            v.extend_from_slice(&span());
             v.push(b'-');
             v.extend_from_slice(sampled.unwrap_or(b"1"));
             v.push(b'-');
             v.extend_from_slice(old_span);
             if let Ok(v) = HeaderValue::from_bytes(&v) {
-                headers.insert(B3.clone(), v);
+                headers.insert(B3.clone(), per_request(v));
             }
         }
     }
@@ -123,6 +133,10 @@ mod tests {
             .to_owned();
         assert_eq!(id.len(), 32);
         assert!(is_hex(id.as_bytes()));
+        assert!(
+            h.get(&X_REQUEST_ID).is_some_and(HeaderValue::is_sensitive),
+            "a new id is never HPACK-indexed"
+        );
         ensure_request_id(&mut h);
         assert_eq!(
             h.get(&X_REQUEST_ID).expect("kept").to_str().expect("ascii"),

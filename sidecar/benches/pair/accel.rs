@@ -45,23 +45,35 @@ pub const SKIP_ENV: &str = "REMORA_BENCH_SKIP_ACCEL";
 /// Opts out of the both-directions pair only.
 pub const SKIP_BOTH_ENV: &str = "REMORA_BENCH_SKIP_ACCEL_BOTH";
 
-/// Which sends the agent hands over.
+/// Opts out of the accelerated floor pair only (the floor's own opt-out does too).
+pub const SKIP_FLOOR_ENV: &str = "REMORA_BENCH_SKIP_ACCEL_FLOOR";
+
+/// Which pair the agent accelerates, and which sends it hands over.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
-    /// The default: the apps' sends, to the proxies' sockets.
+    /// The Remora pair, the default mode: the apps' sends, to the proxies' sockets.
     AppToProxy,
-    /// `--redirect-to-app`: the proxies' sends to the apps' sockets too.
+    /// The Remora pair, `--redirect-to-app`: the proxies' sends to the apps' sockets too.
     Both,
+    /// The floor's TCP relay pair, the default mode: the control measurement. What the
+    /// agent saves on a sidecar that does nothing but the hops is the most it can save on
+    /// any sidecar; set beside what it saves on Remora, it tells how much of Remora's cost
+    /// is the hops at all.
+    Floor,
 }
 
 impl Mode {
-    /// The modes to measure: both unless `REMORA_BENCH_SKIP_ACCEL_BOTH` is set.
-    pub fn wanted() -> Vec<Self> {
-        if std::env::var(SKIP_BOTH_ENV).is_ok_and(|v| !v.is_empty()) {
-            vec![Self::AppToProxy]
-        } else {
-            vec![Self::AppToProxy, Self::Both]
+    /// The modes to measure, less those opted out.
+    pub fn wanted(with_floor: bool) -> Vec<Self> {
+        let skip = |k: &str| std::env::var(k).is_ok_and(|v| !v.is_empty());
+        let mut modes = vec![Self::AppToProxy];
+        if !skip(SKIP_BOTH_ENV) {
+            modes.push(Self::Both);
         }
+        if with_floor && !skip(SKIP_FLOOR_ENV) {
+            modes.push(Self::Floor);
+        }
+        modes
     }
 
     /// The pair's name in the table.
@@ -69,6 +81,7 @@ impl Mode {
         match self {
             Self::AppToProxy => "accel",
             Self::Both => "accel-both",
+            Self::Floor => "accel-floor",
         }
     }
 
@@ -77,6 +90,15 @@ impl Mode {
         match self {
             Self::AppToProxy => 'a',
             Self::Both => 'w',
+            Self::Floor => 'r',
+        }
+    }
+
+    /// The plain pair this one is the accelerated twin of.
+    pub fn plain(self) -> &'static str {
+        match self {
+            Self::AppToProxy | Self::Both => "remora",
+            Self::Floor => "floor",
         }
     }
 
@@ -84,6 +106,7 @@ impl Mode {
         match self {
             Self::AppToProxy => "app -> proxy only (the default)",
             Self::Both => "both directions (--redirect-to-app)",
+            Self::Floor => "the floor's relays, app -> relay only (the default)",
         }
     }
 }

@@ -1,7 +1,7 @@
 //! Why the proxy answered a request itself, and how each reason becomes a response: a
 //! status and an `x-remora-proxy-error` header naming the reason, never a hang.
 
-use std::{error::Error as _, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
 use http::{HeaderValue, Response, StatusCode, header, uri::Authority};
 
@@ -124,10 +124,8 @@ impl ProxyError {
 
     pub fn from_upstream(authority: Authority, e: &UpstreamError) -> Self {
         // The chain below the pool's own wrapper: what failed, down to the I/O error.
-        let (is_connect, top, mut source): (bool, &(dyn std::error::Error + 'static), _) = match e {
-            UpstreamError::H1(e) => (e.is_connect(), e, Some(e.cause())),
-            UpstreamError::H2(e) => (e.is_connect(), e, e.source()),
-        };
+        let (is_connect, top, mut source): (bool, &(dyn std::error::Error + 'static), _) =
+            (e.is_connect(), e, Some(e.cause()));
         // The client's body stopped, not the upstream: the client is told (408).
         if let Some(idle) = find_body_idle(top).or_else(|| source.and_then(find_body_idle)) {
             return Self::ClientBodyTimeout(BodyIdle(idle.0));

@@ -194,7 +194,7 @@ async fn direct(
 type DownstreamUpgrade = Option<hyper::upgrade::OnUpgrade>;
 
 /// Rewrites a request for any upstream: hop-by-hop headers out, a request id and a new
-/// span in, `Host` present, and a small HTTP/1 body read whole. Returns the request, the
+/// span in, and a small HTTP/1 body read whole (`Host` is [`Shape::apply`]'s). Returns the request, the
 /// downstream half of an upgrade, and whether it is a `HEAD`. Public for the fuzz
 /// targets (`fuzz/`) only.
 #[doc(hidden)]
@@ -215,14 +215,6 @@ async fn guarded(
     strip_hop_by_hop(req.headers_mut(), upgrade);
     trace::ensure_request_id(req.headers_mut());
     trace::new_span(req.headers_mut());
-    // HTTP/1 names the authority in `Host`; an HTTP/2 request's `:authority` becomes it
-    // when the request goes on as HTTP/1.
-    if !req.headers().contains_key(header::HOST)
-        && let Some(a) = req.uri().authority()
-        && let Ok(v) = HeaderValue::from_str(a.as_str())
-    {
-        req.headers_mut().insert(header::HOST, v);
-    }
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let head = req.method() == Method::HEAD;
     let req = if !downstream_h2 && !upgrade && buffered(req.headers()) {
@@ -261,11 +253,15 @@ impl Shape {
             req.headers_mut()
                 .insert(&ORIG_PROTO, HeaderValue::from_static("HTTP/1.1"));
         }
-        if !self.h2
-            && !req.headers().contains_key(header::HOST)
-            && let Ok(v) = HeaderValue::from_str(fallback.as_str())
-        {
-            req.headers_mut().insert(header::HOST, v);
+        // HTTP/1 names the authority in `Host`: an HTTP/2 request's `:authority` (or an
+        // absolute-form target's) becomes it when the request goes on as HTTP/1. Over
+        // HTTP/2 `:authority` says it, and a `Host` beside it would be one more header
+        // to encode and decode on every hop.
+        if !self.h2 && !req.headers().contains_key(header::HOST) {
+            let authority = req.uri().authority().unwrap_or(fallback);
+            if let Ok(v) = HeaderValue::from_str(authority.as_str()) {
+                req.headers_mut().insert(header::HOST, v);
+            }
         }
         // An absolute-form target may have an empty path (`http://a#x`, found by fuzzing),
         // which an origin form without its authority would send as an empty request

@@ -17,7 +17,7 @@
 
 pub mod coalesce;
 pub mod error;
-mod exec;
+pub(crate) mod exec;
 mod forward;
 pub mod headers;
 pub mod idle;

@@ -18,10 +18,7 @@ use std::{
 };
 
 use http::Uri;
-use hyper_util::{
-    client::legacy::connect::{Connected, Connection},
-    rt::TokioIo,
-};
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio_rustls::client;
 
@@ -61,15 +58,20 @@ impl DialError {
     }
 }
 
-/// What a connection is dialed to: an address, the connect timeout in force, and, for
-/// mesh mTLS, the SPIFFE ID the peer must present. Shared by an endpoint and its pools;
-/// a new config version updates the timeout in place.
+/// How long a pooled HTTP connection may sit unused unless the policy's `timeouts.idle`
+/// says otherwise.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// What a connection is dialed to: an address, the connect and idle timeouts in force,
+/// and, for mesh mTLS, the SPIFFE ID the peer must present. Shared by an endpoint and its
+/// pools; a new config version updates the timeouts in place.
 #[derive(Debug)]
 pub struct DialTarget {
     pub addr: SocketAddr,
     /// `Some` dials mesh mTLS and checks the peer presents exactly this identity.
     pub mtls: Option<Arc<str>>,
     connect_timeout_us: AtomicU64,
+    idle_timeout_us: AtomicU64,
 }
 
 impl DialTarget {
@@ -78,7 +80,18 @@ impl DialTarget {
             addr,
             mtls,
             connect_timeout_us: AtomicU64::new(duration_us(connect_timeout)),
+            idle_timeout_us: AtomicU64::new(duration_us(DEFAULT_IDLE_TIMEOUT)),
         }
+    }
+
+    /// How long the pools keep a connection to it that no request uses.
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_micros(self.idle_timeout_us.load(Ordering::Relaxed))
+    }
+
+    pub fn set_idle_timeout(&self, t: Duration) {
+        self.idle_timeout_us
+            .store(duration_us(t), Ordering::Relaxed);
     }
 
     pub fn connect_timeout(&self) -> Duration {
@@ -247,14 +260,8 @@ impl hyper::rt::Write for UpstreamIo {
     }
 }
 
-impl Connection for UpstreamIo {
-    fn connected(&self) -> Connected {
-        Connected::new()
-    }
-}
-
-/// The dialer bound to one target, as the `tower::Service<Uri>` hyper's pooled clients
-/// call. The URI is ignored: it keeps the request's own authority (so HTTP/2 `:authority`
+/// The dialer bound to one target, as the `tower::Service<Uri>` the endpoint's pools
+/// call. The URI is ignored: requests keep their own authority (so HTTP/2 `:authority`
 /// follows the application) while the connection goes to the balanced endpoint.
 #[derive(Clone, Debug)]
 pub struct Connector {
@@ -271,6 +278,11 @@ impl Connector {
             target,
             http2: false,
         }
+    }
+
+    /// How long a connection it dialed may sit unused (the policy's `timeouts.idle`).
+    pub fn idle_timeout(&self) -> Duration {
+        self.target.idle_timeout()
     }
 
     /// The same dialer for connections that carry HTTP/2.

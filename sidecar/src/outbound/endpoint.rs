@@ -24,7 +24,7 @@ use http::uri::Authority;
 
 use super::{
     balance::{HasLoad, Load},
-    dial::{DialTarget, Dialer},
+    dial::{DEFAULT_IDLE_TIMEOUT, DialTarget, Dialer},
     outlier::Health,
 };
 use crate::http::upstream::Pools;
@@ -97,11 +97,11 @@ impl Endpoint {
         }
     }
 
-    /// Applies the connect timeout of the policy in force.
-    pub fn set_connect_timeout(&self, t: Duration) {
-        self.plain.set_connect_timeout(t);
-        if let Some(m) = &self.mtls {
-            m.set_connect_timeout(t);
+    /// Applies the connect and pooled-connection idle timeouts of the policy in force.
+    pub fn set_timeouts(&self, connect: Duration, idle: Duration) {
+        for t in std::iter::once(&self.plain).chain(&self.mtls) {
+            t.set_connect_timeout(connect);
+            t.set_idle_timeout(idle);
         }
     }
 
@@ -272,8 +272,10 @@ impl Generation<'_> {
         &mut self,
         key: EndpointKey,
         connect_timeout: Option<Duration>,
+        idle_timeout: Option<Duration>,
     ) -> Arc<Endpoint> {
         let timeout = connect_timeout.unwrap_or(self.default_connect_timeout);
+        let idle = idle_timeout.unwrap_or(DEFAULT_IDLE_TIMEOUT);
         if let Some(ep) = self.next.get(&key) {
             return ep.clone();
         }
@@ -281,7 +283,7 @@ impl Generation<'_> {
             .previous
             .remove(&key)
             .unwrap_or_else(|| Arc::new(Endpoint::new(&key, timeout)));
-        ep.set_connect_timeout(timeout);
+        ep.set_timeouts(timeout, idle);
         self.next.insert(key, ep.clone());
         ep
     }
@@ -326,13 +328,22 @@ mod tests {
     fn endpoints_that_stay_keep_their_state_and_removed_ones_go() {
         let r = registry();
         let mut g = r.generation();
-        let a = g.endpoint(key("10.0.0.1:80", None), None);
-        let b = g.endpoint(key("10.0.0.2:80", Some("spiffe://td/ns/a/sa/b")), None);
+        let a = g.endpoint(key("10.0.0.1:80", None), None, None);
+        let b = g.endpoint(
+            key("10.0.0.2:80", Some("spiffe://td/ns/a/sa/b")),
+            None,
+            None,
+        );
         g.commit();
         assert_eq!(r.configured_len(), 2);
 
         let mut g = r.generation();
-        let a2 = g.endpoint(key("10.0.0.1:80", None), Some(Duration::from_millis(50)));
+        assert_eq!(a.dial_target(false).idle_timeout(), DEFAULT_IDLE_TIMEOUT);
+        let a2 = g.endpoint(
+            key("10.0.0.1:80", None),
+            Some(Duration::from_millis(50)),
+            Some(Duration::from_secs(7)),
+        );
         g.commit();
         assert!(
             Arc::ptr_eq(&a, &a2),
@@ -342,12 +353,21 @@ mod tests {
             a2.dial_target(false).connect_timeout(),
             Duration::from_millis(50)
         );
+        assert_eq!(
+            a2.dial_target(false).idle_timeout(),
+            Duration::from_secs(7),
+            "the policy's timeouts.idle reaches the pools"
+        );
         assert_eq!(r.configured_len(), 1, "b is gone");
         drop(b);
 
         // The same address with another identity is another endpoint.
         let mut g = r.generation();
-        let a3 = g.endpoint(key("10.0.0.1:80", Some("spiffe://td/ns/a/sa/c")), None);
+        let a3 = g.endpoint(
+            key("10.0.0.1:80", Some("spiffe://td/ns/a/sa/c")),
+            None,
+            None,
+        );
         g.commit();
         assert!(!Arc::ptr_eq(&a, &a3));
         assert!(a3.dial_target(true).mtls.is_some());
@@ -357,15 +377,15 @@ mod tests {
     fn an_abandoned_generation_keeps_the_previous_endpoints() {
         let r = registry();
         let mut g = r.generation();
-        let a = g.endpoint(key("10.0.0.1:80", None), None);
+        let a = g.endpoint(key("10.0.0.1:80", None), None, None);
         g.commit();
         {
             let mut g = r.generation();
-            let _ = g.endpoint(key("10.0.0.1:80", None), None);
+            let _ = g.endpoint(key("10.0.0.1:80", None), None, None);
         }
         assert_eq!(r.configured_len(), 1);
         let mut g = r.generation();
-        let again = g.endpoint(key("10.0.0.1:80", None), None);
+        let again = g.endpoint(key("10.0.0.1:80", None), None, None);
         assert!(Arc::ptr_eq(&a, &again));
     }
 

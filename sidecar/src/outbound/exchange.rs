@@ -307,10 +307,7 @@ async fn attempt(
 
 /// The connection-limit overflow that failed a send, if that is what failed it.
 fn overflow_of(e: &UpstreamError) -> Option<Overflow> {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = match e {
-        UpstreamError::H1(e) => Some(e.cause()),
-        UpstreamError::H2(e) => std::error::Error::source(e),
-    };
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e.cause());
     while let Some(s) = source {
         if let Some(o) = s.downcast_ref::<Overflow>() {
             return Some(*o);

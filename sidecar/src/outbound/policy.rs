@@ -65,7 +65,8 @@ pub struct ServicePolicy {
     /// TCP and TLS connection establishment (the proxy's `--connect-timeout` otherwise).
     pub connect_timeout: Option<Duration>,
     /// An opaque connection with no traffic either way for this long is closed (the
-    /// proxy's `--tcp-idle-timeout` otherwise).
+    /// proxy's `--tcp-idle-timeout` otherwise), and so is a pooled HTTP connection no
+    /// request used for this long (`dial::DEFAULT_IDLE_TIMEOUT` otherwise).
     pub idle_timeout: Option<Duration>,
     pub retry: Option<RetryPolicy>,
     pub fault: Option<Faults>,

@@ -336,6 +336,7 @@ impl<'a> Compiler<'a, '_> {
                 identity,
             },
             policy.connect_timeout,
+            policy.idle_timeout,
         )
     }
 
